@@ -1,0 +1,142 @@
+"""DualGRPO advantages (DESIGN.md section 3): pure, vectorised torch functions.
+
+``groups`` holds a prompt index per response, never positions: a reordered batch keeps
+its groups. A plain-loop reference of every estimator lives in tests/ and is checked
+against these on random inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ADVANTAGE_KINDS = ("dual", "grpo", "dual_released")
+
+
+def _dense_group_index(groups: Tensor) -> tuple[Tensor, int]:
+    unique, inverse = torch.unique(groups, return_inverse=True)
+    return inverse, int(unique.numel())
+
+
+def _segment_mean(values: Tensor, segment: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """Mean of ``values`` per segment id and the number of members of each segment."""
+    sums = torch.zeros(count, dtype=values.dtype, device=values.device).index_add_(0, segment, values)
+    sizes = torch.zeros(count, dtype=values.dtype, device=values.device).index_add_(
+        0, segment, torch.ones_like(values))
+    return sums / sizes.clamp_min(1), sizes
+
+
+def _check(rewards: Tensor, *others: Tensor) -> None:
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards: expected shape (N,), got {tuple(rewards.shape)}")
+    for other in others:
+        if other.shape != rewards.shape:
+            raise ValueError(f"expected shape {tuple(rewards.shape)}, got {tuple(other.shape)}")
+
+
+def _mode_means(rewards: Tensor, modes: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per response: its (group, mode) mean, the (group, other mode) mean, and whether the
+    group holds the other mode at all."""
+    if modes.numel() and not bool(((modes == 0) | (modes == 1)).all()):
+        raise ValueError("modes: expected 0 (general) or 1 (personalized) for every response")
+    group_index, group_count = _dense_group_index(groups)
+    cell = group_index * 2 + modes.long()
+    cell_mean, cell_size = _segment_mean(rewards, cell, group_count * 2)
+    other_cell = group_index * 2 + (1 - modes.long())
+    return cell_mean[cell], cell_mean[other_cell], cell_size[other_cell] > 0
+
+
+def dual_grpo_advantages(rewards: Tensor, modes: Tensor, groups: Tensor, *,
+                         inter: bool = True) -> Tensor:
+    """A_i = (r_i - mean_{g,m}) + (mean_{g,m} - mean_{g,other}) when inter and the group
+    holds both modes, else r_i - mean_{g,m}. The sum is r_i - mean of the other mode."""
+    _check(rewards, modes, groups)
+    rewards = rewards.float()
+    own_mean, other_mean, has_other = _mode_means(rewards, modes, groups)
+    intra = rewards - own_mean
+    if not inter:
+        return intra
+    return intra + torch.where(has_other, own_mean - other_mean, torch.zeros_like(own_mean))
+
+
+def grpo_advantages(rewards: Tensor, groups: Tensor) -> Tensor:
+    """Plain GRPO centering, r_i - mean over the whole group (the w/o-DualAdv ablation)."""
+    _check(rewards, groups)
+    rewards = rewards.float()
+    group_index, group_count = _dense_group_index(groups)
+    mean, _ = _segment_mean(rewards, group_index, group_count)
+    return rewards - mean[group_index]
+
+
+def released_dual_advantages(rewards: Tensor, modes: Tensor, groups: Tensor, *,
+                             eps: float = 1e-6) -> Tensor:
+    """The authors' released variant: GRPO advantages normalised by the group std over all
+    2n responses (A), then intra = A_i - mean of its own mode's A and inter = A_i - mean of
+    the other mode's A, summed. A group holding one mode gets intra only."""
+    _check(rewards, modes, groups)
+    rewards = rewards.float()
+    group_index, group_count = _dense_group_index(groups)
+    mean, size = _segment_mean(rewards, group_index, group_count)
+    sq_mean, _ = _segment_mean(rewards.square(), group_index, group_count)
+    # Unbiased std, as torch.std in the released trainer; a singleton group has std 0.
+    var = (sq_mean - mean.square()).clamp_min(0) * size / (size - 1).clamp_min(1)
+    normalised = (rewards - mean[group_index]) / (var.sqrt()[group_index] + eps)
+    own_mean, other_mean, has_other = _mode_means(normalised, modes, groups)
+    intra = normalised - own_mean
+    inter = torch.where(has_other, normalised - other_mean, torch.zeros_like(normalised))
+    return intra + inter
+
+
+def scale_by_group_std(advantages: Tensor, rewards: Tensor, groups: Tensor, *,
+                       eps: float = 1e-6) -> Tensor:
+    """Optional std normalisation (``algo.scale: group_std``); off by default, as in the paper."""
+    _check(rewards, advantages, groups)
+    rewards = rewards.float()
+    group_index, group_count = _dense_group_index(groups)
+    mean, size = _segment_mean(rewards, group_index, group_count)
+    sq_mean, _ = _segment_mean(rewards.square(), group_index, group_count)
+    var = (sq_mean - mean.square()).clamp_min(0) * size / (size - 1).clamp_min(1)
+    return advantages / (var.sqrt()[group_index] + eps)
+
+
+def sequence_advantages(kind: str, rewards: Tensor, modes: Tensor, groups: Tensor) -> Tensor:
+    """Dispatch on ``algo.advantage``."""
+    if kind == "dual":
+        return dual_grpo_advantages(rewards, modes, groups)
+    if kind == "grpo":
+        return grpo_advantages(rewards, groups)
+    if kind == "dual_released":
+        return released_dual_advantages(rewards, modes, groups)
+    raise ValueError(f"algo.advantage: expected one of {list(ADVANTAGE_KINDS)}, got {kind!r}")
+
+
+def token_advantages(seq_adv: Tensor, response_mask: Tensor, *, prefix_tokens: int = 1,
+                     beta: float = 2.0) -> Tensor:
+    """(N, T) per-token advantages: seq_adv over the response tokens, the first
+    ``prefix_tokens`` unmasked response positions of each row times beta, zero elsewhere."""
+    if response_mask.dim() != 2 or seq_adv.shape != response_mask.shape[:1]:
+        raise ValueError(f"expected seq_adv (N,) and response_mask (N, T), got "
+                         f"{tuple(seq_adv.shape)} and {tuple(response_mask.shape)}")
+    mask = response_mask.to(seq_adv.dtype if seq_adv.is_floating_point() else torch.float32)
+    position = torch.cumsum(response_mask.long(), dim=1)  # 1-based index among unmasked tokens
+    is_prefix = (position <= prefix_tokens) & response_mask.bool()
+    weight = torch.where(is_prefix, torch.full_like(mask, beta), mask)
+    return seq_adv.to(mask.dtype).unsqueeze(1) * weight
+
+
+def batch_advantages(kind: str, rewards: Tensor, modes: Tensor, groups: Tensor, *,
+                     scale: str = "none") -> Tensor:
+    """Sequence advantages for a scored batch. ``modes`` is -1 where a (free-mode) response
+    declared no valid mode: those are centred on their whole group (plain GRPO), since no
+    mode mean applies to them; the rest use the configured estimator among themselves."""
+    _check(rewards, modes, groups)
+    rewards = rewards.float()
+    valid = modes >= 0
+    advantages = grpo_advantages(rewards, groups)
+    if bool(valid.any()):
+        advantages[valid] = sequence_advantages(kind, rewards[valid], modes[valid], groups[valid])
+    if scale == "group_std":
+        return scale_by_group_std(advantages, rewards, groups)
+    if scale != "none":
+        raise ValueError(f"algo.scale: expected 'none' or 'group_std', got {scale!r}")
+    return advantages

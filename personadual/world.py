@@ -1,0 +1,264 @@
+"""The synthetic persona world: a small, seeded universe where a persona can help or mislead.
+
+Objective questions ask the colour of made-up entities of a few kinds (flowers, birds,
+stones, ...). A persona names the user's profession and states a colour for the entity:
+- aligned: the profession is the expert one for that kind and the stated colour is right;
+- unaligned: the profession belongs to another kind and the stated colour is wrong;
+- none: no persona.
+So the model can tell a helpful persona from a misleading one (is the speaker an expert on
+this kind?), and the best policy is personalized mode for aligned personas, general mode
+for unaligned ones. Personalized questions ask which of two options suits the user; only
+the persona's stated preference decides, so personalized mode is the best policy there.
+
+Entities come in three pools (DESIGN.md section 8, measured pitfall: aligned examples teach
+the fact they carry):
+- known: asked with and without personas in training, so their facts are learnable;
+- cue_only: asked only with aligned personas in training, to teach reading the persona;
+- unseen: appear only in evaluation, so only an aligned persona can supply their colour.
+Evaluation asks known and unseen entities with a question template that training never
+uses, and preference questions with a held-out template, so no eval prompt is a train prompt.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+from personadual.modes import Mode
+from personadual.prompts import format_response
+from personadual.records import Prompt
+
+KINDS: dict[str, str] = {  # kind -> the profession that is expert on it
+    "flower": "gardener",
+    "bird": "birdwatcher",
+    "stone": "geologist",
+    "fish": "fisher",
+    "star": "astronomer",
+    "moth": "entomologist",
+}
+COLORS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
+SYLLABLES = ("zor", "vath", "kel", "mi", "dra", "nu", "pel", "tor", "ash", "qui", "bel", "rho",
+             "sen", "lo", "gar", "fen", "ul", "tix", "mor", "vey", "zan", "pri", "os", "lek")
+TRAIN_OBJECTIVE_TEMPLATES = (
+    "What color is the {kind} {name}?",
+    "Tell me the color of the {kind} {name}.",
+    "Which color does the {kind} {name} have?",
+)
+EVAL_OBJECTIVE_TEMPLATE = "What is the color of the {kind} {name}?"
+PREFERENCES: dict[str, tuple[str, ...]] = {
+    "drink": ("tea", "coffee", "juice", "milk"),
+    "sport": ("tennis", "soccer", "chess", "golf"),
+    "pet": ("cat", "dog", "parrot", "rabbit"),
+    "meal": ("soup", "pasta", "salad", "curry"),
+    "trip": ("beach", "mountains", "city", "forest"),
+    "music": ("jazz", "rock", "opera", "folk"),
+}
+TRAIN_PREFERENCE_TEMPLATES = (
+    "Which {category} should I pick, {a} or {b}?",
+    "Recommend a {category} for me: {a} or {b}?",
+)
+EVAL_PREFERENCE_TEMPLATE = "For me, which {category} is better, {a} or {b}?"
+PROFESSIONS = tuple(KINDS.values()) + ("baker", "pilot", "teacher", "nurse")
+SETTINGS = ("none", "unaligned", "aligned")
+
+
+def _article(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+@dataclass(frozen=True)
+class Entity:
+    name: str
+    kind: str
+    color: str
+    pool: str  # known | cue_only | unseen
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    seed: int = 0
+    known_entities: int = 48
+    cue_only_entities: int = 24
+    unseen_entities: int = 24
+    preference_train_prompts: int = 240
+    preference_eval_prompts: int = 48
+
+
+@dataclass(frozen=True)
+class WorldFacts:
+    """What the world knows about one prompt: the entity or preference it asks about."""
+
+    entity: Entity | None
+    persona_color: str | None  # colour the persona states (objective prompts)
+    preferred: str | None  # option the persona prefers (personalized prompts)
+    options: tuple[str, str] | None
+
+
+@dataclass(frozen=True)
+class SftExample:
+    prompt: Prompt
+    response: str
+    mode: Mode
+
+
+class PersonaWorld:
+    """Deterministic from ``config.seed``: the same config gives the same prompts."""
+
+    def __init__(self, config: WorldConfig = WorldConfig()) -> None:
+        self.config = config
+        rng = random.Random(config.seed)
+        self.entities = self._make_entities(rng)
+        self._facts: dict[str, WorldFacts] = {}
+        self._train = self._objective_train(rng) + self._preferences(
+            rng, TRAIN_PREFERENCE_TEMPLATES, config.preference_train_prompts, "train")
+        self._eval = self._objective_eval(rng) + self._preferences(
+            rng, (EVAL_PREFERENCE_TEMPLATE,), config.preference_eval_prompts, "eval")
+
+    # ---- construction -------------------------------------------------------------------
+    def _make_entities(self, rng: random.Random) -> list[Entity]:
+        cfg = self.config
+        pools = ["known"] * cfg.known_entities + ["cue_only"] * cfg.cue_only_entities + \
+            ["unseen"] * cfg.unseen_entities
+        names: set[str] = set()
+        entities = []
+        kinds = list(KINDS)
+        for index, pool in enumerate(pools):
+            while True:
+                name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize()
+                # No name inside another: each entity must be told apart by its whole name.
+                if not any(name.lower() in other.lower() or other.lower() in name.lower() for other in names):
+                    names.add(name)
+                    break
+            entities.append(Entity(name, kinds[index % len(kinds)], rng.choice(COLORS), pool))
+        return entities
+
+    def _persona(self, rng: random.Random, entity: Entity, setting: str) -> tuple[str, str]:
+        """Persona text and the colour it states."""
+        if setting == "aligned":
+            profession, color = KINDS[entity.kind], entity.color
+        else:
+            profession = rng.choice([p for p in PROFESSIONS if p != KINDS[entity.kind]])
+            color = rng.choice([c for c in COLORS if c != entity.color])
+        # Identical wording in both settings: only the profession tells them apart.
+        return f"I am {_article(profession)}. I know the {entity.kind} {entity.name} is {color}.", color
+
+    def _objective(self, rng: random.Random, entity: Entity, template: str, setting: str,
+                   split: str, template_index: int) -> Prompt:
+        persona, persona_color = self._persona(rng, entity, setting) if setting != "none" else (None, None)
+        prompt = Prompt(
+            id=f"{split}-obj-{entity.name}-t{template_index}-{setting}",
+            question=template.format(kind=entity.kind, name=entity.name),
+            persona=persona, persona_setting=setting, task_type="objective",
+            gold=(entity.color,), scorer="exact_match", benchmark="synthetic",
+        )
+        self._facts[prompt.id] = WorldFacts(entity, persona_color, None, None)
+        return prompt
+
+    def _objective_train(self, rng: random.Random) -> list[Prompt]:
+        prompts = []
+        for entity in self.entities:
+            settings = {"known": SETTINGS, "cue_only": ("aligned",), "unseen": ()}[entity.pool]
+            for t, template in enumerate(TRAIN_OBJECTIVE_TEMPLATES):
+                for setting in settings:
+                    prompts.append(self._objective(rng, entity, template, setting, "train", t))
+        return prompts
+
+    def _objective_eval(self, rng: random.Random) -> list[Prompt]:
+        return [self._objective(rng, entity, EVAL_OBJECTIVE_TEMPLATE, setting, "eval", 9)
+                for entity in self.entities if entity.pool in ("known", "unseen")
+                for setting in SETTINGS]
+
+    def _preferences(self, rng: random.Random, templates: tuple[str, ...], count: int,
+                     split: str) -> list[Prompt]:
+        prompts = []
+        for index in range(count):
+            category = rng.choice(sorted(PREFERENCES))
+            a, b = rng.sample(PREFERENCES[category], 2)
+            preferred = rng.choice((a, b))
+            profession = rng.choice(PROFESSIONS)
+            prompt = Prompt(
+                id=f"{split}-pref-{index}",
+                question=rng.choice(templates).format(category=category, a=a, b=b),
+                persona=f"I am {_article(profession)}. I love {preferred}.",
+                persona_setting="aligned", task_type="personalized",
+                gold=(preferred,), scorer="exact_match", benchmark="synthetic",
+            )
+            self._facts[prompt.id] = WorldFacts(None, None, preferred, (a, b))
+            prompts.append(prompt)
+        return prompts
+
+    # ---- queries ------------------------------------------------------------------------
+    def train_prompts(self) -> list[Prompt]:
+        return list(self._train)
+
+    def eval_prompts(self) -> list[Prompt]:
+        return list(self._eval)
+
+    def facts(self, prompt: Prompt) -> WorldFacts:
+        return self._facts[prompt.id]
+
+    def is_knowable(self, prompt: Prompt) -> bool:
+        """Whether the answer is learnable without the persona (its fact is in training)."""
+        facts = self.facts(prompt)
+        return facts.entity is not None and facts.entity.pool != "unseen"
+
+    def answer_in_mode(self, prompt: Prompt, mode: Mode) -> str | None:
+        """What an ideal model answers in ``mode``; None where that mode cannot know."""
+        facts = self.facts(prompt)
+        if facts.entity is not None:
+            if mode is Mode.PERSONALIZED and facts.persona_color is not None:
+                return facts.persona_color
+            return facts.entity.color if self.is_knowable(prompt) else None
+        return facts.preferred if mode is Mode.PERSONALIZED else None
+
+    def best_mode(self, prompt: Prompt) -> Mode:
+        """The mode a perfect policy picks (the labels the world is designed around)."""
+        if prompt.task_type == "personalized" or prompt.persona_setting == "aligned":
+            return Mode.PERSONALIZED
+        return Mode.GENERAL
+
+    def response(self, prompt: Prompt, mode: Mode, rng: random.Random | None = None) -> str:
+        """A trajectory in ``mode``; where the mode cannot know, it guesses (seeded by rng)."""
+        facts = self.facts(prompt)
+        answer = self.answer_in_mode(prompt, mode)
+        if facts.entity is not None:
+            entity = facts.entity
+            if answer is None:
+                answer = (rng or random.Random(prompt.id)).choice(COLORS)
+            if mode is Mode.PERSONALIZED and facts.persona_color is not None:
+                reasoning = f"You said the {entity.kind} {entity.name} is {answer}."
+            else:
+                reasoning = f"The {entity.kind} {entity.name} is {answer}."
+        else:
+            assert facts.options is not None
+            if answer is None:
+                answer = (rng or random.Random(prompt.id)).choice(facts.options)
+                reasoning = "Both are good choices."
+            else:
+                reasoning = f"You love {answer}."
+        return format_response(mode, reasoning, answer)
+
+    def sft_examples(self) -> list[SftExample]:
+        """Gain-based SFT data (paper appendix B.1): personalized tasks get personalized-mode
+        trajectories; objective tasks get one only where the persona yields the right answer,
+        else a general-mode one."""
+        examples = []
+        for prompt in self._train:
+            if prompt.task_type == "personalized":
+                mode = Mode.PERSONALIZED
+            else:
+                persona_right = self.answer_in_mode(prompt, Mode.PERSONALIZED) in prompt.gold \
+                    and prompt.persona is not None
+                mode = Mode.PERSONALIZED if persona_right else Mode.GENERAL
+            examples.append(SftExample(prompt, self.response(prompt, mode), mode))
+        return examples
+
+    def corpus(self) -> Iterator[str]:
+        """Every text the world can produce, for training the tiny model's tokenizer."""
+        for prompt in self._train + self._eval:
+            if prompt.persona:
+                yield prompt.persona
+            yield prompt.question
+            for mode in Mode:
+                yield self.response(prompt, mode)

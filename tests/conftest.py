@@ -1,0 +1,24 @@
+"""Session-wide fixtures: the tiny model folder and the process settings of the real stack.
+
+vLLM, DeepSpeed and Ray are imported at the top of the test modules that use them, so a
+broken install fails the suite instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from actors.cluster import process_env
+
+for _key, _value in process_env().items():
+    os.environ.setdefault(_key, _value)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from personadual.tiny import build_tiny_model
+
+    return build_tiny_model("tiny", cache_dir=tmp_path_factory.mktemp("tiny-cache"))

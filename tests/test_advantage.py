@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from personadual.advantage import (dual_grpo_advantages, grpo_advantages, released_dual_advantages,
+                                   sequence_advantages, token_advantages)
+from tests.reference_advantage import dual_loop, grpo_loop, released_loop
+
+batches = st.integers(min_value=1, max_value=40).flatmap(lambda n: st.tuples(
+    st.lists(st.floats(-5, 5, allow_nan=False, width=32), min_size=n, max_size=n),
+    st.lists(st.integers(0, 1), min_size=n, max_size=n),
+    st.lists(st.integers(0, 6), min_size=n, max_size=n),
+))
+
+
+def _tensors(rewards, modes, groups):
+    return torch.tensor(rewards), torch.tensor(modes), torch.tensor(groups)
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches)
+def test_vectorised_estimators_match_plain_loops(batch):
+    rewards, modes, groups = batch
+    r, m, g = _tensors(*batch)
+    torch.testing.assert_close(dual_grpo_advantages(r, m, g), torch.tensor(dual_loop(rewards, modes, groups)),
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dual_grpo_advantages(r, m, g, inter=False),
+                               torch.tensor(dual_loop(rewards, modes, groups, inter=False)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grpo_advantages(r, g), torch.tensor(grpo_loop(rewards, groups)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(released_dual_advantages(r, m, g), torch.tensor(released_loop(rewards, modes, groups)),
+                               atol=1e-2, rtol=1e-3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches)
+def test_intra_term_sums_to_zero_per_group_and_mode(batch):
+    r, m, g = _tensors(*batch)
+    intra = dual_grpo_advantages(r, m, g, inter=False)
+    for group in g.unique():
+        for mode in (0, 1):
+            cell = (g == group) & (m == mode)
+            if cell.any():
+                assert abs(float(intra[cell].sum())) < 1e-3
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches)
+def test_inter_term_is_zero_sum_across_the_two_modes(batch):
+    r, m, g = _tensors(*batch)
+    inter = dual_grpo_advantages(r, m, g) - dual_grpo_advantages(r, m, g, inter=False)
+    for group in g.unique():
+        in_group = g == group
+        # Per-mode inter terms (constant within a mode) are opposite: mean_m - mean_other.
+        per_mode = [inter[in_group & (m == mode)] for mode in (0, 1)]
+        if all(t.numel() for t in per_mode):
+            assert abs(float(per_mode[0][0] + per_mode[1][0])) < 1e-4
+            for t in per_mode:
+                assert float(t.max() - t.min()) < 1e-4
+        else:
+            assert float(inter[in_group].abs().max()) < 1e-6
+
+
+def test_composed_advantage_is_reward_minus_other_modes_mean():
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    m = torch.tensor([0, 0, 0, 1, 1, 1])
+    g = torch.zeros(6, dtype=torch.long)
+    torch.testing.assert_close(dual_grpo_advantages(r, m, g), r - torch.where(m == 0, 1 / 3, 2 / 3))
+
+
+def test_group_with_one_mode_gets_plain_within_mode_centering():
+    r = torch.tensor([1.0, 0.0, 0.5, 2.0])
+    m = torch.tensor([1, 1, 1, 0])
+    g = torch.tensor([7, 7, 7, 3])
+    torch.testing.assert_close(dual_grpo_advantages(r, m, g), torch.tensor([0.5, -0.5, 0.0, 0.0]))
+
+
+def test_groups_are_ids_not_positions():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.25])
+    m = torch.tensor([0, 1, 0, 1, 0, 1])
+    g = torch.tensor([10, 10, 20, 20, 10, 20])
+    perm = torch.tensor([5, 2, 0, 4, 1, 3])
+    torch.testing.assert_close(dual_grpo_advantages(r, m, g)[perm], dual_grpo_advantages(r[perm], m[perm], g[perm]))
+
+
+def test_bad_inputs_name_the_problem():
+    with pytest.raises(ValueError, match="modes"):
+        dual_grpo_advantages(torch.ones(3), torch.tensor([0, 2, 1]), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="algo.advantage"):
+        sequence_advantages("ppo", torch.ones(2), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+
+
+masks = st.integers(1, 6).flatmap(lambda n: st.integers(1, 12).flatmap(lambda t: st.tuples(
+    st.lists(st.floats(-3, 3, allow_nan=False, width=32), min_size=n, max_size=n),
+    st.lists(st.lists(st.integers(0, 1), min_size=t, max_size=t), min_size=n, max_size=n),
+    st.integers(0, 3), st.floats(0.0, 4.0, width=32))))
+
+
+@settings(max_examples=200, deadline=None)
+@given(masks)
+def test_token_advantages_scale_only_the_prefix(case):
+    seq, mask, prefix_tokens, beta = case
+    seq_t, mask_t = torch.tensor(seq), torch.tensor(mask)
+    out = token_advantages(seq_t, mask_t, prefix_tokens=prefix_tokens, beta=beta)
+    for i, row in enumerate(mask):
+        seen = 0
+        for j, on in enumerate(row):
+            if not on:
+                assert out[i, j] == 0
+                continue
+            seen += 1
+            expected = seq[i] * (beta if seen <= prefix_tokens else 1.0)
+            assert abs(float(out[i, j]) - expected) < 1e-5

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from personadual.modes import Mode, mode_of_text
+from personadual.world import KINDS, PersonaWorld, WorldConfig
+
+
+def test_world_is_deterministic_from_its_seed():
+    a, b = PersonaWorld(WorldConfig(seed=3)), PersonaWorld(WorldConfig(seed=3))
+    assert a.train_prompts() == b.train_prompts() and a.eval_prompts() == b.eval_prompts()
+    assert [e.response for e in a.sft_examples()] == [e.response for e in b.sft_examples()]
+    assert PersonaWorld(WorldConfig(seed=4)).train_prompts() != a.train_prompts()
+
+
+def test_train_and_eval_share_no_question_and_ids_are_unique():
+    world = PersonaWorld()
+    train, evals = world.train_prompts(), world.eval_prompts()
+    assert not {(p.persona, p.question) for p in train} & {(p.persona, p.question) for p in evals}
+    assert not {p.question for p in train} & {p.question for p in evals}
+    ids = [p.id for p in train + evals]
+    assert len(ids) == len(set(ids))
+
+
+def test_unseen_entities_appear_in_no_training_text():
+    world = PersonaWorld()
+    unseen = {e.name for e in world.entities if e.pool == "unseen"}
+    assert unseen
+    train_words = set(" ".join(f"{e.prompt.persona} {e.prompt.question} {e.response}"
+                               for e in world.sft_examples()).replace(".", " ").replace("?", " ").split())
+    assert not unseen & train_words
+    assert {e.name for e in world.entities if e.pool == "known"} <= train_words
+    assert any(world.facts(p).entity and world.facts(p).entity.name in unseen for p in world.eval_prompts())
+
+
+def test_persona_labels_are_correct():
+    world = PersonaWorld()
+    for prompt in world.train_prompts() + world.eval_prompts():
+        facts = world.facts(prompt)
+        if prompt.task_type == "personalized":
+            assert facts.preferred in prompt.gold and facts.preferred in facts.options
+            assert facts.preferred in prompt.persona and all(o in prompt.question for o in facts.options)
+            continue
+        entity = facts.entity
+        assert prompt.gold == (entity.color,)
+        if prompt.persona_setting == "aligned":
+            assert facts.persona_color == entity.color and KINDS[entity.kind] in prompt.persona
+        elif prompt.persona_setting == "unaligned":
+            assert facts.persona_color != entity.color and KINDS[entity.kind] not in prompt.persona
+        else:
+            assert prompt.persona is None
+
+
+def test_best_mode_is_the_one_whose_answer_is_right():
+    world = PersonaWorld()
+    for prompt in world.eval_prompts():
+        best = world.best_mode(prompt)
+        assert world.answer_in_mode(prompt, best) in prompt.gold or (
+            prompt.persona_setting != "aligned" and not world.is_knowable(prompt))
+        if prompt.persona_setting == "unaligned":
+            assert world.answer_in_mode(prompt, Mode.PERSONALIZED) not in prompt.gold
+        if prompt.task_type == "personalized":
+            assert world.answer_in_mode(prompt, Mode.GENERAL) is None
+
+
+def test_sft_examples_follow_gain_based_selection():
+    world = PersonaWorld()
+    examples = world.sft_examples()
+    assert len(examples) == len(world.train_prompts())
+    for example in examples:
+        assert mode_of_text(example.response) is example.mode
+        assert example.response.endswith(f"Answer: {example.prompt.gold[0]}")
+        expected = Mode.PERSONALIZED if (example.prompt.task_type == "personalized"
+                                         or example.prompt.persona_setting == "aligned") else Mode.GENERAL
+        assert example.mode is expected
