@@ -1,0 +1,139 @@
+"""The trainer side of a weight update: learner rank 0 sends, every rank gathers.
+
+Built on vLLM's trainer weight-transfer API: on GPU its registered "nccl" trainer engine,
+on CPU our "gloo" one below (the worker side is rollout/transfer_gloo.py). Both take a
+`VLLMWeightSyncClient` (the control plane to the rollout engines) and a `WeightSource`
+(the learner's full tensors, gathered under ZeRO-3), so the learner code is one path.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Iterable, Iterator
+
+import torch
+from vllm.distributed.weight_transfer.base import (ParamMeta, TrainerInitInfo, TrainerWeightTransferEngine,
+                                                   VLLMWeightSyncClient, WeightSource)
+from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+from personadual.weight_wire import TensorMeta, open_transfer_group, pack, plan_buckets
+
+GLOO = "gloo"
+
+
+class LearnerWeightSource(WeightSource):
+    """The learner's weights as vLLM's `WeightSource`: metadata without gathering, and
+    a fresh pass of full tensors per round (a collective under ZeRO-3: every learner
+    rank iterates in lockstep)."""
+
+    def __init__(self, metadata: Callable[[], list[tuple[str, torch.dtype, tuple[int, ...]]]],
+                 tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]]) -> None:
+        self._metadata = metadata
+        self._tensors = tensors
+
+    def metadata(self) -> list[ParamMeta]:
+        return [ParamMeta(name, dtype, tuple(shape)) for name, dtype, shape in self._metadata()]
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self._tensors())
+
+
+@dataclass
+class GlooTrainerInitInfo(TrainerInitInfo):
+    backend: ClassVar[str] = GLOO
+
+    master_address: str
+    master_port: int
+    world_size: int  # 1 sender + every engine worker
+    bucket_bytes: int = 64 << 20
+    timeout_s: float = 300.0
+
+
+class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
+    init_info_cls = GlooTrainerInitInfo
+
+    def __init__(self, *, client: VLLMWeightSyncClient, source: WeightSource, is_sender: bool,
+                 bucket_bytes: int) -> None:
+        super().__init__(client=client, source=source, is_sender=is_sender)
+        self.bucket_bytes = bucket_bytes
+        self.group = None
+        self.last_round: dict[str, float] = {}
+
+    @classmethod
+    def trainer_init(cls, init_info: GlooTrainerInitInfo, *, client: VLLMWeightSyncClient,
+                     source: WeightSource | None = None) -> "GlooTrainerWeightTransferEngine":
+        if source is None:
+            raise ValueError("gloo weight transfer needs a WeightSource")
+        engine = cls(client=client, source=source, is_sender=init_info.is_sender,
+                     bucket_bytes=init_info.bucket_bytes)
+        if not engine.is_sender:
+            return engine
+        worker_info = {"master_address": init_info.master_address, "master_port": init_info.master_port,
+                       "rank_offset": 1, "world_size": init_info.world_size, "timeout_s": init_info.timeout_s}
+        # Workers block in the rendezvous inside init_weight_transfer_engine: run it beside
+        # opening our end, then surface its error, if any.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(client.init_weight_transfer_engine, worker_info)
+            engine.group = open_transfer_group(init_info.master_address, init_info.master_port, 0,
+                                               init_info.world_size, init_info.timeout_s)
+            future.result()
+        return engine
+
+    def send_weights(self, weight_version: str | None = None) -> None:
+        source = self.source
+        assert source is not None
+        metas = [TensorMeta(m.name, str(m.dtype).removeprefix("torch."), tuple(m.shape)) for m in source.metadata()]
+        if not self.is_sender:
+            for _ in source:  # join the ZeRO-3 gathers of the sender's pass
+                pass
+            return
+        start = time.perf_counter()
+        update_info = {"names": [m.name for m in metas], "dtype_names": [m.dtype for m in metas],
+                       "shapes": [list(m.shape) for m in metas], "bucket_bytes": self.bucket_bytes}
+        self.client.start_weight_update()
+        pool = ThreadPoolExecutor(max_workers=1)
+        sent_bytes = 0
+        try:
+            future = pool.submit(self.client.update_weights, update_info)
+            tensors = _checked(source, metas)
+            for bucket in plan_buckets(metas, self.bucket_bytes):
+                buffer = pack(next(tensors) for _ in bucket)
+                if future.done():  # the workers failed before the broadcast: don't wait on them
+                    future.result()
+                self.group.broadcast(buffer, 0).wait()
+                sent_bytes += buffer.numel()
+            future.result()
+        finally:
+            # Never join a worker RPC stuck in a broken collective: let the error out.
+            pool.shutdown(wait=False)
+        self.client.finish_weight_update(weight_version)
+        self.last_round = {"seconds": time.perf_counter() - start, "bytes": float(sent_bytes)}
+
+    def shutdown(self) -> None:
+        self.group = None
+
+
+def _checked(source: WeightSource, metas: list[TensorMeta]) -> Iterator[torch.Tensor]:
+    """The source's tensors, each checked against the metadata the workers were sent."""
+    count = 0
+    for name, tensor in source:
+        if count >= len(metas) or metas[count].name != name or metas[count].shape != tuple(tensor.shape):
+            expected = metas[count].name if count < len(metas) else "nothing"
+            raise ValueError(f"weight update: source yielded {name!r} where metadata declared {expected!r}")
+        count += 1
+        yield tensor.detach().to("cpu", metas[count - 1].torch_dtype)
+    if count != len(metas):
+        raise ValueError(f"weight update: source yielded {count} tensors, metadata declared {len(metas)}")
+
+
+def register() -> None:
+    """Make the "gloo" trainer engine known to vLLM's trainer factory (idempotent)."""
+    try:
+        WeightTransferTrainerFactory.register_engine(GLOO, GlooTrainerWeightTransferEngine)
+    except ValueError:  # already registered in this process
+        pass
+
+
+register()
