@@ -79,7 +79,7 @@ class Entity:
 class WorldConfig:
     seed: int = 0
     known_entities: int = 48
-    cue_only_entities: int = 24
+    cue_only_entities: int = 240
     unseen_entities: int = 24
     preference_train_prompts: int = 240
     preference_eval_prompts: int = 48
@@ -158,10 +158,15 @@ class PersonaWorld:
     def _objective_train(self, rng: random.Random) -> list[Prompt]:
         prompts = []
         for entity in self.entities:
-            settings = {"known": SETTINGS, "cue_only": ("aligned",), "unseen": ()}[entity.pool]
-            for t, template in enumerate(TRAIN_OBJECTIVE_TEMPLATES):
-                for setting in settings:
-                    prompts.append(self._objective(rng, entity, template, setting, "train", t))
+            if entity.pool == "known":
+                for t, template in enumerate(TRAIN_OBJECTIVE_TEMPLATES):
+                    for setting in SETTINGS:
+                        prompts.append(self._objective(rng, entity, template, setting, "train", t))
+            elif entity.pool == "cue_only":
+                # Asked once: many entities seen once teach reading the persona, where a few
+                # entities seen often are simply memorised (measured on the tiny model).
+                t = rng.randrange(len(TRAIN_OBJECTIVE_TEMPLATES))
+                prompts.append(self._objective(rng, entity, TRAIN_OBJECTIVE_TEMPLATES[t], "aligned", "train", t))
         return prompts
 
     def _objective_eval(self, rng: random.Random) -> list[Prompt]:
@@ -262,3 +267,34 @@ class PersonaWorld:
             yield prompt.question
             for mode in Mode:
                 yield self.response(prompt, mode)
+
+
+@dataclass(frozen=True)
+class TwoTurnCase:
+    """A two-turn chat under one persona: the second turn's best mode differs from the first's."""
+
+    first: Prompt
+    second: Prompt
+    order: str  # general_then_personalized | personalized_then_general
+
+
+def two_turn_cases(world: PersonaWorld, count: int = 48, seed: int = 0) -> list[TwoTurnCase]:
+    """Pairs of eval prompts under one persona (the preference question's persona, which
+    carries no cue for the objective question): objective -> personalized and back. The
+    objective question is about a known entity, so general mode is its best mode."""
+    rng = random.Random(seed)
+    preferences = [p for p in world.eval_prompts() if p.task_type == "personalized"]
+    objective = [p for p in world.eval_prompts()
+                 if p.task_type == "objective" and p.persona_setting == "none" and world.is_knowable(p)]
+    cases = []
+    for index in range(min(count, len(preferences))):
+        preference = preferences[index]
+        question = rng.choice(objective)
+        under_persona = Prompt(
+            id=f"{question.id}-under-{preference.id}", question=question.question,
+            persona=preference.persona, persona_setting="unaligned", task_type="objective",
+            gold=question.gold, scorer=question.scorer, benchmark=question.benchmark)
+        order = ("general_then_personalized", "personalized_then_general")[index % 2]
+        first, second = (under_persona, preference) if index % 2 == 0 else (preference, under_persona)
+        cases.append(TwoTurnCase(first, second, order))
+    return cases

@@ -1,0 +1,129 @@
+"""Datasets for a run: the synthetic world, or prompt and trajectory files (JSONL).
+
+Bad rows fail with a one-line ``DataError`` naming the file, line and field, or, with
+``skip_invalid``, are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from personadual.records import Prompt, RecordError
+from personadual.sft_data import TokenizedExample, tokenize_trajectory
+from personadual.tiny import build_tiny_model
+from personadual.world import PersonaWorld, WorldConfig
+
+
+class DataError(ValueError):
+    """Unreadable or invalid data; the message names the file, the line and the field."""
+
+
+@dataclass
+class RunData:
+    train: list[Prompt]
+    eval: list[Prompt]
+    sft: list[TokenizedExample]
+    skipped: dict[str, int] = field(default_factory=dict)
+    world: PersonaWorld | None = None
+
+
+def resolve_model(path: str | None, tiny_preset: str) -> str:
+    """A local folder or hub id as given; None builds (or reuses) the tiny model."""
+    if path is None:
+        return str(build_tiny_model(tiny_preset))
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise DataError(f"model.path: {local} has no config.json")
+        return str(local)
+    if path.startswith((".", "/", "~")):
+        raise DataError(f"model.path: {path} not found")
+    return path  # a hub id, resolved by transformers / vLLM
+
+
+def _read_jsonl(path: Path, skip_invalid: bool, skipped: dict[str, int]) -> list[tuple[int, dict[str, Any]]]:
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    rows = []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("expected a JSON object")
+            except (UnicodeDecodeError, ValueError) as error:
+                if skip_invalid:
+                    skipped[str(path)] = skipped.get(str(path), 0) + 1
+                    continue
+                reason = "not UTF-8" if isinstance(error, UnicodeDecodeError) else f"invalid JSON ({error})"
+                raise DataError(f"{path}:{number}: {reason}") from None
+            rows.append((number, row))
+    return rows
+
+
+def load_prompts(path: Path, *, skip_invalid: bool = False,
+                 skipped: dict[str, int] | None = None) -> list[Prompt]:
+    skipped = skipped if skipped is not None else {}
+    prompts = []
+    for number, row in _read_jsonl(path, skip_invalid, skipped):
+        try:
+            prompts.append(Prompt.from_dict(row))
+        except (RecordError, TypeError) as error:
+            if skip_invalid:
+                skipped[str(path)] = skipped.get(str(path), 0) + 1
+                continue
+            raise DataError(f"{path}:{number}: {error}") from None
+    if not prompts:
+        raise DataError(f"{path}: no valid prompts (empty dataset)")
+    return prompts
+
+
+def load_trajectories(path: Path, tokenizer: Any, *, skip_invalid: bool = False,
+                      skipped: dict[str, int] | None = None) -> list[TokenizedExample]:
+    """SFT rows ``{"prompt": {...Prompt...}, "response": "[mode] ..."}``."""
+    skipped = skipped if skipped is not None else {}
+    examples = []
+    for number, row in _read_jsonl(path, skip_invalid, skipped):
+        try:
+            if not isinstance(row.get("response"), str):
+                raise RecordError("response: expected a string")
+            if not isinstance(row.get("prompt"), dict):
+                raise RecordError("prompt: expected an object")
+            examples.append(tokenize_trajectory(tokenizer, Prompt.from_dict(row["prompt"]), row["response"]))
+        except (RecordError, TypeError, ValueError) as error:
+            if skip_invalid:
+                skipped[str(path)] = skipped.get(str(path), 0) + 1
+                continue
+            raise DataError(f"{path}:{number}: {error}") from None
+    if not examples:
+        raise DataError(f"{path}: no valid trajectories (empty dataset)")
+    return examples
+
+
+def load_run_data(source: str, tokenizer: Any, *, world_seed: int = 0,
+                  train_files: Sequence[str] = (), eval_files: Sequence[str] = (),
+                  sft_files: Sequence[str] = (), skip_invalid: bool = False,
+                  max_eval_prompts: int = 0) -> RunData:
+    if source == "world":
+        world = PersonaWorld(WorldConfig(seed=world_seed))
+        sft = [tokenize_trajectory(tokenizer, e.prompt, e.response) for e in world.sft_examples()]
+        evals = world.eval_prompts()
+        data = RunData(world.train_prompts(), evals, sft, world=world)
+    else:
+        skipped: dict[str, int] = {}
+        train = [p for f in train_files for p in load_prompts(Path(f), skip_invalid=skip_invalid, skipped=skipped)]
+        evals = [p for f in eval_files for p in load_prompts(Path(f), skip_invalid=skip_invalid, skipped=skipped)]
+        sft = [e for f in sft_files
+               for e in load_trajectories(Path(f), tokenizer, skip_invalid=skip_invalid, skipped=skipped)]
+        data = RunData(train, evals, sft, skipped)
+    if max_eval_prompts and max_eval_prompts < len(data.eval):
+        # A seeded sample, not a prefix: files and the world list prompts grouped by setting.
+        data.eval = random.Random(0).sample(data.eval, max_eval_prompts)
+    return data

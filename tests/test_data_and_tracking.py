@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from personadual.data import DataError, load_prompts, resolve_model
+from personadual.tracking import RunTracker, read_metrics, scrub
+
+GOOD = {"id": "p1", "question": "What color is X?", "persona": None, "persona_setting": "none",
+        "task_type": "objective", "gold": ["red"], "scorer": "exact_match"}
+
+
+def _write(path, rows: list[bytes]):
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    return path
+
+
+def test_bad_rows_name_file_line_and_field(tmp_path):
+    good = json.dumps(GOOD).encode()
+    bad_field = json.dumps({**GOOD, "id": "p2", "persona_setting": "maybe"}).encode()
+    path = _write(tmp_path / "d.jsonl", [good, bad_field])
+    with pytest.raises(DataError, match=r"d\.jsonl:2: Prompt\.persona_setting"):
+        load_prompts(path)
+    with pytest.raises(DataError, match=r"j\.jsonl:2: invalid JSON"):
+        load_prompts(_write(tmp_path / "j.jsonl", [good, b"{not json"]))
+    with pytest.raises(DataError, match=r"u\.jsonl:1: not UTF-8"):
+        load_prompts(_write(tmp_path / "u.jsonl", [b'{"id": "\xff\xfe"}']))
+    missing = {k: v for k, v in GOOD.items() if k != "gold"}
+    with pytest.raises(DataError, match=r"m\.jsonl:1: .*gold"):
+        load_prompts(_write(tmp_path / "m.jsonl", [json.dumps(missing).encode()]))
+    with pytest.raises(DataError, match="empty dataset"):
+        load_prompts(_write(tmp_path / "e.jsonl", [b""]))
+    with pytest.raises(DataError, match="not found"):
+        load_prompts(tmp_path / "absent.jsonl")
+
+
+def test_skip_invalid_counts_what_it_skips(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [json.dumps(GOOD).encode(), b"{oops", b"\xff\xfe",
+                                         json.dumps({**GOOD, "id": "p3", "scorer": "bleu"}).encode()])
+    skipped: dict[str, int] = {}
+    assert [p.id for p in load_prompts(path, skip_invalid=True, skipped=skipped)] == ["p1"]
+    assert skipped == {str(path): 3}
+
+
+def test_model_path_errors(tmp_path):
+    with pytest.raises(DataError, match="model.path"):
+        resolve_model(str(tmp_path / "nope"), "tiny")
+    with pytest.raises(DataError, match="config.json"):
+        resolve_model(str(tmp_path), "tiny")
+    assert resolve_model("Qwen/Qwen3-8B", "tiny") == "Qwen/Qwen3-8B"
+
+
+def test_tracker_scrubs_secrets_everywhere(tmp_path, monkeypatch):
+    canary = "sk-canary-0123456789"
+    monkeypatch.setenv("JUDGE_KEY", canary)
+    tracker = RunTracker(tmp_path / "run", config={"judge": {"api_key_env": "JUDGE_KEY", "oops": canary}},
+                         secret_env=["JUDGE_KEY"], wandb_mode="offline")
+    tracker.log(1, {"note": f"error from server with key {canary}", "loss": 0.5, "nested": {"x": float("nan")}})
+    tracker.log_samples(1, [{"response": canary}])
+    tracker.write_summary({"eval": {"detail": canary}})
+    tracker.finish()
+    assert read_metrics(tmp_path / "run")[0]["loss"] == 0.5
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            assert canary.encode() not in path.read_bytes(), path
+    assert scrub({"a": [canary]}, [canary]) == {"a": ["***"]}
