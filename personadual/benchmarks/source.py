@@ -1,0 +1,116 @@
+"""Reading a dataset's rows by HF hub id or local path, with one-line errors for bad layouts.
+
+Everything goes through ``datasets.load_dataset``: hub ids as published, local files by
+their suffix (json/jsonl, parquet, csv), local folders by ``datasets``' own inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import datasets
+
+from personadual.data import DataError
+
+_BUILDER_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A dataset's rows and where they came from (for error messages)."""
+
+    data: datasets.Dataset
+    origin: str
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def is_local(source: str) -> bool:
+    return Path(source).expanduser().exists() or source.startswith((".", "/", "~"))
+
+
+def load_rows(source: str, *, split: str, subset: str | None = None,
+              data_files: str | Sequence[str] | None = None, limit: int | None = None,
+              required: Sequence[str] = (), cache_dir: str | None = None,
+              benchmark: str = "dataset") -> Rows:
+    """Rows of ``source`` (a hub id, a local file or a local folder).
+
+    ``data_files`` selects files inside a hub repo or a local folder (e.g. one FLAN task).
+    A file that lacks one of ``required`` columns fails with a one-line ``DataError``.
+    """
+    try:
+        data = _load(source, split=split, subset=subset, data_files=data_files, cache_dir=cache_dir)
+    except DataError:
+        raise
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as error:
+        # Missing files, no network for a hub id, malformed JSON/parquet: one line, not a trace.
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"{source}: cannot load {benchmark} ({first_line})") from None
+    origin = str(Path(source).expanduser()) if is_local(source) else source
+    missing = [name for name in required if name not in data.column_names]
+    if missing:
+        raise DataError(f"{origin}: missing column {missing[0]!r} for {benchmark} "
+                        f"(columns: {', '.join(data.column_names)})")
+    if limit is not None:
+        if limit < 1:
+            raise DataError(f"{benchmark}.limit: expected a positive count, got {limit}")
+        data = data.select(range(min(limit, len(data))))
+    if len(data) == 0:
+        raise DataError(f"{origin}: no rows for {benchmark} (split {split!r})")
+    return Rows(data, origin)
+
+
+def _load(source: str, *, split: str, subset: str | None, data_files: str | Sequence[str] | None,
+          cache_dir: str | None) -> datasets.Dataset:
+    if not is_local(source):
+        return _single(datasets.load_dataset(source, subset, split=split, data_files=data_files,
+                                             cache_dir=cache_dir))
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: data file not found")
+    if path.is_file():
+        builder = _BUILDER_BY_SUFFIX.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(f"{path}: unknown data format {path.suffix!r} "
+                            f"(expected one of {sorted(_BUILDER_BY_SUFFIX)})")
+        # A single local file is one split whatever its name; ``split`` names the hub's split.
+        return _single(datasets.load_dataset(builder, data_files=str(path), split="train",
+                                             cache_dir=cache_dir))
+    if data_files is not None:
+        files = [data_files] if isinstance(data_files, str) else list(data_files)
+        resolved = [str(path / name) for name in files]
+        for name in resolved:
+            if not Path(name).is_file():
+                raise DataError(f"{name}: data file not found")
+        builder = _BUILDER_BY_SUFFIX.get(Path(resolved[0]).suffix.lower())
+        if builder is None:
+            raise DataError(f"{resolved[0]}: unknown data format")
+        return _single(datasets.load_dataset(builder, data_files=resolved, split="train",
+                                             cache_dir=cache_dir))
+    return _single(datasets.load_dataset(str(path), subset, split=split, cache_dir=cache_dir))
+
+
+def _single(loaded: Any) -> datasets.Dataset:
+    if not isinstance(loaded, datasets.Dataset):
+        raise DataError(f"expected one split, got {type(loaded).__name__}")
+    return loaded
+
+
+def field(row: dict[str, Any], dotted: str, origin: str, index: int) -> Any:
+    """``row["a"]["b"]`` for ``"a.b"``; a missing or null part fails naming the row and field."""
+    value: Any = row
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or value.get(part) is None:
+            raise DataError(f"{origin}: row {index}: missing field {dotted!r}")
+        value = value[part]
+    return value
+
+
+def text(row: dict[str, Any], dotted: str, origin: str, index: int) -> str:
+    value = field(row, dotted, origin, index)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{origin}: row {index}: {dotted!r} must be a non-empty string")
+    return value.strip()
