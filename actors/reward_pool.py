@@ -1,0 +1,146 @@
+"""Reward workers as Ray actors: a batch of Rollouts is split across workers and scored there.
+
+Each ``RewardWorker`` holds a ``BatchScorer``. ``RewardPool.submit`` plans which worker
+scores which response, sends each worker only (prompt, response text) pairs (token ids and
+logprobs stay in the driver) and returns at once with the ObjectRefs, so the driver can
+score one engine's rollouts while others still generate; ``collect`` gathers the results
+back into the submitted order and sums the workers' counts.
+
+Judge calls dominate scoring time, so they are spread evenly over workers; copies of one
+response go to the same worker (it judges them once), and each response prefers the worker
+its cache key hashes to, so a response seen in an earlier step tends to meet its cached
+verdict. Judge concurrency is per worker: in total ``num_workers x judge.max_concurrency``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import ray
+
+from personadual.records import Prompt, Rollout, Scored
+from rewards.config import RewardConfig, RewardConfigError
+from rewards.judge import ApiKey, JudgeError, cache_key
+from rewards.scorer import BatchScorer, Outcome, merge_counts
+
+WORKER_START_TIMEOUT_S = 120.0
+
+
+@ray.remote
+class RewardWorker:
+    """One process scoring chunks of (prompt, response text) pairs, one chunk at a time.
+
+    A plain (not async) actor on purpose: math-verify's timeouts need the main thread, and
+    the judge's concurrency comes from asyncio inside each chunk.
+    """
+
+    def __init__(self, config: RewardConfig, api_key: ApiKey | None = None) -> None:
+        self.scorer = BatchScorer(config, api_key=api_key)
+
+    def ready(self) -> bool:
+        return True
+
+    def score(self, items: list[tuple[Prompt, str]]) -> tuple[list[Outcome], dict[str, int]]:
+        return self.scorer.score_texts(items)
+
+
+def plan_chunks(items: Sequence[tuple[Prompt, str]], num_workers: int, judge_model: str) -> list[list[int]]:
+    """Indices of ``items`` for each worker: judge items balanced (copies of one response kept
+    together, each preferring its cache key's worker while that one holds no more than an even
+    share), the other items dealt round-robin."""
+    chunks: list[list[int]] = [[] for _ in range(num_workers)]
+    groups: dict[str, list[int]] = {}
+    local: list[int] = []
+    for index, (prompt, text) in enumerate(items):
+        if prompt.scorer == "judge":
+            groups.setdefault(cache_key(judge_model, prompt, text), []).append(index)
+        else:
+            local.append(index)
+    share = math.ceil(sum(len(g) for g in groups.values()) / num_workers)
+    load = [0] * num_workers
+    for key, group in groups.items():
+        worker = int(key[:8], 16) % num_workers
+        if load[worker] + len(group) > share:
+            worker = min(range(num_workers), key=load.__getitem__)
+        chunks[worker].extend(group)
+        load[worker] += len(group)
+    # Local scoring is cheap: deal it out so the least judge-loaded workers get the first items.
+    order = sorted(range(num_workers), key=load.__getitem__)
+    for position, index in enumerate(local):
+        chunks[order[position % num_workers]].append(index)
+    return [sorted(chunk) for chunk in chunks]
+
+
+@dataclass
+class PendingScores:
+    """A submitted batch: each worker's ObjectRef and the batch indices it scores."""
+
+    rollouts: list[Rollout]
+    parts: list[tuple[list[int], ray.ObjectRef]] = field(default_factory=list)
+
+    @property
+    def refs(self) -> list[ray.ObjectRef]:
+        return [ref for _, ref in self.parts]
+
+
+class RewardPool:
+    def __init__(self, config: RewardConfig, *, num_workers: int = 1, num_cpus: float = 0.1,
+                 api_key: ApiKey | None = None) -> None:
+        if num_workers < 1:
+            raise ValueError(f"cluster.reward_workers: must be >= 1, got {num_workers}")
+        self.config = config
+        if api_key is None and config.judge.api_key_env and os.environ.get(config.judge.api_key_env):
+            # Workers on other machines may lack the variable: hand them the key in an object
+            # whose repr hides it, never in a runtime env or config (both get logged).
+            api_key = ApiKey(os.environ[config.judge.api_key_env])
+        options = {"num_cpus": num_cpus, "max_restarts": 2, "max_task_retries": 2}  # scoring is idempotent
+        self.workers = [RewardWorker.options(**options).remote(config, api_key) for _ in range(num_workers)]
+        ray.get([w.ready.remote() for w in self.workers], timeout=WORKER_START_TIMEOUT_S)
+
+    def submit(self, rollouts: Sequence[Rollout]) -> PendingScores:
+        """Start scoring; returns at once. Pass the result to ``collect``."""
+        pending = PendingScores(list(rollouts))
+        items = [(r.prompt, r.text) for r in pending.rollouts]
+        for worker, chunk in zip(self.workers, plan_chunks(items, len(self.workers), self.config.judge.model)):
+            if chunk:
+                pending.parts.append((chunk, worker.score.remote([items[i] for i in chunk])))
+        return pending
+
+    def collect(self, pending: PendingScores | Sequence[PendingScores],
+                timeout_s: float | None = None) -> tuple[list[Scored], dict[str, int]]:
+        """Scored records of every submitted batch, batches in the order given and each in its
+        submitted order, and the counts summed. A worker's JudgeError (policy "fail") re-raises."""
+        batches = [pending] if isinstance(pending, PendingScores) else list(pending)
+        refs = [ref for batch in batches for ref in batch.refs]
+        try:
+            results = iter(ray.get(refs, timeout=timeout_s))
+        except ray.exceptions.RayTaskError as error:
+            # The scorer's own errors (policy "fail", a missing key) reach the driver as
+            # themselves: one line naming the prompt or the key, not a remote traceback.
+            if isinstance(error.cause, (JudgeError, RewardConfigError)):
+                raise error.cause from None
+            raise
+        scored: list[Scored] = []
+        counts: list[dict[str, int]] = []
+        for batch in batches:
+            outcomes: list[Outcome | None] = [None] * len(batch.rollouts)
+            for indices, _ in batch.parts:
+                part, part_counts = next(results)
+                counts.append(part_counts)
+                for index, outcome in zip(indices, part):
+                    outcomes[index] = outcome
+            for rollout, outcome in zip(batch.rollouts, outcomes):
+                assert outcome is not None, "a worker returned fewer results than it was sent"
+                scored.append(outcome.attach(rollout))
+        return scored, merge_counts(counts)
+
+    def score(self, rollouts: Sequence[Rollout]) -> tuple[list[Scored], dict[str, int]]:
+        return self.collect(self.submit(rollouts))
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
