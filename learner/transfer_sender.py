@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterable, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 from vllm.distributed.weight_transfer.base import (ParamMeta, TrainerInitInfo, TrainerWeightTransferEngine,
@@ -81,7 +81,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             future.result()
         return engine
 
-    def send_weights(self, weight_version: str | None = None) -> None:
+    def send_weights(self) -> None:
         source = self.source
         assert source is not None
         metas = [TensorMeta(m.name, str(m.dtype).removeprefix("torch."), tuple(m.shape)) for m in source.metadata()]
@@ -108,7 +108,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         finally:
             # Never join a worker RPC stuck in a broken collective: let the error out.
             pool.shutdown(wait=False)
-        self.client.finish_weight_update(weight_version)
+        self.client.finish_weight_update()
         self.last_round = {"seconds": time.perf_counter() - start, "bytes": float(sent_bytes)}
 
     def shutdown(self) -> None:
@@ -137,3 +137,24 @@ def register() -> None:
 
 
 register()
+
+
+def make_weight_sender(learner: Any, *, rank: int, backend: str, master_address: str, master_port: int,
+                       world_size: int, bucket_bytes: int, timeout_s: float,
+                       client: VLLMWeightSyncClient) -> TrainerWeightTransferEngine:
+    """The trainer engine for ``backend`` over this rank's learner: rank 0 sends, the
+    others join the gathers. "gloo" on CPU, vLLM's "nccl" on GPU; same handshake."""
+    device = "cpu" if backend == GLOO else None  # gloo sends host memory; NCCL sends from the GPU
+    source = LearnerWeightSource(learner.weight_metadata, lambda: learner.full_weights(device=device))
+    if backend == GLOO:
+        info: TrainerInitInfo = GlooTrainerInitInfo(rank=rank, master_address=master_address,
+                                                    master_port=master_port, world_size=world_size,
+                                                    bucket_bytes=bucket_bytes, timeout_s=timeout_s)
+    elif backend == "nccl":
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+        info = NCCLTrainerInitInfo(rank=rank, master_address=master_address, master_port=master_port,
+                                   world_size=world_size, packed=True, packed_buffer_size_bytes=bucket_bytes)
+    else:
+        raise ValueError(f"rollout.weight_transfer_backend: no trainer engine for {backend!r}")
+    return WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)

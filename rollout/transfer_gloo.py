@@ -24,6 +24,7 @@ from vllm.distributed.weight_transfer.base import (WeightTransferEngine, WeightT
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
 from personadual.weight_wire import TensorMeta, open_transfer_group, plan_buckets, unpack
+from rollout.lm_head import repack_cpu_lm_head
 
 BACKEND = "gloo"
 
@@ -76,6 +77,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model, self.model_config)
+        repack_cpu_lm_head(self.model)  # tied embeddings on vLLM-cpu (rollout/lm_head.py)
 
     def receive_weights(self, update_info: GlooWeightTransferUpdateInfo) -> None:
         if self.group is None:

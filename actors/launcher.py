@@ -1,0 +1,47 @@
+"""What `launch.py` runs: load the config, prepare the run folder, connect Ray, drive."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from actors import cluster
+from actors.config import ConfigError, load_config
+from actors.driver import Driver, prepare_run_dir
+from personadual.report import format_eval_table
+
+
+def _resume_config(run_dir: Path, overrides: list[str]):
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there (not a run folder)")
+    cfg = load_config(saved, overrides)
+    before = OmegaConf.load(saved)
+    for key in ("model.path", "model.tiny_preset"):
+        if OmegaConf.select(before, key) != OmegaConf.select(cfg, key):
+            raise ConfigError(f"{key}: --resume of a run trained from {OmegaConf.select(before, key)!r} "
+                              f"with {OmegaConf.select(cfg, key)!r}; the checkpoint's model differs")
+    return cfg
+
+
+def launch(config_path: Path | None, overrides: list[str], resume: Path | None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if resume is not None:
+        cfg = _resume_config(Path(resume), overrides)
+        run_dir = Path(resume)
+    else:
+        cfg = load_config(config_path, overrides)
+        run_dir = prepare_run_dir(cfg)
+    cluster.connect(cfg.cluster.num_cpus)
+    try:
+        summary = Driver(cfg, run_dir, resume=resume is not None).run()
+    finally:
+        cluster.shutdown()
+    print(format_eval_table(summary, run_dir))
+    return summary
+
+
+

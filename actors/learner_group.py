@@ -1,0 +1,249 @@
+"""The learner as a group of Ray actors, one per data-parallel rank.
+
+Each actor holds one ``learner.engine.Learner``; the ranks meet in a torch.distributed
+rendezvous at rank 0's node address on a free port (127.0.0.1 locally; gloo on CPU, NCCL
+on GPU), every collective bounded by ``collective_timeout_s``. The group computes DualGRPO
+advantages over the whole scored batch, shards it by token count, runs every rank's step
+concurrently and returns rank 0's metrics (the ranks reduce them among themselves).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import ray
+import torch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from learner.batch import PolicyBatch, SftSample, build_policy_batch, shard
+from learner.config import LearnerConfig
+from personadual.records import Scored
+
+# Fields of the experiment's ``algo`` section that configure the learner's objective.
+ALGO_FIELDS = {"clip_range": "clip_range", "kl_coef": "kl_coef", "beta": "beta", "prefix_tokens": "prefix_tokens",
+               "advantage": "advantage", "scale": "advantage_scale"}
+
+
+@ray.remote
+class LearnerActor:
+    """One learner rank. Created bare; ``setup`` joins the group and builds the engine."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        # Ray forwards a worker's stdout to the driver's stdout, which may carry machine-
+        # readable output (a benchmark's JSON); a rank's logs (DeepSpeed's go to stdout)
+        # are diagnostics, so they go to stderr.
+        os.dup2(2, 1)
+        self.rank, self.world_size = rank, world_size
+        self.learner = None
+
+    def address(self) -> tuple[str, int]:
+        from learner.distributed import free_port
+
+        host = ray.util.get_node_ip_address()
+        return host, free_port(host)
+
+    def setup(self, config: LearnerConfig, model_path: str, master_address: str, master_port: int,
+              device: str) -> int:
+        from learner import distributed
+        from learner.engine import Learner
+
+        distributed.init_process_group(rank=self.rank, world_size=self.world_size, master_address=master_address,
+                                       master_port=master_port, backend=distributed.backend_for(device),
+                                       timeout_s=config.collective_timeout_s)
+        self.learner = Learner(config, model_path, rank=self.rank, world_size=self.world_size, device=device)
+        return self.learner.weight_version
+
+    def sft_step(self, samples: list[SftSample]) -> dict[str, float]:
+        return self.learner.sft_step(samples)
+
+    def policy_step(self, batch: PolicyBatch) -> dict[str, float]:
+        return self.learner.policy_step(batch)
+
+    def weight_metadata(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        return [(name, str(dtype).removeprefix("torch."), shape) for name, dtype, shape in
+                self.learner.weight_metadata()]
+
+    @ray.method(num_returns="streaming")
+    def export_weights(self, bucket_bytes: int | None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        for bucket in self.learner.export_weights(bucket_bytes, device="cpu"):
+            yield bucket
+
+    def join_export(self, bucket_bytes: int | None) -> None:
+        """The non-zero ranks' part of an export: the same gathers, nothing kept."""
+        for _ in self.learner.export_weights(bucket_bytes, device="cpu"):
+            pass
+
+    def save_checkpoint(self, path: str, client_state: dict[str, Any]) -> None:
+        self.learner.save_checkpoint(path, client_state)
+
+    def load_checkpoint(self, path: str) -> tuple[dict[str, Any], int]:
+        client_state = self.learner.load_checkpoint(path)
+        return client_state, self.learner.weight_version
+
+    def save_hf(self, path: str) -> None:
+        self.learner.save_hf(path)
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(self.learner, *args, **kwargs)
+
+    def init_weight_sender(self, backend: str, master_address: str, master_port: int, world_size: int,
+                           bucket_bytes: int, timeout_s: float, engines: list[Any]) -> None:
+        """Join the weight-transfer group to the rollout engines (rank 0 sends; the others
+        only take part in the ZeRO-3 gathers). The engines' actor handles are vLLM's
+        weight-sync control plane."""
+        from actors.weight_sync import EngineSyncClient
+        from learner.transfer_sender import make_weight_sender
+
+        self.weight_sender = make_weight_sender(
+            self.learner, rank=self.rank, backend=backend, master_address=master_address,
+            master_port=master_port, world_size=world_size, bucket_bytes=bucket_bytes, timeout_s=timeout_s,
+            client=EngineSyncClient(engines, timeout_s))
+
+    def send_weights(self) -> dict[str, float]:
+        self.weight_sender.send_weights()
+        return dict(getattr(self.weight_sender, "last_round", {}))
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.learner is not None:
+            self.learner.close()
+            self.learner = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def gather(refs: list[ray.ObjectRef]) -> list[Any]:
+    """Every rank's result, raising the FIRST failure as soon as it happens: its peers are
+    then stuck in a collective until the timeout, and waiting for them would hide the cause."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done[0])
+    return ray.get(refs)
+
+
+def configure(config: LearnerConfig, *, algo: Any = None, total_sft_steps: int | None = None,
+              total_rl_steps: int | None = None) -> LearnerConfig:
+    """The learner config with the experiment's ``algo`` objective settings and the stages'
+    lengths applied (each optimizer schedule spans its stage's optimizer steps)."""
+    updates: dict[str, Any] = {}
+    if algo is not None:
+        for source, target in ALGO_FIELDS.items():
+            if hasattr(algo, source):
+                updates[target] = getattr(algo, source)
+    config = dataclasses.replace(config, **updates)
+    if total_sft_steps is not None:
+        config.sft_optim = dataclasses.replace(config.sft_optim, total_steps=max(1, int(total_sft_steps)))
+    if total_rl_steps is not None:
+        steps = max(1, int(total_rl_steps)) * config.ppo_epochs * config.mini_batches
+        config.optim = dataclasses.replace(config.optim, total_steps=steps)
+    config.validate()
+    return config
+
+
+class LearnerGroup:
+    def __init__(self, config: LearnerConfig, model_path: str | Path, *, algo: Any = None,
+                 total_sft_steps: int | None = None, total_rl_steps: int | None = None,
+                 placement_group: Any = None, num_cpus_per_rank: float = 1.0, num_gpus_per_rank: float = 0.0) -> None:
+        self.config = configure(config, algo=algo, total_sft_steps=total_sft_steps, total_rl_steps=total_rl_steps)
+        self.model_path = str(model_path)
+        self.num_ranks = self.config.num_ranks
+        self.device = "cuda" if num_gpus_per_rank > 0 else "cpu"
+        self.actors = []
+        for rank in range(self.num_ranks):
+            options: dict[str, Any] = {"num_cpus": num_cpus_per_rank, "num_gpus": num_gpus_per_rank}
+            if placement_group is not None:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=placement_group, placement_group_bundle_index=rank)
+            self.actors.append(LearnerActor.options(**options).remote(rank, self.num_ranks))
+        try:
+            self.master_address, self.master_port = ray.get(self.actors[0].address.remote())
+            versions = gather([actor.setup.remote(self.config, self.model_path, self.master_address,
+                                                   self.master_port, self.device) for actor in self.actors])
+        except BaseException:
+            self.shutdown()
+            raise
+        self._weight_version = versions[0]
+
+    @property
+    def weight_version(self) -> int:
+        """Optimizer steps taken so far (restored with a checkpoint)."""
+        return self._weight_version
+
+    def _all(self, method: str, per_rank: Sequence[Any] | None = None, *args: Any) -> list[Any]:
+        refs = [getattr(actor, method).remote(*((per_rank[rank],) if per_rank is not None else ()), *args)
+                for rank, actor in enumerate(self.actors)]
+        return gather(refs)
+
+    def sft_step(self, samples: Sequence[SftSample]) -> dict[str, float]:
+        results = self._all("sft_step", [shard(list(samples), r, self.num_ranks) for r in range(self.num_ranks)])
+        self._weight_version = int(results[0]["weight_version"])
+        return results[0]
+
+    def build_batch(self, scored: Sequence[Scored]) -> PolicyBatch:
+        return build_policy_batch(scored, advantage=self.config.advantage, scale=self.config.advantage_scale)
+
+    def policy_step(self, scored: Sequence[Scored]) -> dict[str, float]:
+        batch = self.build_batch(scored)
+        results = self._all("policy_step", [shard(batch, r, self.num_ranks) for r in range(self.num_ranks)])
+        self._weight_version = int(results[0]["weight_version"])
+        return results[0]
+
+    def weight_metadata(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype name, full shape) of every exported tensor, in export order."""
+        return ray.get(self.actors[0].weight_metadata.remote())
+
+    def export_weights(self, bucket_bytes: int | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Rank 0's buckets of (name, full CPU tensor), the other ranks joining the gathers.
+        At most a couple of buckets are in flight, whatever the model's size."""
+        others = [actor.join_export.remote(bucket_bytes) for actor in self.actors[1:]]
+        stream = self.actors[0].export_weights.options(_generator_backpressure_num_objects=2).remote(bucket_bytes)
+        for ref in stream:
+            yield ray.get(ref)
+        gather(others)
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """``fn(learner, *args, **kwargs)`` on every rank at once (for collectives such as a
+        weight-transfer engine's send); the per-rank results."""
+        return gather(self.call_async(fn, *args, **kwargs))
+
+    def call_async(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+        return [actor.call.remote(fn, *args, **kwargs) for actor in self.actors]
+
+    def init_weight_sender(self, *, backend: str, engines: list[Any], world_size: int, bucket_bytes: int,
+                           timeout_s: float) -> None:
+        """A transfer group of its own from rank 0 to every engine worker, rendezvousing at
+        rank 0's node on a fresh port (not the learner's default group)."""
+        host, port = ray.get(self.actors[0].address.remote())
+        self._all("init_weight_sender", None, backend, host, port, world_size, bucket_bytes, timeout_s, engines)
+
+    def send_weights(self) -> dict[str, float]:
+        """Broadcast the current weights to every engine; rank 0's timing and bytes."""
+        return self._all("send_weights")[0]
+
+    def save_checkpoint(self, path: str | Path, client_state: dict[str, Any]) -> None:
+        self._all("save_checkpoint", None, str(path), client_state)
+
+    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        results = self._all("load_checkpoint", None, str(path))
+        client_state, self._weight_version = results[0]
+        return client_state
+
+    def save_hf(self, path: str | Path) -> None:
+        self._all("save_hf", None, str(path))
+
+    def shutdown(self) -> None:
+        """Close every rank's engine and process group, then end the actors."""
+        if not self.actors:
+            return
+        try:
+            ray.get([actor.close.remote() for actor in self.actors], timeout=30)
+        except Exception:  # a dead or hung rank must not keep the others alive
+            pass
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []

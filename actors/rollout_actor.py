@@ -1,0 +1,120 @@
+"""Rollout engines as Ray actors: one engine per actor, resources from ``RolloutConfig``.
+
+Locally an actor asks for a fraction of the CPUs and runs its engine in its own process
+(vLLM's in-process "uni" executor). On a cluster an engine asks for GPUs: with tensor
+parallelism the actor sits in a placement group of ``tensor_parallel_size`` GPU bundles
+and vLLM's Ray executor places one worker in each (it uses the actor's placement group;
+``VLLM_RAY_BUNDLE_INDICES`` names the bundles when several engines share one group).
+
+The actor exposes the engine's methods unchanged, including vLLM's weight-transfer control
+plane (init / start / update / finish), so a learner drives it as a ``VLLMWeightSyncClient``.
+No restarts: a restarted engine would come back on the initial weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import ray
+from ray.actor import ActorHandle
+from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from personadual.modes import Mode
+from personadual.records import Prompt, Rollout
+from rollout.config import RolloutConfig
+from rollout.engine import make_engine
+from rollout.weights import NamedTensors
+
+if TYPE_CHECKING:
+    from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
+
+ENGINE_START_TIMEOUT_S = 1800.0  # a first start compiles kernels; 8B weights load for minutes
+
+
+@ray.remote
+class RolloutActor:
+    def __init__(self, model_path: str, config: RolloutConfig, engine_index: int = 0) -> None:
+        self.engine_index = engine_index
+        self.engine = make_engine(model_path, config, engine_index=engine_index)
+
+    def ready(self) -> dict[str, Any]:
+        return {"engine_index": self.engine_index, "engine": type(self.engine).__name__,
+                "num_workers": self.engine.num_workers(), "weight_version": self.engine.weight_version,
+                "node": ray.get_runtime_context().get_node_id()}
+
+    def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int | None = None, greedy: bool = False,
+                 histories: Sequence[Sequence[dict[str, str]]] | None = None,
+                 modes: Sequence[Mode] | None = None) -> list[Rollout]:
+        return self.engine.generate(prompts, forced=forced, n=n, greedy=greedy, histories=histories, modes=modes)
+
+    def load_weights(self, named_tensors: NamedTensors, version: int | None = None) -> int:
+        return self.engine.load_weights(named_tensors, version)
+
+    def get_weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def update_weight_version(self, version: int) -> int:
+        return self.engine.update_weight_version(version)
+
+    def num_workers(self) -> int:
+        return self.engine.num_workers()
+
+    def weight_transfer_backend(self) -> str | None:
+        return self.engine.weight_transfer_backend()
+
+    # vLLM's own RayVLLMWeightSyncClient wraps the dicts in request objects: accept both.
+    def init_weight_transfer_engine(self, init_info: dict[str, Any] | WeightTransferInitRequest) -> None:
+        self.engine.init_weight_transfer_engine(getattr(init_info, "init_info", init_info))
+
+    def start_weight_update(self) -> None:
+        self.engine.start_weight_update()
+
+    def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]] | WeightTransferUpdateRequest,
+                       ) -> None:
+        self.engine.update_weights(getattr(update_info, "update_info", update_info))
+
+    def finish_weight_update(self, weight_version: str | int | None = None) -> None:
+        self.engine.finish_weight_update(weight_version)
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.engine.shutdown_weight_transfer_engine()
+
+
+def actor_options(config: RolloutConfig, engine_index: int,
+                  group: PlacementGroup | None) -> dict[str, Any]:
+    """Ray options of engine ``engine_index``. With a placement group, engine i owns bundles
+    [i*tp, (i+1)*tp) when tensor parallel, else bundle i."""
+    tp = config.tensor_parallel_size
+    if tp == 1:
+        options: dict[str, Any] = {"num_cpus": config.num_cpus_per_engine, "num_gpus": config.num_gpus_per_engine}
+        if group is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=engine_index)
+        return options
+    bundles = list(range(engine_index * tp, (engine_index + 1) * tp)) if group is not None else list(range(tp))
+    if group is None:
+        group = placement_group([{"GPU": 1, "CPU": config.num_cpus_per_engine}] * tp, strategy="PACK")
+        ray.get(group.ready(), timeout=ENGINE_START_TIMEOUT_S)
+    # The actor itself holds no GPU: vLLM's Ray workers take one per bundle.
+    return {"num_cpus": 0, "num_gpus": 0,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=bundles[0], placement_group_capture_child_tasks=True),
+            "runtime_env": {"env_vars": {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, bundles))}}}
+
+
+def create_rollout_actors(model_path: str | Path, config: RolloutConfig,
+                          placement_group: PlacementGroup | None = None, *,
+                          start_timeout_s: float = ENGINE_START_TIMEOUT_S) -> list[ActorHandle]:
+    """Start ``config.num_engines`` engines and wait until every one can generate."""
+    config.validate()
+    actors = [RolloutActor.options(**actor_options(config, index, placement_group)).remote(
+        str(model_path), config, index) for index in range(config.num_engines)]
+    try:
+        ray.get([actor.ready.remote() for actor in actors], timeout=start_timeout_s)
+    except Exception:
+        for actor in actors:
+            ray.kill(actor)
+        raise
+    return actors

@@ -1,0 +1,218 @@
+"""What the learner trains on: samples, the scored batch with its advantages, rank shards,
+and micro-batches sized by token count.
+
+Sequence advantages are computed once over the WHOLE scored batch (groups by prompt id,
+never by position) before it is split across ranks, so sharding cannot change them.
+Everything here is plain Python and torch: batches cross process boundaries as lists.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field, replace
+from typing import Sequence, TypeVar
+
+import torch
+
+from personadual.advantage import batch_advantages, token_advantages
+from personadual.modes import Mode
+from personadual.records import Scored
+
+NO_MODE = -1
+
+
+@dataclass
+class SftSample:
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]  # the mode token first; the only tokens that carry loss
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError("SftSample.prompt_token_ids: must not be empty")
+        if not self.response_token_ids:
+            raise ValueError("SftSample.response_token_ids: must not be empty")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.response_token_ids)
+
+
+@dataclass
+class PolicySample:
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    advantage: float  # the sequence advantage; per-token weights are applied in the step
+    mode: int  # 0 general, 1 personalized, -1 no valid mode (no beta-weighted prefix then)
+    reward: float
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.response_token_ids)
+
+
+@dataclass
+class PolicyBatch:
+    samples: list[PolicySample]
+    # Whole-batch statistics, computed before sharding (identical on every rank).
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def response_tokens(self) -> int:
+        return sum(len(s.response_token_ids) for s in self.samples)
+
+
+def build_policy_batch(scored: Sequence[Scored], *, advantage: str = "dual", scale: str = "none") -> PolicyBatch:
+    """The kept samples of a scored batch with their sequence advantages.
+
+    Dropped samples (no reward) are left out before advantages are computed, so they shift
+    no group mean. Free-mode responses without a valid mode enter as mode -1 (centred on
+    their whole group by ``batch_advantages``).
+    """
+    kept = [s for s in scored if s.status != "dropped"]
+    if not kept:
+        raise ValueError("policy batch: every sample was dropped; nothing to train on")
+    for item in kept:
+        if not item.rollout.response_token_ids:
+            raise ValueError(f"policy batch: prompt {item.rollout.prompt.id!r} has an empty response")
+    group_index: dict[str, int] = {}
+    groups = torch.tensor([group_index.setdefault(s.rollout.group_id, len(group_index)) for s in kept])
+    rewards = torch.tensor([float(s.reward) for s in kept], dtype=torch.float64)
+    modes = torch.tensor([NO_MODE if s.rollout.mode is None else int(s.rollout.mode) for s in kept])
+    advantages = batch_advantages(advantage, rewards, modes, groups, scale=scale)
+    samples = [PolicySample(list(s.rollout.prompt_token_ids), list(s.rollout.response_token_ids),
+                            float(a), int(m), float(s.reward))
+               for s, a, m in zip(kept, advantages.tolist(), modes.tolist())]
+    stats: dict[str, float] = {"samples": float(len(samples)), "dropped": float(len(scored) - len(kept)),
+                               "reward/mean": float(rewards.mean()),
+                               "advantage/abs_mean": float(advantages.abs().mean())}
+    for mode in Mode:  # a mode no response carries gets no reward entry (not NaN)
+        chosen = modes == int(mode)
+        stats[f"samples/{mode.name.lower()}"] = float(chosen.sum())
+        if bool(chosen.any()):
+            stats[f"reward/{mode.name.lower()}"] = float(rewards[chosen].mean())
+    return PolicyBatch(samples, stats)
+
+
+T = TypeVar("T")
+
+
+def shard_indices(lengths: Sequence[int], world_size: int) -> list[list[int]]:
+    """Indices per rank, balanced by token count: longest first, each to the rank holding
+    the fewest tokens so far (ties to the lowest rank). Deterministic, so every rank derives
+    the same plan; each rank's indices are kept in batch order."""
+    if world_size < 1:
+        raise ValueError(f"world_size: must be >= 1, got {world_size}")
+    heap = [(0, rank) for rank in range(world_size)]
+    assigned: list[list[int]] = [[] for _ in range(world_size)]
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        load, rank = heapq.heappop(heap)
+        assigned[rank].append(index)
+        heapq.heappush(heap, (load + lengths[index], rank))
+    return [sorted(indices) for indices in assigned]
+
+
+def shard(batch: PolicyBatch | Sequence[SftSample], rank: int, world_size: int):
+    """This rank's part of a batch (a PolicyBatch keeps the whole-batch stats)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected 0 <= rank < {world_size}, got {rank}")
+    samples = batch.samples if isinstance(batch, PolicyBatch) else list(batch)
+    indices = shard_indices([s.num_tokens for s in samples], world_size)[rank]
+    part = [samples[i] for i in indices]
+    return replace(batch, samples=part) if isinstance(batch, PolicyBatch) else part
+
+
+def split_even(items: Sequence[T], parts: int) -> list[list[T]]:
+    """``parts`` consecutive chunks whose sizes differ by at most one (some may be empty)."""
+    size, extra = divmod(len(items), parts)
+    chunks, start = [], 0
+    for part in range(parts):
+        end = start + size + (1 if part < extra else 0)
+        chunks.append(list(items[start:end]))
+        start = end
+    return chunks
+
+
+def plan_micro_batches(lengths: Sequence[int], micro_batch_tokens: int) -> list[list[int]]:
+    """Group indices so each group's padded size (members x longest member) fits
+    ``micro_batch_tokens``; similar lengths go together to waste little padding. A sequence
+    longer than the budget goes alone."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    for index in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= micro_batch_tokens:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded sequences and the response positions, in the frame of the logits kept:
+    column j of ``targets``/``response_mask`` is the token at position ``start + 1 + j``,
+    predicted from position ``start + j``."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    start: int  # first position whose logits are needed (shortest prompt - 1)
+    targets: torch.Tensor  # (B, K) token ids to score
+    response_mask: torch.Tensor  # (B, K) 1 on response tokens
+    indices: list[int]  # which samples of the shard the rows are
+
+    @property
+    def logits_to_keep(self) -> int:
+        return self.input_ids.shape[1] - self.start
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+    def to(self, device: str | torch.device) -> "MicroBatch":
+        return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
+                       targets=self.targets.to(device), response_mask=self.response_mask.to(device))
+
+
+def collate(samples: Sequence[SftSample | PolicySample], indices: list[int], pad_token_id: int = 0) -> MicroBatch:
+    rows = [samples[i] for i in indices]
+    width = max(r.num_tokens for r in rows)
+    start = min(len(r.prompt_token_ids) for r in rows) - 1
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    for row, sample in enumerate(rows):
+        prompt, response = len(sample.prompt_token_ids), len(sample.response_token_ids)
+        input_ids[row, :prompt + response] = torch.tensor(sample.prompt_token_ids + sample.response_token_ids)
+        attention_mask[row, :prompt + response] = 1
+        response_mask[row, prompt:prompt + response] = 1
+    return MicroBatch(input_ids, attention_mask, start, input_ids[:, start + 1:], response_mask[:, start + 1:],
+                      list(indices))
+
+
+def micro_batches(samples: Sequence[SftSample | PolicySample], micro_batch_tokens: int,
+                  pad_token_id: int = 0) -> list[MicroBatch]:
+    plan = plan_micro_batches([s.num_tokens for s in samples], micro_batch_tokens)
+    return [collate(samples, group, pad_token_id) for group in plan]
+
+
+def per_row(values: Sequence[float], batch: MicroBatch, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A per-sample value for each row of a micro-batch."""
+    return torch.tensor([values[i] for i in batch.indices], dtype=dtype)
+
+
+
+def micro_batch_advantages(samples: Sequence[PolicySample], batch: MicroBatch, *, prefix_tokens: int,
+                           beta: float) -> torch.Tensor:
+    """(B, K) per-token advantages of a micro-batch's rows: the sequence advantage on every
+    response token, the first ``prefix_tokens`` (the mode token) times beta. A response
+    without a valid mode has no mode token, so none of its tokens is weighted."""
+    if not batch.indices:
+        return torch.zeros_like(batch.response_mask)
+    device = batch.response_mask.device
+    seq = torch.tensor([samples[i].advantage for i in batch.indices], dtype=torch.float32, device=device)
+    has_mode = torch.tensor([samples[i].mode >= 0 for i in batch.indices], device=device)
+    weighted = token_advantages(seq, batch.response_mask, prefix_tokens=prefix_tokens, beta=beta)
+    plain = token_advantages(seq, batch.response_mask, prefix_tokens=0, beta=beta)
+    return torch.where(has_mode.unsqueeze(1), weighted, plain)

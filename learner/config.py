@@ -1,0 +1,115 @@
+"""Learner settings: the ``learner`` section of the experiment config.
+
+Plain dataclasses with OmegaConf-compatible fields (the experiment schema embeds them).
+Values are checked on construction, so a bad value fails with one line naming its key,
+e.g. ``learner.zero_stage: expected one of [0, 1, 2, 3], got 4``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from personadual.advantage import ADVANTAGE_KINDS
+
+SECTION = "learner"
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 on GPU, fp32 on CPU
+ADVANTAGE_SCALES = ("none", "group_std")
+
+
+class LearnerConfigError(ValueError):
+    """A learner config value is invalid; the message is one line naming the key."""
+
+
+def _check(condition: bool, key: str, problem: str) -> None:
+    if not condition:
+        raise LearnerConfigError(f"{key}: {problem}")
+
+
+def _one_of(key: str, value: object, allowed: tuple) -> None:
+    _check(value in allowed, key, f"expected one of {list(allowed)}, got {value!r}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a warm-up then cosine/linear decay (to 0) or a constant rate."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.0  # fraction of total_steps spent warming up linearly from 0
+    total_steps: int = 100  # optimizer steps the schedule spans (the driver sets it from the stage's steps)
+
+    def validate(self, key: str) -> None:
+        _check(self.lr > 0, f"{key}.lr", f"must be > 0, got {self.lr!r}")
+        _check(self.weight_decay >= 0, f"{key}.weight_decay", f"must be >= 0, got {self.weight_decay!r}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{key}.betas",
+               f"expected two values in [0, 1), got {list(self.betas)!r}")
+        _check(self.eps > 0, f"{key}.eps", f"must be > 0, got {self.eps!r}")
+        _one_of(f"{key}.schedule", self.schedule, SCHEDULES)
+        _check(0 <= self.warmup_ratio < 1, f"{key}.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio!r}")
+        _check(self.total_steps >= 1, f"{key}.total_steps", f"must be >= 1, got {self.total_steps!r}")
+
+
+@dataclass
+class LearnerConfig:
+    zero_stage: int = 2  # DeepSpeed ZeRO stage; 3 partitions parameters (and the reference model)
+    num_ranks: int = 1  # data-parallel learner ranks (Ray actors)
+    precision: str = "fp32"  # fp32 | bf16 | auto
+    gradient_checkpointing: bool = False
+    # Padded tokens (sequences x longest sequence) per forward/backward: long batches are
+    # split into more micro-batches, so memory stays bounded whatever the batch holds.
+    micro_batch_tokens: int = 4096
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    # DualGRPO objective (the driver overrides these from the ``algo`` section).
+    clip_range: float = 0.2
+    kl_coef: float = 0.04  # k3 KL to the frozen reference; 0 skips the reference model
+    beta: float = 2.0  # weight of the mode-prefix token's advantage
+    prefix_tokens: int = 1
+    advantage: str = "dual"  # dual | grpo | dual_released
+    advantage_scale: str = "none"  # none | group_std
+    ppo_epochs: int = 1  # passes over each batch; > 1 makes old and current policy differ
+    mini_batches: int = 1  # optimizer steps per pass over a batch
+    # Weight export / sync.
+    bucket_bytes: int = 64 << 20
+    collective_timeout_s: float = 300.0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sft_optim: OptimConfig = field(default_factory=OptimConfig)  # the SFT stage's own rate and schedule
+
+    def __post_init__(self) -> None:
+        # OmegaConf hands lists for tuple fields.
+        for optim in (self.optim, self.sft_optim):
+            if isinstance(optim, OptimConfig):
+                optim.betas = tuple(optim.betas)  # type: ignore[assignment]
+        self.validate()
+
+    def validate(self) -> None:
+        key = SECTION
+        _one_of(f"{key}.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _check(self.num_ranks >= 1, f"{key}.num_ranks", f"must be >= 1, got {self.num_ranks!r}")
+        _one_of(f"{key}.precision", self.precision, PRECISIONS)
+        _check(self.micro_batch_tokens >= 1, f"{key}.micro_batch_tokens",
+               f"must be >= 1, got {self.micro_batch_tokens!r}")
+        _check(self.max_grad_norm >= 0, f"{key}.max_grad_norm", f"must be >= 0, got {self.max_grad_norm!r}")
+        _check(0 < self.clip_range < 1, f"{key}.clip_range", f"must be in (0, 1), got {self.clip_range!r}")
+        _check(self.kl_coef >= 0, f"{key}.kl_coef", f"must be >= 0, got {self.kl_coef!r}")
+        _check(self.prefix_tokens >= 0, f"{key}.prefix_tokens", f"must be >= 0, got {self.prefix_tokens!r}")
+        _one_of(f"{key}.advantage", self.advantage, ADVANTAGE_KINDS)
+        _one_of(f"{key}.advantage_scale", self.advantage_scale, ADVANTAGE_SCALES)
+        _check(self.ppo_epochs >= 1, f"{key}.ppo_epochs", f"must be >= 1, got {self.ppo_epochs!r}")
+        _check(self.mini_batches >= 1, f"{key}.mini_batches", f"must be >= 1, got {self.mini_batches!r}")
+        _check(self.bucket_bytes > 0, f"{key}.bucket_bytes", f"must be > 0, got {self.bucket_bytes!r}")
+        _check(self.collective_timeout_s > 0, f"{key}.collective_timeout_s",
+               f"must be > 0, got {self.collective_timeout_s!r}")
+        for name in ("optim", "sft_optim"):
+            optim = getattr(self, name)
+            _check(isinstance(optim, OptimConfig), f"{key}.{name}", "expected an optimizer section")
+            optim.validate(f"{key}.{name}")
+
+    def resolved_precision(self, device: str) -> str:
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if device.startswith("cuda") else "fp32"

@@ -1,0 +1,478 @@
+"""The learner: one DeepSpeed engine per rank, an SFT step and a DualGRPO policy step.
+
+One instance per data-parallel rank, in-process (no Ray: ``actors/learner_group.py`` wraps
+it). Every public method except the metadata ones is a collective over the learner ranks:
+all ranks call it together, each with its own shard.
+
+One optimizer step = one call. Its loss is the SUM of per-token losses over the step's
+response tokens divided by their count across ALL ranks and micro-batches (DESIGN.md
+section 7); DeepSpeed averages gradients over ranks, so each rank's loss is scaled by the
+world size before backward. Micro-batches are sized by padded token count; ranks with fewer
+run empty ones so the ZeRO collectives inside forward/backward stay in lockstep.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+from learner import distributed, weights
+from learner.batch import (MicroBatch, PolicyBatch, PolicySample, SftSample, micro_batch_advantages, micro_batches,
+                           split_even)
+from learner.checkpoint import (LEARNER_DIR, publish, read_json, rng_state, set_rng_state, staging_dir,
+                                write_json)
+from learner.config import LearnerConfig, OptimConfig
+from learner.losses import policy_loss, sft_loss, token_entropy, token_logprobs
+from personadual.modes import Mode
+
+log = logging.getLogger(__name__)
+STAGES = ("sft", "rl")
+DS_TAG = "state"
+
+
+def lr_lambda(optim: OptimConfig):
+    """Multiplier of the peak rate at optimizer step ``step`` (0-based): linear warm-up from 0,
+    then cosine or linear decay to 0 at ``total_steps``, or constant."""
+    warmup = int(math.ceil(optim.warmup_ratio * optim.total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, optim.total_steps - warmup))
+        if optim.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def forward_logits(model: Any, batch: MicroBatch) -> torch.Tensor:
+    """(B, K, V) logits aligned with ``batch.targets``; positions before the shortest
+    prompt's last token are never projected onto the vocabulary."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                logits_to_keep=batch.logits_to_keep, use_cache=False)
+    return out.logits[:, :-1]
+
+
+class Learner:
+    def __init__(self, config: LearnerConfig, model_path: str | Path, *, rank: int = 0, world_size: int = 1,
+                 device: str = "cpu") -> None:
+        self.config = config
+        self.model_path = str(model_path)  # a local folder or a hub id
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.precision = config.resolved_precision(device)
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        backend = distributed.backend_for(device)
+        if not dist.is_initialized():
+            if world_size != 1:
+                raise RuntimeError("Learner: initialise torch.distributed before creating a multi-rank learner")
+            distributed.init_process_group(rank=0, world_size=1, master_address=distributed.LOOPBACK,
+                                           master_port=distributed.free_port(), backend=backend,
+                                           timeout_s=config.collective_timeout_s)
+        elif (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+            raise RuntimeError(f"Learner: torch.distributed is rank {dist.get_rank()} of {dist.get_world_size()}, "
+                               f"not rank {rank} of {world_size}")
+        distributed.init_deepspeed_comm(backend, config.collective_timeout_s)
+        torch.manual_seed(config.seed)
+
+        self.zero3 = config.zero_stage == 3
+        self._ds_config = self._deepspeed_config()
+        # Kept alive for the learner's lifetime: while it exists, transformers builds models
+        # partitioned (zero.Init), here and for the reference model.
+        self._hf_ds_config = HfDeepSpeedConfig(self._ds_config) if self.zero3 else None
+        model = self._load_model(self.model_path)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(model),
+                                                    config=self._ds_config)
+        self.pad_token_id = int(model.config.pad_token_id or 0)
+        self.stage: str | None = None
+        self.weight_version = 0
+        self.steps = {stage: 0 for stage in STAGES}
+        self.reference: torch.nn.Module | None = None
+
+    # ---- set-up -------------------------------------------------------------------------
+    def _deepspeed_config(self) -> dict[str, Any]:
+        cfg = self.config
+        zero: dict[str, Any] = {"stage": cfg.zero_stage}
+        if self.zero3:
+            # Without 0, parameters smaller than the threshold stay whole on every rank:
+            # with small models nothing would be partitioned (DESIGN.md section 5).
+            zero["stage3_param_persistence_threshold"] = 0
+        optim = cfg.optim
+        return {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": self.world_size,
+            # We own the accumulation boundary: a step holds as many micro-batches as its
+            # tokens need, and engine.step() closes it.
+            "managed_gradient_accumulation": False,
+            "gradient_clipping": cfg.max_grad_norm,
+            "zero_optimization": zero,
+            "bf16": {"enabled": self.precision == "bf16"},
+            # torch's AdamW: DeepSpeed's FusedAdam costs a 139 s JIT build on CPU (DESIGN.md section 5).
+            "optimizer": {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+                                                      "weight_decay": optim.weight_decay, "torch_adam": True}},
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+
+    def _load_model(self, path: str | Path) -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        model.config.use_cache = False
+        return model if self.zero3 else model.to(self.device)
+
+    def _enter_stage(self, stage: str) -> None:
+        """A new stage starts with a fresh optimizer state and its own schedule; the RL stage
+        also freezes the current policy as its KL reference (the SFT result, as in the paper)."""
+        if self.stage == stage:
+            return
+        start = time.perf_counter()
+        self._reset_optimizer(stage)
+        if stage == "rl" and self.config.kl_coef > 0:
+            self._build_reference(None)
+        self.stage = stage
+        log.info("learner rank %d: %s stage from weight version %d (set-up %.1f s)", self.rank, stage,
+                 self.weight_version, time.perf_counter() - start)
+
+    def _reset_optimizer(self, stage: str) -> None:
+        optim = self.config.sft_optim if stage == "sft" else self.config.optim
+        basic = self.engine.basic_optimizer
+        basic.state.clear()
+        for group in basic.param_groups:
+            group.update(lr=optim.lr, initial_lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                         weight_decay=optim.weight_decay if group.get("decay", True) else 0.0)
+        self.engine.lr_scheduler = LambdaLR(basic, lr_lambda(optim))
+
+    def _build_reference(self, path: Path | None) -> None:
+        """The frozen reference: loaded from ``path``, else a copy of the current policy.
+        Under ZeRO-3 it is partitioned too (a DeepSpeed inference engine)."""
+        self.reference = None
+        reference = self._load_model(path or self.model_path)
+        reference.requires_grad_(False)
+        if path is None and self.weight_version > 0:
+            weights.copy_weights(self.engine.module, reference, self.config.bucket_bytes)
+        if self.zero3:
+            ref_config = {key: self._ds_config[key] for key in
+                          ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                           "zero_optimization", "bf16", "steps_per_print")}
+            reference, _, _, _ = deepspeed.initialize(model=reference, config=ref_config)
+        reference.eval()
+        self.reference = reference
+
+    # ---- forward helpers ----------------------------------------------------------------
+    def _plan(self, samples: Sequence[SftSample | PolicySample]) -> list[MicroBatch]:
+        return [mb.to(self.device) for mb in micro_batches(samples, self.config.micro_batch_tokens,
+                                                           self.pad_token_id)]
+
+    def _empty_micro_batch(self) -> MicroBatch:
+        ids = torch.full((1, 2), self.pad_token_id, dtype=torch.long, device=self.device)
+        return MicroBatch(ids, torch.ones_like(ids), 0, ids[:, 1:], torch.zeros((1, 1), device=self.device), [])
+
+    def _lockstep(self, plans: list[list[MicroBatch]]) -> list[int]:
+        """Pad every plan to the longest across ranks; return each plan's global token count."""
+        counts = torch.tensor([len(p) for p in plans], dtype=torch.long, device=self.device)
+        tokens = torch.tensor([sum(mb.num_response_tokens for mb in p) for p in plans], dtype=torch.long,
+                              device=self.device)
+        distributed.all_reduce(counts, dist.ReduceOp.MAX)
+        distributed.all_reduce(tokens)
+        for plan, count in zip(plans, counts.tolist()):
+            plan.extend(self._empty_micro_batch() for _ in range(count - len(plan)))
+        return tokens.tolist()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+
+    def _optimizer_step(self) -> float:
+        self.engine.step()
+        self.weight_version += 1
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def _lr(self) -> float:
+        return float(self.engine.basic_optimizer.param_groups[0]["lr"])
+
+    # ---- SFT ----------------------------------------------------------------------------
+    def sft_step(self, samples: Sequence[SftSample]) -> dict[str, float]:
+        """One optimizer step of next-token loss on response tokens (mode token included) over
+        this rank's shard; prompt tokens carry no loss."""
+        self._enter_stage("sft")
+        start = time.perf_counter()
+        self.engine.train()
+        plan = self._plan(samples)
+        (total,) = self._lockstep([plan])
+        if total == 0:
+            raise ValueError("sft step: the batch holds no response tokens")
+        lr = self._lr()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, mode nll, mode count, padded tokens
+        for batch in plan:
+            logprobs = token_logprobs(forward_logits(self.engine, batch), batch.targets)
+            loss = sft_loss(logprobs, batch.response_mask, denominator=total)
+            self._backward(loss)
+            first = _first_response_logprob(logprobs.detach(), batch)
+            sums += torch.stack([loss.detach().double(), -first.sum().double(),
+                                 torch.tensor(float(first.numel()), dtype=torch.float64, device=self.device),
+                                 torch.tensor(float(batch.input_ids.numel() if batch.indices else 0),
+                                              dtype=torch.float64, device=self.device)])
+        grad_norm = self._optimizer_step()
+        self.steps["sft"] += 1
+        distributed.all_reduce(sums)
+        loss_sum, mode_nll, mode_count, padded = sums.tolist()
+        return {"loss": loss_sum, "mode_token_loss": mode_nll / max(mode_count, 1.0), "grad_norm": grad_norm,
+                "lr": lr, "tokens": float(total), "padded_tokens": padded, "samples": mode_count,
+                "time/train": time.perf_counter() - start, "weight_version": float(self.weight_version)}
+
+    # ---- DualGRPO -----------------------------------------------------------------------
+    @torch.no_grad()
+    def _reference_logprobs(self, plans: list[list[MicroBatch]]) -> list[list[torch.Tensor | None]]:
+        if self.reference is None:
+            return [[None] * len(plan) for plan in plans]
+        return [[token_logprobs(forward_logits(self.reference, mb), mb.targets) for mb in plan] for plan in plans]
+
+    def policy_step(self, batch: PolicyBatch) -> dict[str, float]:
+        """DualGRPO on this rank's shard: ``mini_batches`` optimizer steps per pass,
+        ``ppo_epochs`` passes. Old log-probabilities are this learner's own, before the
+        update: with one step per batch they ARE the current ones (ratio 1, detached, the
+        clipped objective's gradient still flows); otherwise a no-grad pass computes them."""
+        cfg = self.config
+        self._enter_stage("rl")
+        start = time.perf_counter()
+        samples = batch.samples
+        chunks = split_even(list(range(len(samples))), cfg.mini_batches)
+        plans = [self._plan([samples[i] for i in chunk]) for chunk in chunks]
+        # micro-batch indices are relative to their chunk; make them index the shard.
+        for chunk, plan in zip(chunks, plans):
+            for mb in plan:
+                mb.indices = [chunk[i] for i in mb.indices]
+        totals = self._lockstep(plans)
+        if sum(totals) == 0:
+            raise ValueError("policy step: the batch holds no response tokens")
+        advantages = [[micro_batch_advantages(samples, mb, prefix_tokens=cfg.prefix_tokens, beta=cfg.beta)
+                       for mb in plan] for plan in plans]
+
+        ref_start = time.perf_counter()
+        self.engine.eval()
+        reference = self._reference_logprobs(plans)
+        reference_time = time.perf_counter() - ref_start
+
+        # Metric sums, reduced across ranks at the end.
+        sums = {key: torch.zeros((), dtype=torch.float64, device=self.device) for key in
+                ("loss", "pg", "kl", "clipped", "ratio", "tokens", "entropy", "padded")}
+        mode_prob = torch.zeros(2, 2, dtype=torch.float64, device=self.device)  # [mode] -> (sum, count)
+
+        def observe(logits: torch.Tensor, logprobs: torch.Tensor, mb: MicroBatch) -> None:
+            """Entropy and mode-token probability of the policy before the update."""
+            sums["entropy"] += (token_entropy(logits) * mb.response_mask).sum().double()
+            sums["padded"] += float(mb.input_ids.numel() if mb.indices else 0)
+            if mb.indices:
+                first = _first_response_logprob(logprobs, mb).exp().double()
+                for row, index in enumerate(mb.indices):
+                    mode = samples[index].mode
+                    if mode >= 0:
+                        mode_prob[mode, 0] += first[row]
+                        mode_prob[mode, 1] += 1
+
+        single_pass = cfg.ppo_epochs == 1 and cfg.mini_batches == 1
+        old_start = time.perf_counter()
+        old: list[list[torch.Tensor]] = []
+        if not single_pass:
+            with torch.no_grad():
+                for plan in plans:
+                    old.append([])
+                    for mb in plan:
+                        logits = forward_logits(self.engine, mb)
+                        logprobs = token_logprobs(logits, mb.targets)
+                        observe(logits, logprobs, mb)
+                        old[-1].append(logprobs)
+        old_time = time.perf_counter() - old_start
+
+        self.engine.train()
+        lrs, grad_norms = [], []
+        for epoch in range(cfg.ppo_epochs):
+            for index, plan in enumerate(plans):
+                lrs.append(self._lr())
+                for position, mb in enumerate(plan):
+                    logits = forward_logits(self.engine, mb)
+                    logprobs = token_logprobs(logits, mb.targets)
+                    if single_pass:
+                        observe(logits.detach(), logprobs.detach(), mb)
+                    old_logprobs = logprobs.detach() if single_pass else old[index][position]
+                    parts = policy_loss(logprobs, old_logprobs, reference[index][position], advantages[index][position],
+                                        mb.response_mask, clip_range=cfg.clip_range, kl_coef=cfg.kl_coef,
+                                        denominator=max(totals[index], 1))
+                    del logits
+                    self._backward(parts.loss)
+                    sums["loss"] += parts.loss.detach().double()
+                    sums["pg"] += parts.pg_sum.double()
+                    sums["kl"] += parts.kl_sum.double()
+                    sums["clipped"] += parts.clipped_sum.double()
+                    sums["ratio"] += parts.ratio_sum.double()
+                    sums["tokens"] += float(mb.num_response_tokens)
+                grad_norms.append(self._optimizer_step())
+        self.steps["rl"] += 1
+        train_time = time.perf_counter() - start - reference_time
+
+        keys = list(sums)
+        reduced = distributed.all_reduce(torch.cat([torch.stack([sums[k] for k in keys]), mode_prob.flatten()]))
+        values = dict(zip(keys, reduced[:len(keys)].tolist()))
+        prob = reduced[len(keys):].view(2, 2).tolist()
+        updates = cfg.ppo_epochs * cfg.mini_batches
+        tokens = max(values["tokens"], 1.0)
+        first_pass_tokens = float(sum(totals))
+        metrics: dict[str, float] = {
+            "loss": values["loss"] / updates,
+            "pg_loss": values["pg"] / tokens,
+            "kl": values["kl"] / tokens,
+            "clip_fraction": values["clipped"] / tokens,
+            "ratio_mean": values["ratio"] / tokens,
+            "entropy": values["entropy"] / first_pass_tokens,
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "lr": lrs[0],
+            "updates": float(updates),
+            "tokens": first_pass_tokens,
+            "padded_tokens": values["padded"],
+            "time/reference": reference_time,
+            "time/train": train_time,
+            "time/old_logprob": old_time,  # part of time/train
+            "weight_version": float(self.weight_version),
+        }
+        # Probability the policy gives each response's mode token (forced or chosen); a
+        # metric is left out, not NaN, when no response carries that mode.
+        total_mode = prob[0][1] + prob[1][1]
+        if total_mode:
+            metrics["mode_token_prob"] = (prob[0][0] + prob[1][0]) / total_mode
+        for mode in Mode:
+            if prob[mode][1]:
+                metrics[f"mode_token_prob/{mode.name.lower()}"] = prob[mode][0] / prob[mode][1]
+        metrics.update(batch.stats)
+        return metrics
+
+    # ---- weights ------------------------------------------------------------------------
+    def weight_metadata(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(name, dtype, full shape) of every exported tensor; no collective."""
+        return weights.metadata(self.engine.module)
+
+    def full_weights(self, device: str | torch.device | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, full, by HF name (a collective under ZeRO-3: all ranks iterate)."""
+        return weights.full_tensors(self.engine.module, self.config.bucket_bytes, device=device)
+
+    def export_weights(self, bucket_bytes: int | None = None, *, device: str | torch.device | None = None,
+                       ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Buckets of (name, full tensor) of at most ``bucket_bytes`` (one larger tensor goes
+        alone), in vLLM ``load_weights`` names; a collective under ZeRO-3."""
+        return weights.full_tensor_buckets(self.engine.module, bucket_bytes or self.config.bucket_bytes,
+                                           device=device)
+
+    def _write_hf(self, module: torch.nn.Module, target: Path, *, tokenizer: bool) -> None:
+        """``module``'s full weights as an HF folder at ``target`` (rank 0 writes; collective)."""
+        unwrapped = getattr(module, "module", module)  # a DeepSpeed engine prefixes names with "module."
+        state = dict(weights.full_tensors(unwrapped, self.config.bucket_bytes, device="cpu"))
+        if self.rank == 0:
+            unwrapped.save_pretrained(target, state_dict=state, safe_serialization=True)
+            if tokenizer:
+                AutoTokenizer.from_pretrained(self.model_path).save_pretrained(target)
+        del state
+
+    def save_hf(self, path: str | Path) -> None:
+        """The policy as an HF folder (model + tokenizer) that transformers and vLLM load;
+        ``path`` appears only complete."""
+        final = Path(path)
+        staging = staging_dir(final)
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            final.parent.mkdir(parents=True, exist_ok=True)
+        self._write_hf(self.engine.module, staging, tokenizer=True)
+        if self.rank == 0:
+            publish(staging, final)
+        distributed.barrier()
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def save_checkpoint(self, path: str | Path, client_state: dict[str, Any]) -> None:
+        """Model, optimizer, scheduler, step counters, RNG, the reference (in the RL stage) and
+        the caller's ``client_state`` (JSON: e.g. the data position), under ``path/learner``,
+        which appears only complete."""
+        final = Path(path) / LEARNER_DIR
+        staging = staging_dir(final)
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        distributed.barrier()
+        self.engine.save_checkpoint(str(staging / "deepspeed"), tag=DS_TAG, save_latest=False)
+        write_json(staging / f"rng_rank{self.rank}.json", rng_state())
+        if self.reference is not None:
+            self._write_hf(self.reference, staging / "reference", tokenizer=False)
+        distributed.barrier()
+        if self.rank == 0:
+            write_json(staging / "client_state.json", client_state)
+            write_json(staging / "learner_state.json", {
+                "stage": self.stage, "weight_version": self.weight_version, "steps": self.steps,
+                "world_size": self.world_size, "zero_stage": self.config.zero_stage, "precision": self.precision,
+                "has_reference": self.reference is not None, "config": asdict(self.config)})
+            publish(staging, final)
+        distributed.barrier()
+
+    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        """Restore what ``save_checkpoint`` wrote; returns its ``client_state``."""
+        root = Path(path) / LEARNER_DIR
+        if not root.is_dir():
+            raise FileNotFoundError(f"checkpoint {path}: no learner state ({root} is missing)")
+        state = read_json(root / "learner_state.json")
+        if (state["world_size"], state["zero_stage"]) != (self.world_size, self.config.zero_stage):
+            raise ValueError(f"checkpoint {path}: saved by {state['world_size']} ranks at ZeRO-{state['zero_stage']}, "
+                             f"this learner has {self.world_size} at ZeRO-{self.config.zero_stage}")
+        stage = state["stage"]
+        if stage is not None:
+            self._reset_optimizer(stage)
+        self.reference = None
+        if state["has_reference"]:
+            self._build_reference(root / "reference")
+        self.engine.load_checkpoint(str(root / "deepspeed"), tag=DS_TAG, load_optimizer_states=True,
+                                    load_lr_scheduler_states=True)
+        self.stage = stage
+        self.weight_version = int(state["weight_version"])
+        self.steps = {key: int(value) for key, value in state["steps"].items()}
+        rng_file = root / f"rng_rank{self.rank}.json"
+        if rng_file.is_file():
+            set_rng_state(read_json(rng_file))
+        return read_json(root / "client_state.json")
+
+    def close(self) -> None:
+        """Drop the engines (and the ZeRO-3 marker transformers reads)."""
+        self.reference = None
+        self.engine = None
+        self._hf_ds_config = None
+
+
+def _param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (not norms or biases); ``decay`` marks the group."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if len(weights.full_shape(p)) >= 2]
+    rest = [p for p in params if len(weights.full_shape(p)) < 2]
+    groups = [{"params": decay, "decay": True}]
+    if rest:
+        groups.append({"params": rest, "decay": False, "weight_decay": 0.0})
+    return groups
+
+
+def _first_response_logprob(logprobs: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
+    """Log-probability of each real row's first response token (the mode token)."""
+    if not batch.indices:
+        return logprobs.new_zeros(0)
+    first = batch.response_mask.argmax(dim=1)
+    return logprobs.gather(1, first.unsqueeze(1)).squeeze(1)
+

