@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import shutil
 import time
@@ -70,6 +71,13 @@ class DataCursor:
         self.epoch, self.position, self.order = state["epoch"], state["position"], []
         self.order = list(range(self.size))
         random.Random(self.seed * 100_003 + self.epoch).shuffle(self.order)
+
+
+def stage_steps(steps: int, epochs: float, dataset_size: int, batch_size: int) -> int:
+    """A stage's optimizer steps: ``steps`` when set, else enough for ``epochs`` passes."""
+    if steps > 0 or epochs <= 0:
+        return steps
+    return math.ceil(epochs * dataset_size / batch_size)
 
 
 def _progress_key(record: dict[str, Any]) -> tuple[int, int]:
@@ -158,12 +166,21 @@ class Driver:
             cfg.data.source, self.tokenizer, world_seed=cfg.data.world_seed,
             train_files=list(cfg.data.train_files), eval_files=list(cfg.data.eval_files),
             sft_files=list(cfg.data.sft_files), skip_invalid=cfg.data.skip_invalid,
-            max_eval_prompts=cfg.data.max_eval_prompts)
+            max_eval_prompts=cfg.data.max_eval_prompts, max_prompt_tokens=cfg.data.max_prompt_tokens,
+            max_sft_tokens=cfg.sft.max_length)
+        if any(self.data.skipped.values()):
+            log.warning("data rows skipped: %s", self.data.skipped)
+        self.sft_steps = stage_steps(cfg.sft.steps, cfg.sft.epochs, len(self.data.sft), cfg.sft.batch_size)
+        self.rl_steps = stage_steps(cfg.algo.steps, cfg.algo.epochs, len(self.data.train), cfg.algo.prompts_per_step)
+        if self.sft_steps and not self.data.sft:
+            raise ConfigError("sft.steps: the SFT stage has no data (set data.sft_files, or sft.steps=0)")
+        if self.rl_steps and not self.data.train:
+            raise ConfigError("algo.steps: the RL stage has no prompts (set data.train_files, or algo.steps=0)")
         self.sft_cursor = DataCursor(cfg.run.seed, max(len(self.data.sft), 1))
         self.rl_cursor = DataCursor(cfg.run.seed + 1, len(self.data.train))
         self.learner = LearnerGroup(section(cfg, "learner"), self.model_path,
-                                    algo=section(cfg, "algo"), total_sft_steps=cfg.sft.steps,
-                                    total_rl_steps=cfg.algo.steps,
+                                    algo=section(cfg, "algo"), total_sft_steps=max(self.sft_steps, 1),
+                                    total_rl_steps=max(self.rl_steps, 1),
                                     num_cpus_per_rank=cfg.cluster.learner_cpus,
                                     num_gpus_per_rank=cfg.cluster.learner_gpus)
         self.engines = create_rollout_actors(self.model_path, section(cfg, "rollout"))
@@ -308,30 +325,31 @@ class Driver:
                                   secret_env=[cfg.reward.judge.api_key_env],
                                   wandb_mode=cfg.run.wandb_mode, wandb_project=cfg.run.wandb_project,
                                   resume=self.resume)
-        summary: dict[str, Any] = {"run": self.run_dir.name, "eval": {}, "eval_history": []}
+        summary: dict[str, Any] = {"run": self.run_dir.name, "eval": {}, "eval_history": [],
+                                   "data_skipped": dict(self.data.skipped)}
         stage, done_step = self._restore() if self.resume else ("start", 0)
-        sft_start = done_step if stage == "sft" else (cfg.sft.steps if stage == "rl" else 0)
+        sft_start = done_step if stage == "sft" else (self.sft_steps if stage == "rl" else 0)
         rl_start = done_step if stage == "rl" else 0
         try:
             from tqdm import tqdm
 
-            with tqdm(total=cfg.sft.steps, initial=sft_start, desc="SFT", disable=cfg.sft.steps == 0) as bar:
-                for step in range(sft_start + 1, cfg.sft.steps + 1):
+            with tqdm(total=self.sft_steps, initial=sft_start, desc="SFT", disable=self.sft_steps == 0) as bar:
+                for step in range(sft_start + 1, self.sft_steps + 1):
                     metrics = self._sft_step(step)
                     self.tracker.log(step, {"stage": "sft", **metrics})
                     bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
                     bar.update(1)
-            if stage != "rl" and cfg.sft.steps > 0:
-                self.save("sft", cfg.sft.steps)
+            if stage != "rl" and self.sft_steps > 0:
+                self.save("sft", self.sft_steps)
             self.weight_sync.sync()
             if cfg.eval.at_start and rl_start == 0:
                 result = self.evaluate(0, "sft")
                 summary["eval_sft"] = result
                 self.tracker.log(0, {"stage": "eval", "tag": "sft", "eval": result})
-            with tqdm(total=cfg.algo.steps, initial=rl_start, desc="DualGRPO") as bar:
-                for step in range(rl_start + 1, cfg.algo.steps + 1):
+            with tqdm(total=self.rl_steps, initial=rl_start, desc="DualGRPO") as bar:
+                for step in range(rl_start + 1, self.rl_steps + 1):
                     metrics = self._rl_step(step)
-                    if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != cfg.algo.steps:
+                    if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != self.rl_steps:
                         metrics["eval"] = self.evaluate(step, f"step_{step}")
                     self.tracker.log(step, metrics)
                     bar.set_postfix(reward=f"{metrics['reward/mean'] or 0:.3f}",
@@ -339,10 +357,10 @@ class Driver:
                     bar.update(1)
                     if cfg.run.save_every and step % cfg.run.save_every == 0:
                         self.save("rl", step)
-            final = self.evaluate(cfg.algo.steps, "final")
-            self.tracker.log(cfg.algo.steps, {"stage": "eval", "tag": "final", "eval": final})
+            final = self.evaluate(self.rl_steps, "final")
+            self.tracker.log(self.rl_steps, {"stage": "eval", "tag": "final", "eval": final})
             summary["eval"] = final
-            self.save("rl", cfg.algo.steps)
+            self.save("rl", self.rl_steps)
             self.learner.save_hf(self.run_dir / "policy")
             summary["policy"] = str(self.run_dir / "policy")
             summary["eval_history"] = [r for r in read_metrics(self.run_dir) if r.get("stage") == "eval"]

@@ -10,12 +10,16 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
+from personadual.prompts import render_prompt
 from personadual.records import Prompt, RecordError
 from personadual.sft_data import TokenizedExample, tokenize_trajectory
 from personadual.tiny import build_tiny_model
 from personadual.world import PersonaWorld, WorldConfig
+
+
+T = TypeVar("T")
 
 
 class DataError(ValueError):
@@ -68,49 +72,51 @@ def _read_jsonl(path: Path, skip_invalid: bool, skipped: dict[str, int]) -> list
     return rows
 
 
-def load_prompts(path: Path, *, skip_invalid: bool = False,
-                 skipped: dict[str, int] | None = None) -> list[Prompt]:
+def _parse_rows(path: Path, parse: Callable[[dict[str, Any]], T], what: str, *, skip_invalid: bool,
+                skipped: dict[str, int] | None) -> list[T]:
+    """Each row of a JSONL file through ``parse``; a bad row fails naming file and line, or
+    with ``skip_invalid`` is skipped and counted."""
     skipped = skipped if skipped is not None else {}
-    prompts = []
+    parsed = []
     for number, row in _read_jsonl(path, skip_invalid, skipped):
         try:
-            prompts.append(Prompt.from_dict(row))
-        except (RecordError, TypeError) as error:
-            if skip_invalid:
-                skipped[str(path)] = skipped.get(str(path), 0) + 1
-                continue
-            raise DataError(f"{path}:{number}: {error}") from None
-    if not prompts:
-        raise DataError(f"{path}: no valid prompts (empty dataset)")
-    return prompts
-
-
-def load_trajectories(path: Path, tokenizer: Any, *, skip_invalid: bool = False,
-                      skipped: dict[str, int] | None = None) -> list[TokenizedExample]:
-    """SFT rows ``{"prompt": {...Prompt...}, "response": "[mode] ..."}``."""
-    skipped = skipped if skipped is not None else {}
-    examples = []
-    for number, row in _read_jsonl(path, skip_invalid, skipped):
-        try:
-            if not isinstance(row.get("response"), str):
-                raise RecordError("response: expected a string")
-            if not isinstance(row.get("prompt"), dict):
-                raise RecordError("prompt: expected an object")
-            examples.append(tokenize_trajectory(tokenizer, Prompt.from_dict(row["prompt"]), row["response"]))
+            parsed.append(parse(row))
         except (RecordError, TypeError, ValueError) as error:
             if skip_invalid:
                 skipped[str(path)] = skipped.get(str(path), 0) + 1
                 continue
             raise DataError(f"{path}:{number}: {error}") from None
-    if not examples:
-        raise DataError(f"{path}: no valid trajectories (empty dataset)")
-    return examples
+    if not parsed:
+        raise DataError(f"{path}: no valid {what} (empty dataset)")
+    return parsed
+
+
+def load_prompts(path: Path, *, skip_invalid: bool = False,
+                 skipped: dict[str, int] | None = None) -> list[Prompt]:
+    return _parse_rows(path, Prompt.from_dict, "prompts", skip_invalid=skip_invalid, skipped=skipped)
+
+
+def load_trajectories(path: Path, tokenizer: Any, *, skip_invalid: bool = False,
+                      skipped: dict[str, int] | None = None) -> list[TokenizedExample]:
+    """SFT rows ``{"prompt": {...Prompt...}, "response": "[mode] ..."}``."""
+
+    def parse(row: dict[str, Any]) -> TokenizedExample:
+        if not isinstance(row.get("response"), str):
+            raise RecordError("response: expected a string")
+        if not isinstance(row.get("prompt"), dict):
+            raise RecordError("prompt: expected an object")
+        return tokenize_trajectory(tokenizer, Prompt.from_dict(row["prompt"]), row["response"])
+
+    return _parse_rows(path, parse, "trajectories", skip_invalid=skip_invalid, skipped=skipped)
 
 
 def load_run_data(source: str, tokenizer: Any, *, world_seed: int = 0,
                   train_files: Sequence[str] = (), eval_files: Sequence[str] = (),
                   sft_files: Sequence[str] = (), skip_invalid: bool = False,
-                  max_eval_prompts: int = 0) -> RunData:
+                  max_eval_prompts: int = 0, max_prompt_tokens: int = 0, max_sft_tokens: int = 0) -> RunData:
+    """The run's prompts and SFT examples; prompts longer than ``max_prompt_tokens`` and SFT
+    examples longer than ``max_sft_tokens`` (0: no limit) are dropped and counted in
+    ``skipped``."""
     if source == "world":
         world = PersonaWorld(WorldConfig(seed=world_seed))
         sft = [tokenize_trajectory(tokenizer, e.prompt, e.response) for e in world.sft_examples()]
@@ -123,6 +129,17 @@ def load_run_data(source: str, tokenizer: Any, *, world_seed: int = 0,
         sft = [e for f in sft_files
                for e in load_trajectories(Path(f), tokenizer, skip_invalid=skip_invalid, skipped=skipped)]
         data = RunData(train, evals, sft, skipped)
+    if max_prompt_tokens:
+        for split in ("train", "eval"):
+            prompts = getattr(data, split)
+            fitting = [p for p in prompts if len(tokenizer.encode(render_prompt(tokenizer, p),
+                                                                  add_special_tokens=False)) <= max_prompt_tokens]
+            data.skipped[f"too_long/{split}"] = len(prompts) - len(fitting)
+            setattr(data, split, fitting)
+    if max_sft_tokens:
+        fitting_sft = [e for e in data.sft if len(e.prompt_token_ids) + len(e.response_token_ids) <= max_sft_tokens]
+        data.skipped["too_long/sft"] = len(data.sft) - len(fitting_sft)
+        data.sft = fitting_sft
     if max_eval_prompts and max_eval_prompts < len(data.eval):
         # A seeded sample, not a prefix: files and the world list prompts grouped by setting.
         data.eval = random.Random(0).sample(data.eval, max_eval_prompts)

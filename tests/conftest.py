@@ -20,3 +20,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from personadual.tiny import build_tiny_model
 
     return build_tiny_model("tiny", cache_dir=tmp_path_factory.mktemp("tiny-cache"))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A loopback-only local Ray for one test module."""
+    from actors import cluster
+
+    cluster.connect(num_cpus=2)
+    yield
+    cluster.shutdown()

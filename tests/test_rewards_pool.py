@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import ray
 
-from actors import cluster
 from actors.reward_pool import RewardPool, plan_chunks
 from personadual.modes import Mode
 from rewards.config import JudgeConfig, RewardConfig
@@ -19,13 +18,6 @@ G = Mode.GENERAL.token
 KEY_ENV = "PERSONADUAL_TEST_POOL_JUDGE_KEY"
 CANARY = "sk-canary-pool-0c4e81"
 MODEL = "judge-test"
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    cluster.connect(num_cpus=2)
-    yield
-    cluster.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import torch
 import vllm  # noqa: F401  (a broken install fails here, not skips)
 from transformers import AutoModelForCausalLM
 
-from actors import cluster
 from actors.rollout_actor import create_rollout_actors
 from personadual.modes import Mode
 from personadual.world import PersonaWorld, WorldConfig
@@ -27,13 +26,6 @@ from rollout.config import RolloutConfig, SamplingConfig
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 SAMPLING = SamplingConfig(max_response_tokens=10)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    cluster.connect(num_cpus=2)
-    yield
-    cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
