@@ -85,6 +85,8 @@ class EvalSection:
     at_start: bool = True  # evaluate the SFT checkpoint before RL
     greedy: bool = True
     samples_logged: int = 8
+    baselines: bool = True  # after SFT and at the end: forced single-mode accuracy and the upper bound
+    two_turn_cases: int = 48  # synthetic world: two-turn mode-alignment cases (0: off)
 
 
 @dataclass

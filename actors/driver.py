@@ -28,11 +28,13 @@ from actors.rollout_actor import create_rollout_actors
 from actors.weight_sync import WeightSync
 from learner.batch import SftSample
 from personadual.data import load_run_data, resolve_model
-from personadual.evaluation import summarize
+from personadual.evaluation import forced_mode_summary, mode_alignment, summarize
 from personadual.modes import Mode
+from personadual.prompts import format_question
 from personadual.records import Prompt, Rollout, Scored
 from personadual.sft_data import tokenize_trajectory
 from personadual.tracking import RunTracker, read_metrics, write_json_atomic
+from personadual.world import two_turn_cases
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -204,12 +206,14 @@ class Driver:
 
     def _generate_and_score(self, prompts: list[Prompt], *, forced: bool, n: int,
                             greedy: bool = False, modes: list[Mode] | None = None,
+                            histories: list[list[dict[str, str]]] | None = None,
                             ) -> tuple[list[Scored], dict[str, float], dict[str, int]]:
         """Generate on every engine and score each engine's output as soon as it arrives."""
         start = time.perf_counter()
-        chunks = [prompts[i::len(self.engines)] for i in range(len(self.engines))]
-        pending = {engine.generate.remote(chunk, forced=forced, n=n, greedy=greedy, modes=modes): index
-                   for index, (engine, chunk) in enumerate(zip(self.engines, chunks)) if chunk}
+        engines = len(self.engines)
+        chunks = [(prompts[i::engines], histories[i::engines] if histories else None) for i in range(engines)]
+        pending = {engine.generate.remote(chunk, forced=forced, n=n, greedy=greedy, modes=modes, histories=hist): i
+                   for i, (engine, (chunk, hist)) in enumerate(zip(self.engines, chunks)) if chunk}
         score_refs = []
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -221,12 +225,33 @@ class Driver:
         finished = time.perf_counter()
         return scored, {"generate": generated - start, "score": finished - generated}, counts
 
+    def _two_turn_alignment(self) -> dict[str, float]:
+        """The paper's RQ6: a second turn whose best mode differs from the first turn's, under
+        one persona; the rate at which the model picks the second turn's best mode."""
+        world = self.data.world
+        cases = two_turn_cases(world, count=self.cfg.eval.two_turn_cases, seed=self.cfg.run.seed)
+        greedy = self.cfg.eval.greedy
+        first, _, _ = self._generate_and_score([c.first for c in cases], forced=False, n=1, greedy=greedy)
+        by_id = {s.rollout.prompt.id: s.rollout for s in first}
+        histories = [[{"role": "user", "content": format_question(c.first.question, c.first.choices)},
+                      {"role": "assistant", "content": by_id[c.first.id].text}] for c in cases]
+        second, _, _ = self._generate_and_score([c.second for c in cases], forced=False, n=1, greedy=greedy,
+                                                histories=histories)
+        cases_by_id = {c.second.id: c for c in cases}
+        return mode_alignment((cases_by_id[s.rollout.prompt.id].order, s, world.best_mode(s.rollout.prompt))
+                              for s in second)
+
     def evaluate(self, step: int, tag: str) -> dict[str, Any]:
         start = time.perf_counter()
         scored, _, counts = self._generate_and_score(self.data.eval, forced=False, n=1,
                                                      greedy=self.cfg.eval.greedy)
         result = summarize(scored)
         result["reward_counts"] = counts
+        if tag in ("sft", "final") and self.cfg.eval.baselines:
+            forced, _, _ = self._generate_and_score(self.data.eval, forced=True, n=1, greedy=self.cfg.eval.greedy)
+            result["baselines"] = forced_mode_summary(forced)
+            if self.data.world is not None and self.cfg.eval.two_turn_cases:
+                result["two_turn_alignment"] = self._two_turn_alignment()
         result["time"] = time.perf_counter() - start
         if self.tracker is not None:
             shown = self.rng.sample(scored, min(self.cfg.eval.samples_logged, len(scored)))

@@ -97,5 +97,16 @@ def format_eval_table(summary: dict[str, Any], run_dir: Path | str = "") -> str:
             if setting in result:
                 r = result[setting]
                 rows.append(f"| {tag} | {setting} | {r['accuracy']:.3f} | {r['personalized_mode_rate']:.3f} |")
+    final = summary.get("eval") or {}
+    baselines = final.get("baselines")
+    if baselines:
+        rows += ["", "| final policy, forced | " + " | ".join(EVAL_SETTINGS) + " |",
+                 "|---" * (len(EVAL_SETTINGS) + 1) + "|"]
+        for key in ("force_general", "force_personalized", "upper_bound"):
+            rows.append(f"| {key} | " + " | ".join(f"{baselines[key].get(s, float('nan')):.3f}"
+                                                   for s in EVAL_SETTINGS) + " |")
+    if final.get("two_turn_alignment"):
+        rows.append("\ntwo-turn mode alignment: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in final["two_turn_alignment"].items()))
     header = f"Run {run_dir}" if run_dir else "Run"
     return "\n".join([header, *rows])

@@ -59,6 +59,14 @@ def test_run_folder_has_what_design_lists(smoke_run):
     for setting in SETTINGS:
         assert 0 <= summary["eval"][setting]["accuracy"] <= 1
         assert 0 <= summary["eval"][setting]["personalized_mode_rate"] <= 1
+    baselines = summary["eval"]["baselines"]
+    for key in ("force_general", "force_personalized", "upper_bound"):
+        for setting in SETTINGS:
+            assert 0 <= baselines[key][setting] <= 1
+        assert all(baselines["upper_bound"][s] >= max(baselines["force_general"][s],
+                                                      baselines["force_personalized"][s]) for s in SETTINGS)
+    alignment = summary["eval"]["two_turn_alignment"]
+    assert set(alignment) == {"general_then_personalized", "personalized_then_general", "overall"}
     assert (run_dir / "checkpoints" / "step_2" / "COMPLETE").exists()
     assert sorted(p.name for p in (run_dir / "plots").glob("*.png")) == [
         "kl.png", "mode_rate_per_setting.png", "reward_per_mode.png", "step_time.png"]
