@@ -13,7 +13,6 @@ import math
 import random
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,6 @@ from personadual.evaluation import forced_mode_summary, mode_alignment, summariz
 from personadual.modes import Mode
 from personadual.prompts import format_question
 from personadual.records import Prompt, Rollout, Scored
-from personadual.sft_data import tokenize_trajectory
 from personadual.tracking import RunTracker, read_metrics, write_json_atomic
 from personadual.world import two_turn_cases
 
@@ -43,7 +41,8 @@ COMPLETE_MARKER = "COMPLETE"
 
 @dataclass
 class DataCursor:
-    """Where a stage is in its shuffled data; saved in checkpoints so resume continues it."""
+    """Where a stage is in its data, reshuffled each epoch from (seed, epoch); saved in
+    checkpoints so a resumed run takes the same batches."""
 
     seed: int
     size: int
@@ -51,17 +50,18 @@ class DataCursor:
     position: int = 0
     order: list[int] = field(default_factory=list)
 
+    def _shuffle(self) -> None:
+        self.order = list(range(self.size))
+        random.Random(self.seed * 100_003 + self.epoch).shuffle(self.order)
+
     def take(self, count: int) -> list[int]:
+        if not self.order:
+            self._shuffle()
         taken: list[int] = []
         while len(taken) < count:
-            if not self.order or self.position >= len(self.order):
-                self.order = list(range(self.size))
-                random.Random(self.seed * 100_003 + self.epoch).shuffle(self.order)
-                if self.position >= self.size:
-                    self.epoch += 1
-                    self.order = list(range(self.size))
-                    random.Random(self.seed * 100_003 + self.epoch).shuffle(self.order)
-                    self.position = 0
+            if self.position >= self.size:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._shuffle()
             taken.append(self.order[self.position])
             self.position += 1
         return taken
@@ -70,9 +70,14 @@ class DataCursor:
         return {"epoch": self.epoch, "position": self.position}
 
     def restore(self, state: dict[str, int]) -> None:
-        self.epoch, self.position, self.order = state["epoch"], state["position"], []
-        self.order = list(range(self.size))
-        random.Random(self.seed * 100_003 + self.epoch).shuffle(self.order)
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._shuffle()
+
+
+def _rng_state(rng: random.Random) -> list[Any]:
+    """The driver RNG's state as JSON-safe lists (checkpoints hold no pickles)."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
 
 
 def stage_steps(steps: int, epochs: float, dataset_size: int, batch_size: int) -> int:
@@ -289,7 +294,7 @@ class Driver:
     # ---- checkpoints --------------------------------------------------------------------
     def _client_state(self, stage: str, step: int) -> dict[str, Any]:
         return {"stage": stage, "step": step, "sft_cursor": self.sft_cursor.state(),
-                "rl_cursor": self.rl_cursor.state(), "driver_rng": repr(self.rng.getstate()),
+                "rl_cursor": self.rl_cursor.state(), "driver_rng": _rng_state(self.rng),
                 "weight_version": self.learner.weight_version, "model_path": str(self.model_path)}
 
     def save(self, stage: str, step: int) -> Path:
@@ -326,7 +331,8 @@ class Driver:
         self.learner.load_checkpoint(checkpoint)
         self.sft_cursor.restore(state["sft_cursor"])
         self.rl_cursor.restore(state["rl_cursor"])
-        self.rng.setstate(eval(state["driver_rng"], {"__builtins__": {}}))  # tuple of ints only
+        version, internal, gauss = state["driver_rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
         self._truncate_metrics(state["stage"], state["step"])
         log.info("resumed from %s", checkpoint)
         return state["stage"], state["step"]
