@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from actors import cluster
 from actors.config import ConfigError, load_config
@@ -14,7 +14,7 @@ from actors.driver import Driver, prepare_run_dir
 from personadual.report import format_eval_table
 
 
-def _resume_config(run_dir: Path, overrides: list[str]):
+def _resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.yaml there (not a run folder)")
@@ -32,6 +32,7 @@ def launch(config_path: Path | None, overrides: list[str], resume: Path | None) 
     if resume is not None:
         cfg = _resume_config(Path(resume), overrides)
         run_dir = Path(resume)
+        OmegaConf.save(cfg, run_dir / "config.yaml")  # the run folder states what the run now is
     else:
         cfg = load_config(config_path, overrides)
         run_dir = prepare_run_dir(cfg)

@@ -108,6 +108,7 @@ def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path):
     assert rl[2]["weight_version"] == rl[1]["weight_version"] + 1
     assert [r["step"] for r in records if r["stage"] == "sft"] == [1, 2, 3, 4]  # SFT was not redone
     assert (copy / "checkpoints" / "step_3" / "COMPLETE").exists()
+    assert "steps: 3" in (copy / "config.yaml").read_text()
     state = json.loads((copy / "checkpoints" / "step_3" / "driver_state.json").read_text())
     assert state["rl_cursor"]["position"] == 3 * 4 or state["rl_cursor"]["epoch"] > 0
 
