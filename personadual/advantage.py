@@ -68,6 +68,16 @@ def grpo_advantages(rewards: Tensor, groups: Tensor) -> Tensor:
     return rewards - mean[group_index]
 
 
+def _group_mean_std(rewards: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
+    """Per response: its group's mean reward and unbiased std (as torch.std in the released
+    trainer; a singleton group has std 0)."""
+    group_index, group_count = _dense_group_index(groups)
+    mean, size = _segment_mean(rewards, group_index, group_count)
+    sq_mean, _ = _segment_mean(rewards.square(), group_index, group_count)
+    var = (sq_mean - mean.square()).clamp_min(0) * size / (size - 1).clamp_min(1)
+    return mean[group_index], var.sqrt()[group_index]
+
+
 def released_dual_advantages(rewards: Tensor, modes: Tensor, groups: Tensor, *,
                              eps: float = 1e-6) -> Tensor:
     """The authors' released variant: GRPO advantages normalised by the group std over all
@@ -75,12 +85,8 @@ def released_dual_advantages(rewards: Tensor, modes: Tensor, groups: Tensor, *,
     the other mode's A, summed. A group holding one mode gets intra only."""
     _check(rewards, modes, groups)
     rewards = rewards.float()
-    group_index, group_count = _dense_group_index(groups)
-    mean, size = _segment_mean(rewards, group_index, group_count)
-    sq_mean, _ = _segment_mean(rewards.square(), group_index, group_count)
-    # Unbiased std, as torch.std in the released trainer; a singleton group has std 0.
-    var = (sq_mean - mean.square()).clamp_min(0) * size / (size - 1).clamp_min(1)
-    normalised = (rewards - mean[group_index]) / (var.sqrt()[group_index] + eps)
+    mean, std = _group_mean_std(rewards, groups)
+    normalised = (rewards - mean) / (std + eps)
     own_mean, other_mean, has_other = _mode_means(normalised, modes, groups)
     intra = normalised - own_mean
     inter = torch.where(has_other, normalised - other_mean, torch.zeros_like(normalised))
@@ -91,12 +97,8 @@ def scale_by_group_std(advantages: Tensor, rewards: Tensor, groups: Tensor, *,
                        eps: float = 1e-6) -> Tensor:
     """Optional std normalisation (``algo.scale: group_std``); off by default, as in the paper."""
     _check(rewards, advantages, groups)
-    rewards = rewards.float()
-    group_index, group_count = _dense_group_index(groups)
-    mean, size = _segment_mean(rewards, group_index, group_count)
-    sq_mean, _ = _segment_mean(rewards.square(), group_index, group_count)
-    var = (sq_mean - mean.square()).clamp_min(0) * size / (size - 1).clamp_min(1)
-    return advantages / (var.sqrt()[group_index] + eps)
+    _, std = _group_mean_std(rewards.float(), groups)
+    return advantages / (std + eps)
 
 
 def sequence_advantages(kind: str, rewards: Tensor, modes: Tensor, groups: Tensor) -> Tensor:
