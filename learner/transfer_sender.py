@@ -18,7 +18,7 @@ from vllm.distributed.weight_transfer.base import (ParamMeta, TrainerInitInfo, T
                                                    VLLMWeightSyncClient, WeightSource)
 from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-from personadual.weight_wire import TensorMeta, open_transfer_group, pack, plan_buckets
+from personadual.weight_wire import TensorMeta, open_transfer_group, send_buckets
 
 GLOO = "gloo"
 
@@ -94,16 +94,15 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                        "shapes": [list(m.shape) for m in metas], "bucket_bytes": self.bucket_bytes}
         self.client.start_weight_update()
         pool = ThreadPoolExecutor(max_workers=1)
-        sent_bytes = 0
         try:
             future = pool.submit(self.client.update_weights, update_info)
-            tensors = _checked(source, metas)
-            for bucket in plan_buckets(metas, self.bucket_bytes):
-                buffer = pack(next(tensors) for _ in bucket)
-                if future.done():  # the workers failed before the broadcast: don't wait on them
+
+            def surface_worker_failure() -> None:  # the workers failed before a broadcast: don't wait on them
+                if future.done():
                     future.result()
-                self.group.broadcast(buffer, 0).wait()
-                sent_bytes += buffer.numel()
+
+            sent_bytes = send_buckets(self.group, metas, _checked(source, metas), self.bucket_bytes,
+                                      before_each=surface_worker_failure)
             future.result()
         finally:
             # Never join a worker RPC stuck in a broken collective: let the error out.

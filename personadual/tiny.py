@@ -53,6 +53,11 @@ PRESETS: dict[str, TinyModelConfig] = {
     "small20m": TinyModelConfig(hidden_size=384, intermediate_size=1152, num_hidden_layers=8,
                                 num_attention_heads=6, num_key_value_heads=2, head_dim=64,
                                 max_position_embeddings=1024),
+    # Qwen3-0.6B's shape (28 layers, hidden 1024, 16/8 heads of 128) with the small
+    # tokenizer, so ~0.44B parameters: the GPU smoke test's model (scripts/gpu_smoke.sh).
+    "qwen3_0.6b_shape": TinyModelConfig(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                                        num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                                        max_position_embeddings=2048),
 }
 
 

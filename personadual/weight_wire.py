@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -88,3 +88,29 @@ def open_transfer_group(host: str, port: int, rank: int, world_size: int,
     store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout,
                           wait_for_workers=False)
     return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+
+
+def send_buckets(group: dist.ProcessGroup, metas: Sequence[TensorMeta], tensors: Iterator[torch.Tensor],
+                 bucket_bytes: int, *, before_each: Callable[[], None] | None = None) -> int:
+    """Broadcast ``tensors`` (in ``metas`` order) from rank 0, one collective per bucket;
+    ``before_each`` runs before every broadcast (a chance to surface a receiver's failure
+    instead of blocking on it). Returns the bytes sent."""
+    sent = 0
+    for bucket in plan_buckets(metas, bucket_bytes):
+        buffer = pack(next(tensors) for _ in bucket)
+        if before_each is not None:
+            before_each()
+        group.broadcast(buffer, 0).wait()
+        sent += buffer.numel()
+    return sent
+
+
+def receive_buckets(group: dist.ProcessGroup, metas: Sequence[TensorMeta],
+                    bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The receiving side of ``send_buckets``: each bucket's (name, tensor) pairs, as views
+    of a fresh host buffer."""
+    for bucket in plan_buckets(metas, bucket_bytes):
+        bucket_metas = [metas[i] for i in bucket]
+        buffer = torch.empty(bucket_nbytes(metas, bucket), dtype=torch.uint8)
+        group.broadcast(buffer, 0).wait()
+        yield list(unpack(buffer, bucket_metas))

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from personadual.modes import Mode
 from personadual.records import Prompt, Rollout
-from personadual.weight_wire import TensorMeta, open_transfer_group, plan_buckets, unpack
+from personadual.weight_wire import TensorMeta, open_transfer_group, receive_buckets
 from rollout.config import RolloutConfig
 from rollout.engine import parse_version
 from rollout.requests import GenerationRequest, PromptCodec, Sample
@@ -169,11 +169,8 @@ class HfEngine:
         metas = [TensorMeta(n, d, tuple(s)) for n, d, s in zip(info["names"], info["dtype_names"], info["shapes"])]
         check_names((m.name for m in metas), set(self._parameters), aliases=self._aliases)
         start = time.perf_counter()
-        for bucket in plan_buckets(metas, int(info["bucket_bytes"])):
-            bucket_metas = [metas[i] for i in bucket]
-            buffer = torch.empty(sum(m.nbytes for m in bucket_metas), dtype=torch.uint8)
-            self._group.broadcast(buffer, 0).wait()
-            self._copy_in(list(unpack(buffer, bucket_metas)))
+        for named in receive_buckets(self._group, metas, int(info["bucket_bytes"])):
+            self._copy_in(named)
         self.last_receive_s = time.perf_counter() - start
 
     def finish_weight_update(self, weight_version: str | int | None = None) -> None:

@@ -17,13 +17,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
 import torch.distributed as dist
 from vllm.distributed.weight_transfer.base import (WeightTransferEngine, WeightTransferInitInfo,
                                                    WeightTransferUpdateInfo)
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-from personadual.weight_wire import TensorMeta, open_transfer_group, plan_buckets, unpack
+from personadual.weight_wire import TensorMeta, open_transfer_group, receive_buckets
 from rollout.lm_head import repack_cpu_lm_head
 
 BACKEND = "gloo"
@@ -84,11 +83,8 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
             raise RuntimeError("gloo weight transfer: init_transfer_engine was not called")
         start = time.perf_counter()
         metas = update_info.metas
-        for bucket in plan_buckets(metas, update_info.bucket_bytes):
-            bucket_metas = [metas[i] for i in bucket]
-            buffer = torch.empty(sum(m.nbytes for m in bucket_metas), dtype=torch.uint8)
-            self.group.broadcast(buffer, 0).wait()
-            self.model.load_weights(list(unpack(buffer, bucket_metas)))
+        for named in receive_buckets(self.group, metas, update_info.bucket_bytes):
+            self.model.load_weights(named)
         self.last_receive_s = time.perf_counter() - start
 
     def shutdown(self) -> None:

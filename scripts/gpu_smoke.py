@@ -1,0 +1,343 @@
+"""GPU smoke test: the training path on CUDA for a few DualGRPO steps, with timings.
+
+A random-init Qwen3 of Qwen3-0.6B's shape (``personadual.tiny`` preset, ~0.44B parameters)
+goes through forced-prefix generation on CUDA (vLLM when it imports, else the HF engine),
+exact-match rewards, a DeepSpeed ZeRO-2 bf16 DualGRPO step on CUDA with the KL reference,
+and a bucketed weight sync into the engine after every step, then checks the engine holds
+exactly the learner's weights. Each stage prints one JSON line; the last line sums up.
+
+    bash scripts/gpu_smoke.sh                     # wraps this file (and carried wheels)
+    python scripts/gpu_smoke.py --steps 3 --prompts 16 --n-per-mode 4
+
+The engine runs in its own process, as in a real run. The sync goes over NCCL only when
+learner and engine sit on different GPUs: NCCL refuses two ranks on one device, which the
+last stage probes and reports, so on one GPU the sync uses the host-staged gloo transport
+(the CPU path, rollout/transfer_gloo.py and learner/transfer_sender.py, same buckets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import multiprocessing as mp
+import random
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from personadual.modes import Mode  # noqa: E402
+from personadual.tiny import PRESETS, build_tiny_model  # noqa: E402
+from personadual.weight_wire import TensorMeta, open_transfer_group, send_buckets  # noqa: E402
+from personadual.world import PersonaWorld, WorldConfig  # noqa: E402
+
+PRESET = "qwen3_0.6b_shape"
+REPORT: dict[str, Any] = {"stages": {}, "not_run": {}}
+
+
+def emit(stage: str, **fields: Any) -> None:
+    line = {"stage": stage, **fields}
+    REPORT["stages"][stage] = fields
+    print(json.dumps(line, default=str), flush=True)
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in ("torch", "transformers", "deepspeed", "vllm", "ray"):
+        try:
+            found[name] = getattr(importlib.import_module(name), "__version__", "?")
+        except Exception as error:  # noqa: BLE001 - any import failure means "not usable here"
+            found[name] = None
+            REPORT["not_run"].setdefault(name, f"does not import: {type(error).__name__}: {error}"[:200])
+    return found
+
+
+# ---- the rollout engine, in its own process -------------------------------------------------
+def engine_process(conn: Connection, model_path: str, config_fields: dict[str, Any]) -> None:
+    from rollout.config import RolloutConfig, SamplingConfig
+    from rollout.engine import make_engine
+
+    try:
+        sampling = SamplingConfig(**config_fields.pop("sampling"))
+        engine = make_engine(model_path, RolloutConfig(**config_fields, sampling=sampling))
+        conn.send(("ok", {"engine": type(engine).__name__, "device": str(getattr(engine, "device", "cuda"))}))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the stage
+        conn.send(("error", traceback.format_exc()))
+        return
+    while True:
+        method, args, kwargs = conn.recv()
+        if method == "stop":
+            return
+        try:
+            if method == "weight_version":
+                result = engine.weight_version
+            elif method == "weight_sums":
+                result = {name: float(p.detach().double().sum()) for name, p in engine.model.named_parameters()}
+            else:
+                result = getattr(engine, method)(*args, **kwargs)
+            conn.send(("ok", result))
+        except BaseException:  # noqa: BLE001
+            conn.send(("error", traceback.format_exc()))
+
+
+class EngineHandle:
+    """Calls into the engine process; ``call`` waits, ``send``/``reply`` split a call
+    whose far end blocks in a collective that this process must join."""
+
+    def __init__(self, model_path: Path, config_fields: dict[str, Any], timeout_s: float) -> None:
+        context = mp.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.timeout_s = timeout_s
+        self.process = context.Process(target=engine_process, args=(child, str(model_path), config_fields),
+                                       daemon=True)
+        self.process.start()
+        self.info = self.reply()
+
+    def send(self, method: str, *args: Any, **kwargs: Any) -> None:
+        self.conn.send((method, args, kwargs))
+
+    def reply(self) -> Any:
+        if not self.conn.poll(self.timeout_s):
+            raise TimeoutError(f"rollout engine: no answer within {self.timeout_s:.0f} s")
+        status, value = self.conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"rollout engine failed:\n{value}")
+        return value
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        self.send(method, *args, **kwargs)
+        return self.reply()
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.send("stop")
+            self.process.join(30)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+# ---- the weight sync ------------------------------------------------------------------------
+class Sync:
+    """Learner rank 0 -> the engine: one transfer group of its own, bucketed broadcasts."""
+
+    def __init__(self, learner: Any, engine: EngineHandle, bucket_bytes: int, timeout_s: float) -> None:
+        from learner.distributed import LOOPBACK, free_port
+
+        self.learner, self.engine, self.bucket_bytes = learner, engine, bucket_bytes
+        port = free_port()
+        engine.send("init_weight_transfer_engine", {"master_address": LOOPBACK, "master_port": port,
+                                                    "rank_offset": 1, "world_size": 2, "timeout_s": timeout_s})
+        self.group = open_transfer_group(LOOPBACK, port, 0, 2, timeout_s)
+        engine.reply()
+        self.metas = [TensorMeta(name, str(dtype).removeprefix("torch."), tuple(shape))
+                      for name, dtype, shape in learner.weight_metadata()]
+
+    def push(self) -> dict[str, float]:
+        start = time.perf_counter()
+        self.engine.call("start_weight_update")
+        self.engine.send("update_weights", {"names": [m.name for m in self.metas],
+                                            "dtype_names": [m.dtype for m in self.metas],
+                                            "shapes": [list(m.shape) for m in self.metas],
+                                            "bucket_bytes": self.bucket_bytes})
+        tensors = (tensor for _, tensor in self.learner.full_weights(device="cpu"))
+        sent = send_buckets(self.group, self.metas, tensors, self.bucket_bytes)
+        self.engine.reply()
+        self.engine.call("finish_weight_update", self.learner.weight_version)
+        return {"seconds": time.perf_counter() - start, "bytes": float(sent)}
+
+
+# ---- the steps ------------------------------------------------------------------------------
+def rl_steps(args: argparse.Namespace, model_path: Path) -> bool:
+    from learner.batch import build_policy_batch
+    from learner.config import LearnerConfig, OptimConfig
+    from learner.engine import Learner
+    from personadual.records import Scored
+    from rewards.config import RewardConfig
+    from rewards.exact_match import ExactMatchScorer
+
+    engine_kind = "vllm" if REPORT["versions"]["vllm"] and args.device == "cuda" else "hf"
+    if engine_kind == "hf" and args.device == "cuda":
+        REPORT["not_run"]["vllm_engine"] = "vllm does not import on this machine: the HF engine generated instead"
+    sampling = {"temperature": 0.6, "max_response_tokens": args.max_response_tokens, "n_per_mode": args.n_per_mode,
+                "seed": 0}
+    on_gpu = args.device == "cuda"
+    engine_fields = {"engine": engine_kind, "num_gpus_per_engine": 1.0 if on_gpu else 0.0,
+                     "dtype": "bfloat16" if on_gpu else "float32",
+                     "gpu_memory_utilization": 0.3, "max_model_len": 512, "weight_transfer_backend": "gloo",
+                     "sampling": sampling}
+    start = time.perf_counter()
+    engine = EngineHandle(model_path, dict(engine_fields), args.timeout_s)
+    emit("engine_start", seconds=round(time.perf_counter() - start, 2), **engine.info)
+
+    start = time.perf_counter()
+    config = LearnerConfig(zero_stage=2, precision="auto", kl_coef=0.04, beta=2.0, micro_batch_tokens=32768,
+                           collective_timeout_s=args.timeout_s,
+                           optim=OptimConfig(lr=args.lr, schedule="constant", total_steps=args.steps))
+    learner = Learner(config, model_path, device=args.device)
+    emit("learner_start", seconds=round(time.perf_counter() - start, 2), backend=dist.get_backend(),
+         precision=learner.precision, zero_stage=config.zero_stage,
+         parameters=sum(p.numel() for p in learner.engine.module.parameters()),
+         gpu_memory_gib=round(torch.cuda.memory_allocated() / 2**30, 2) if on_gpu else None)
+
+    start = time.perf_counter()
+    sync = Sync(learner, engine, bucket_bytes=64 << 20, timeout_s=args.timeout_s)
+    first = sync.push()
+    emit("sync_start", seconds=round(time.perf_counter() - start, 2), transport="gloo (host-staged)",
+         first_push_s=round(first["seconds"], 3), bytes=int(first["bytes"]))
+
+    prompts = PersonaWorld(WorldConfig()).train_prompts()
+    rng = random.Random(0)
+    scorer = ExactMatchScorer(RewardConfig())
+    initial_sums = weight_sums(learner)
+    for step in range(1, args.steps + 1):
+        batch_prompts = rng.sample(prompts, args.prompts)
+        t0 = time.perf_counter()
+        rollouts = engine.call("generate", batch_prompts, forced=True, n=args.n_per_mode)
+        t1 = time.perf_counter()
+        scored = []
+        for rollout in rollouts:
+            reward, _detail = scorer.score(rollout.prompt, rollout.text)
+            # A random-init model answers nothing right, so every advantage would be 0 and no
+            # weight would move: the smoke also rewards the personalized mode, which gives
+            # the inter-mode advantage (and the beta-weighted mode token) a signal.
+            reward += float(rollout.mode is Mode.PERSONALIZED)
+            scored.append(Scored(rollout, reward, reward >= 1.0))
+        t2 = time.perf_counter()
+        metrics = learner.policy_step(build_policy_batch(scored, advantage="dual"))
+        if on_gpu:
+            torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        pushed = sync.push()
+        engine_version = engine.call("weight_version")
+        t4 = time.perf_counter()
+        tokens = sum(len(r.response_token_ids) for r in rollouts)
+        emit("rl_step", step=step, samples=len(rollouts), response_tokens=tokens,
+             reward_mean=round(sum(s.reward for s in scored) / len(scored), 4),
+             loss=round(metrics["loss"], 5), mode_token_prob_personalized=round(
+                 metrics.get("mode_token_prob/personalized", float("nan")), 5), kl=round(metrics["kl"], 6), grad_norm=round(metrics["grad_norm"], 4),
+             generate_s=round(t1 - t0, 3), score_s=round(t2 - t1, 3), reference_s=round(metrics["time/reference"], 3),
+             train_s=round(t3 - t2, 3), sync_s=round(pushed["seconds"], 3), sync_bytes=int(pushed["bytes"]),
+             generate_tokens_per_s=round(tokens / (t1 - t0), 1), learner_version=learner.weight_version,
+             engine_version=engine_version, step_s=round(t4 - t0, 3),
+             gpu_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None)
+        if engine_version != learner.weight_version:
+            raise RuntimeError(f"step {step}: engine at weight version {engine_version}, "
+                               f"learner at {learner.weight_version}")
+
+    learner_sums = weight_sums(learner)
+    changed = sum(initial_sums[name] != value for name, value in learner_sums.items())
+    ok = changed > 0
+    if engine_kind == "hf":
+        engine_sums = engine.call("weight_sums")
+        mismatched = [name for name, value in learner_sums.items() if engine_sums.get(name) != value]
+        ok = ok and not mismatched and learner_sums.keys() <= engine_sums.keys()
+        emit("weights_equal", ok=ok, tensors=len(learner_sums), changed_by_training=changed,
+             mismatched=mismatched[:5])
+    else:
+        emit("weights_changed", ok=ok, tensors=len(learner_sums), changed_by_training=changed)
+    engine.stop()
+    learner.close()
+    return ok
+
+
+def weight_sums(learner: Any) -> dict[str, float]:
+    return {name: float(t.double().sum()) for name, t in learner.full_weights(device="cpu")}
+
+
+# ---- NCCL with two ranks on one GPU --------------------------------------------------------
+def _nccl_rank(rank: int, port: int, results: Any) -> None:
+    try:
+        torch.cuda.set_device(0)
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                timeout=datetime.timedelta(seconds=60))
+        value = torch.ones(1, device="cuda")
+        dist.all_reduce(value)
+        torch.cuda.synchronize()
+        results.put((rank, "ok", float(value.item())))
+        dist.destroy_process_group()
+    except BaseException as error:  # noqa: BLE001 - the outcome is what this probe reports
+        results.put((rank, "error", f"{type(error).__name__}: {error}"[:300]))
+
+
+def nccl_probe(timeout_s: float) -> None:
+    from learner.distributed import free_port
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    start = time.perf_counter()
+    workers = [context.Process(target=_nccl_rank, args=(rank, port, results), daemon=True) for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    outcomes = []
+    deadline = time.monotonic() + timeout_s
+    while len(outcomes) < 2 and time.monotonic() < deadline:
+        try:
+            outcomes.append(results.get(timeout=max(0.1, deadline - time.monotonic())))
+        except Exception:  # noqa: BLE001 - queue.Empty: the deadline passed
+            break
+    for worker in workers:
+        worker.join(5)
+        if worker.is_alive():
+            worker.kill()
+    emit("nccl_two_ranks_one_gpu", seconds=round(time.perf_counter() - start, 2),
+         outcomes=sorted(outcomes) or "no answer (hung) within the timeout")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--n-per-mode", type=int, default=4)
+    parser.add_argument("--max-response-tokens", type=int, default=48)
+    parser.add_argument("--lr", type=float, default=1e-6)
+    parser.add_argument("--timeout-s", type=float, default=180.0)
+    parser.add_argument("--no-nccl-probe", action="store_true")
+    parser.add_argument("--preset", default=PRESET, choices=sorted(PRESETS))
+    # cpu: the same stages on a CPU-only machine (tests/test_gpu_smoke_script.py runs it so).
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    args = parser.parse_args()
+    begin = time.perf_counter()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_smoke: no CUDA device is visible to torch (--device cpu runs the CPU path)", file=sys.stderr)
+        return 2
+    REPORT["versions"] = versions()
+    if args.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        emit("environment", gpu=props.name, gpus=torch.cuda.device_count(),
+             gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+             nccl=".".join(map(str, torch.cuda.nccl.version())), **REPORT["versions"])
+    else:
+        emit("environment", gpu=None, threads=torch.get_num_threads(), **REPORT["versions"])
+
+    start = time.perf_counter()
+    model_path = build_tiny_model(args.preset)
+    emit("model", preset=args.preset, seconds=round(time.perf_counter() - start, 2), path=str(model_path),
+         config={k: v for k, v in asdict(PRESETS[args.preset]).items() if k != "world"})
+
+    ok = False
+    if REPORT["versions"]["deepspeed"] is None:
+        REPORT["not_run"]["rl_steps"] = "deepspeed does not import: no learner"
+    else:
+        try:
+            ok = rl_steps(args, model_path)
+        except BaseException:  # noqa: BLE001 - reported, then the probe still runs
+            emit("rl_steps_failed", error=traceback.format_exc()[-2000:])
+    if args.device == "cuda" and not args.no_nccl_probe:
+        nccl_probe(timeout_s=90.0)
+    emit("summary", ok=ok, seconds=round(time.perf_counter() - begin, 1), not_run=REPORT["not_run"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
