@@ -2,6 +2,7 @@
 
 Locally it starts a Ray cluster bound to 127.0.0.1; with RAY_ADDRESS set (as under
 `ray job submit`) it joins that cluster. Bad config or data: one line on stderr, exit 2.
+A fault the run cannot get past (actors/supervision.py): one line on stderr, exit 3.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 3  # a fault the run could not get past; `--resume` continues it
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_process_env()  # before Ray is imported: it reads the loopback setting at import
     from actors.config import ConfigError
     from actors.launcher import launch
+    from actors.supervision import RunStopped
     from personadual.data import DataError
 
     try:
@@ -37,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunStopped as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_STOPPED
     return 0
 
 

@@ -35,6 +35,9 @@ def connect(num_cpus: int | None = None, *, address: str | None = None,
         context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         context = ray.init(
+            # "local": a cluster of our own. Left out, Ray joins the last `ray start`ed cluster
+            # or ray.cluster_utils.Cluster on this machine (its /tmp/ray/ray_current_cluster).
+            address="local",
             num_cpus=num_cpus,
             include_dashboard=False,
             _node_ip_address=LOOPBACK,

@@ -35,6 +35,8 @@ class RunSection:
     eval_every: int = 0  # RL steps between free-mode evals; 0: only after SFT and at the end
     wandb_mode: str = "offline"  # offline | online | disabled
     wandb_project: str = "personadual"
+    # Rollout engines and reward workers that die are replaced; this many failures in a row
+    # (no step completing in between) stop the run after a checkpoint (actors/supervision.py).
     max_consecutive_failures: int = 3
 
 
@@ -54,6 +56,9 @@ class DataSection:
     skip_invalid: bool = False
     max_eval_prompts: int = 0  # 0: all
     max_prompt_tokens: int = 2048  # longer prompts are dropped and counted
+    # RL prompts: every setting (no persona, unaligned, aligned, personalized) equally often,
+    # the rarer ones repeated, so each setting's evidence weighs the same in the RL stage.
+    balance_settings: bool = False
 
 
 @dataclass
@@ -96,6 +101,15 @@ class ClusterSection:
     reward_cpus: float = 0.1
     learner_cpus: float = 1.0
     learner_gpus: float = 0.0
+    # Placement groups (actors/placement.py): one for the learner ranks, one per rollout
+    # engine, one for the reward workers, each placed with this strategy.
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    placement_timeout_s: float = 300.0  # a group not placed by then fails the run, naming it
+    # Extra Ray resources every bundle of a role asks for, e.g. {node_b: 1} (a custom resource
+    # of one node, `ray start --resources`) or {"node:10.0.0.7": 0.01}: pins a role to nodes.
+    learner_resources: dict[str, float] = field(default_factory=dict)
+    rollout_resources: dict[str, float] = field(default_factory=dict)
+    reward_resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -119,8 +133,13 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "algo.scale": ("none", "group_std"),
     "algo.max_staleness": (0, 1),
     "rollout.engine": ("vllm", "hf"),
+    "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
-_POSITIVE = ("sft.batch_size", "algo.prompts_per_step", "algo.n_per_mode", "cluster.reward_workers")
+_POSITIVE = ("sft.batch_size", "algo.prompts_per_step", "algo.n_per_mode", "cluster.reward_workers",
+             "run.max_consecutive_failures")
+# A placement bundle may not be empty: each role's CPUs stay above zero.
+_POSITIVE_FLOATS = ("cluster.learner_cpus", "cluster.reward_cpus", "cluster.placement_timeout_s")
+_RESOURCE_DICTS = ("cluster.learner_resources", "cluster.rollout_resources", "cluster.reward_resources")
 _NON_NEGATIVE = ("sft.steps", "algo.steps", "sft.epochs", "algo.epochs", "run.save_every", "run.eval_every",
                  "algo.kl_coef")
 
@@ -136,6 +155,16 @@ def _validate(cfg: DictConfig) -> None:
     for key in _NON_NEGATIVE:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {OmegaConf.select(cfg, key)!r}")
+    for key in _POSITIVE_FLOATS:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {OmegaConf.select(cfg, key)!r}")
+    for key in _RESOURCE_DICTS:
+        for name, amount in OmegaConf.select(cfg, key).items():
+            if name in ("CPU", "GPU"):
+                raise ConfigError(f"{key}.{name}: CPUs and GPUs have their own keys (cluster.*_cpus, "
+                                  f"cluster.learner_gpus, rollout.num_*_per_engine)")
+            if amount <= 0:
+                raise ConfigError(f"{key}.{name}: must be > 0, got {amount!r}")
     if cfg.data.source == "files" and not cfg.data.train_files:
         raise ConfigError("data.train_files: data.source=files needs at least one training file")
     if cfg.data.source == "files":

@@ -15,22 +15,25 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import ray
 from omegaconf import DictConfig, OmegaConf
 
 from actors.config import ConfigError, section, to_container
-from actors.learner_group import LearnerGroup
+from actors.learner_group import LearnerGroup, LearnerRankDied
+from actors.placement import Placement, check_fits, cluster_shape, plan_groups
 from actors.reward_pool import RewardPool
-from actors.rollout_actor import create_rollout_actors
-from actors.weight_sync import WeightSync
+from actors.rollout_actor import create_rollout_actors, start_rollout_actor
+from actors.supervision import EngineSupervisor, FaultLog, RunStopped, one_line
+from actors.weight_sync import WeightSync, WeightSyncError
 from learner.batch import SftSample
 from personadual.data import load_run_data, resolve_model
 from personadual.evaluation import forced_mode_summary, mode_alignment, summarize
 from personadual.modes import Mode
 from personadual.prompts import format_question
 from personadual.records import Prompt, Rollout, Scored
+from personadual.seeds import step_seeds
 from personadual.tracking import RunTracker, read_metrics, write_json_atomic
 from personadual.world import two_turn_cases
 
@@ -72,6 +75,40 @@ class DataCursor:
     def restore(self, state: dict[str, int]) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
         self._shuffle()
+
+
+@dataclass
+class PendingGeneration:
+    """A generation round in flight: each engine's ObjectRef (to its engine index)."""
+
+    step: int = 0
+    refs: dict[Any, int] = field(default_factory=dict)
+    # Per engine index: the engine and its call, to generate again on a replacement if it dies.
+    engines: dict[int, Any] = field(default_factory=dict)
+    calls: dict[int, tuple[list[Prompt], dict[str, Any]]] = field(default_factory=dict)
+
+
+class StaleRolloutsError(RuntimeError):
+    """Rollouts generated with weights more learner updates old than algo.max_staleness."""
+
+
+def rollout_staleness(versions: Sequence[int], update_versions: Sequence[int]) -> list[int]:
+    """Staleness, in learner updates, of rollouts generated with weight ``versions``: how many
+    of the learner's RL updates (``update_versions``: the weight version after each) came
+    after them. Counted in updates, not versions: one update may hold several optimizer steps."""
+    return [sum(update > version for update in update_versions) for version in versions]
+
+
+def check_staleness(step: int, versions: Sequence[int], update_versions: Sequence[int],
+                    max_staleness: int) -> list[int]:
+    """Each rollout's staleness; refuses the batch when any is staler than ``max_staleness``."""
+    staleness = rollout_staleness(versions, update_versions)
+    if max(staleness, default=0) > max_staleness:
+        stale = sum(value > max_staleness for value in staleness)
+        raise StaleRolloutsError(f"{stale} rollouts offered to RL step {step} are {max(staleness)} learner "
+                                 f"updates old (weight version {min(versions)}, learner at "
+                                 f"{update_versions[-1]}); algo.max_staleness={max_staleness}")
+    return staleness
 
 
 def _rng_state(rng: random.Random) -> list[Any]:
@@ -141,26 +178,17 @@ class Driver:
         self.resume = resume
         self.rng = random.Random(cfg.run.seed)
         self.tracker: RunTracker | None = None
+        self._next_generation: PendingGeneration | None = None  # step+1's rollouts in flight (pipelined)
+        self._rl_cursor_state: dict[str, int] | None = None  # the RL data position after the last step's prompts
+        self._rl_versions: list[int] = []  # the learner's weight version after each RL step of this process
+        self.faults = FaultLog(cfg.run.max_consecutive_failures)
+        self._last_done: tuple[str, int, int] | None = None  # (stage, step, weight version) completed last
 
     # ---- set-up -------------------------------------------------------------------------
     def _check_resources(self) -> None:
         """Fail at once, naming the keys, when the actors cannot all be placed: Ray would
-        otherwise wait for resources that never come."""
-        cfg = self.cfg
-        need = {
-            "CPU": cfg.learner.num_ranks * cfg.cluster.learner_cpus
-            + cfg.rollout.num_engines * cfg.rollout.num_cpus_per_engine
-            + cfg.cluster.reward_workers * cfg.cluster.reward_cpus,
-            "GPU": cfg.learner.num_ranks * cfg.cluster.learner_gpus
-            + cfg.rollout.num_engines * cfg.rollout.num_gpus_per_engine * cfg.rollout.tensor_parallel_size,
-        }
-        have = ray.cluster_resources()
-        for resource, amount in need.items():
-            if amount > have.get(resource, 0.0) + 1e-9:
-                raise ConfigError(
-                    f"cluster: the run needs {amount:g} {resource} (learner.num_ranks x cluster.learner_"
-                    f"{resource.lower()}s + rollout engines + reward workers), the cluster has "
-                    f"{have.get(resource, 0.0):g}")
+        otherwise wait for resources that never come. Sized by the same plan as the groups."""
+        check_fits(plan_groups(self.cfg), *cluster_shape())
 
     def _build(self) -> None:
         from transformers import AutoTokenizer
@@ -174,7 +202,7 @@ class Driver:
             train_files=list(cfg.data.train_files), eval_files=list(cfg.data.eval_files),
             sft_files=list(cfg.data.sft_files), skip_invalid=cfg.data.skip_invalid,
             max_eval_prompts=cfg.data.max_eval_prompts, max_prompt_tokens=cfg.data.max_prompt_tokens,
-            max_sft_tokens=cfg.sft.max_length)
+            max_sft_tokens=cfg.sft.max_length, balance_settings=cfg.data.balance_settings)
         if any(self.data.skipped.values()):
             log.warning("data rows skipped: %s", self.data.skipped)
         self.sft_steps = stage_steps(cfg.sft.steps, cfg.sft.epochs, len(self.data.sft), cfg.sft.batch_size)
@@ -185,14 +213,18 @@ class Driver:
             raise ConfigError("algo.steps: the RL stage has no prompts (set data.train_files, or algo.steps=0)")
         self.sft_cursor = DataCursor(cfg.run.seed, max(len(self.data.sft), 1))
         self.rl_cursor = DataCursor(cfg.run.seed + 1, len(self.data.train))
+        self.placement = Placement.create(plan_groups(cfg), timeout_s=cfg.cluster.placement_timeout_s)
         self.learner = LearnerGroup(section(cfg, "learner"), self.model_path,
                                     algo=section(cfg, "algo"), total_sft_steps=max(self.sft_steps, 1),
                                     total_rl_steps=max(self.rl_steps, 1),
+                                    placement_group=self.placement.learner,
                                     num_cpus_per_rank=cfg.cluster.learner_cpus,
                                     num_gpus_per_rank=cfg.cluster.learner_gpus)
-        self.engines = create_rollout_actors(self.model_path, section(cfg, "rollout"))
+        self.engines = create_rollout_actors(self.model_path, section(cfg, "rollout"),
+                                             placement_groups=self.placement.engines())
         self.rewards = RewardPool(section(cfg, "reward"), num_workers=cfg.cluster.reward_workers,
-                                  num_cpus=cfg.cluster.reward_cpus)
+                                  num_cpus=cfg.cluster.reward_cpus, placement_group=self.placement.reward,
+                                  faults=self.faults)
         backends = set(ray.get([engine.weight_transfer_backend.remote() for engine in self.engines]))
         if len(backends) != 1 or None in backends:
             raise RuntimeError(f"rollout engines report weight-transfer backends {sorted(map(str, backends))}; "
@@ -200,6 +232,12 @@ class Driver:
         self.weight_sync = WeightSync(self.learner, self.engines, backend=backends.pop(),
                                       bucket_bytes=cfg.learner.bucket_bytes,
                                       timeout_s=cfg.learner.collective_timeout_s)
+        self.supervisor = EngineSupervisor(self.engines, self.weight_sync, self._start_engine, self.faults)
+
+    def _start_engine(self, index: int) -> Any:
+        """A replacement for rollout engine ``index``, in that engine's placement group."""
+        return start_rollout_actor(self.model_path, section(self.cfg, "rollout"), index,
+                                   self.placement.engines()[index])
 
     # ---- stages -------------------------------------------------------------------------
     def _sft_step(self, step: int) -> dict[str, Any]:
@@ -209,54 +247,90 @@ class Driver:
         metrics["time/train"] = time.perf_counter() - start
         return metrics
 
+    def _start_generation(self, prompts: list[Prompt], *, forced: bool, n: int, greedy: bool = False,
+                          modes: list[Mode] | None = None, histories: list[list[dict[str, str]]] | None = None,
+                          seeds: list[int] | None = None) -> "PendingGeneration":
+        """Send each engine its share of the prompts; returns at once."""
+        engines = len(self.engines)
+        pending = PendingGeneration()
+        for i, engine in enumerate(self.engines):
+            chunk = prompts[i::engines]
+            if chunk:
+                kwargs = dict(forced=forced, n=n, greedy=greedy, modes=modes,
+                              histories=histories[i::engines] if histories else None,
+                              seeds=seeds[i::engines] if seeds is not None else None)
+                pending.refs[engine.generate.remote(chunk, **kwargs)] = i
+                pending.engines[i], pending.calls[i] = engine, (chunk, kwargs)
+        return pending
+
+    def _finish_generation(self, pending: "PendingGeneration",
+                           ) -> tuple[list[Scored], dict[str, float], dict[str, int]]:
+        """Score each engine's output as soon as it arrives; the scored rollouts in engine order."""
+        waiting = dict(pending.refs)
+        wait_start = time.perf_counter()
+        score_refs: dict[int, Any] = {}
+        while waiting:
+            done, _ = ray.wait(list(waiting), num_returns=1)
+            index = waiting.pop(done[0])
+            try:
+                rollouts: list[Rollout] = ray.get(done[0])
+            except ray.exceptions.RayActorError as error:
+                # A dead engine is replaced (actors/supervision.py) and its prompts generated again.
+                engine = pending.engines[index] = self.supervisor.replace(index, pending.engines[index], error)
+                chunk, kwargs = pending.calls[index]
+                waiting[engine.generate.remote(chunk, **kwargs)] = index
+                continue
+            score_refs[index] = self.rewards.submit(rollouts)
+        generated = time.perf_counter()
+        # Engine order, not arrival order: the learner's batch must not depend on timing.
+        scored, counts = self.rewards.collect([score_refs[i] for i in sorted(score_refs)])
+        finished = time.perf_counter()
+        return scored, {"generate": generated - wait_start, "score": finished - generated}, counts
+
     def _generate_and_score(self, prompts: list[Prompt], *, forced: bool, n: int,
                             greedy: bool = False, modes: list[Mode] | None = None,
                             histories: list[list[dict[str, str]]] | None = None,
+                            seeds: list[int] | None = None,
                             ) -> tuple[list[Scored], dict[str, float], dict[str, int]]:
         """Generate on every engine and score each engine's output as soon as it arrives."""
-        start = time.perf_counter()
-        engines = len(self.engines)
-        chunks = [(prompts[i::engines], histories[i::engines] if histories else None) for i in range(engines)]
-        pending = {engine.generate.remote(chunk, forced=forced, n=n, greedy=greedy, modes=modes, histories=hist): i
-                   for i, (engine, (chunk, hist)) in enumerate(zip(self.engines, chunks)) if chunk}
-        score_refs = []
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            rollouts: list[Rollout] = ray.get(done[0])
-            pending.pop(done[0])
-            score_refs.append(self.rewards.submit(rollouts))
-        generated = time.perf_counter()
-        scored, counts = self.rewards.collect(score_refs)
-        finished = time.perf_counter()
-        return scored, {"generate": generated - start, "score": finished - generated}, counts
+        return self._finish_generation(self._start_generation(prompts, forced=forced, n=n, greedy=greedy,
+                                                              modes=modes, histories=histories, seeds=seeds))
 
-    def _two_turn_alignment(self) -> dict[str, float]:
+    def _seeds(self, stage: str, step: int, count: int, greedy: bool = False) -> list[int] | None:
+        """Per-prompt sampling seeds of one generation round (None when greedy)."""
+        return None if greedy else step_seeds(self.cfg.run.seed, stage, step, count)
+
+    def _two_turn_alignment(self, step: int, tag: str) -> dict[str, float]:
         """The paper's RQ6: a second turn whose best mode differs from the first turn's, under
         one persona; the rate at which the model picks the second turn's best mode."""
         world = self.data.world
         cases = two_turn_cases(world, count=self.cfg.eval.two_turn_cases, seed=self.cfg.run.seed)
         greedy = self.cfg.eval.greedy
-        first, _, _ = self._generate_and_score([c.first for c in cases], forced=False, n=1, greedy=greedy)
+        first, _, _ = self._generate_and_score([c.first for c in cases], forced=False, n=1, greedy=greedy,
+                                               seeds=self._seeds(f"{tag}/two_turn_first", step, len(cases), greedy))
         by_id = {s.rollout.prompt.id: s.rollout for s in first}
         histories = [[{"role": "user", "content": format_question(c.first.question, c.first.choices)},
                       {"role": "assistant", "content": by_id[c.first.id].text}] for c in cases]
         second, _, _ = self._generate_and_score([c.second for c in cases], forced=False, n=1, greedy=greedy,
-                                                histories=histories)
+                                                histories=histories,
+                                                seeds=self._seeds(f"{tag}/two_turn_second", step, len(cases), greedy))
         cases_by_id = {c.second.id: c for c in cases}
         return mode_alignment((cases_by_id[s.rollout.prompt.id].order, s, world.best_mode(s.rollout.prompt))
                               for s in second)
 
     def evaluate(self, step: int, tag: str) -> dict[str, Any]:
         start = time.perf_counter()
-        scored, _, counts = self._generate_and_score(self.data.eval, forced=False, n=1,
-                                                     greedy=self.cfg.eval.greedy)
+        greedy, count = self.cfg.eval.greedy, len(self.data.eval)
+        scored, _, counts = self._generate_and_score(self.data.eval, forced=False, n=1, greedy=greedy,
+                                                     seeds=self._seeds(f"{tag}/free", step, count, greedy))
         result = summarize(scored)
         result["reward_counts"] = counts
         if tag in ("sft", "final") and self.cfg.eval.baselines:
-            forced, _, _ = self._generate_and_score(self.data.eval, forced=True, n=1, greedy=self.cfg.eval.greedy)
+            forced, _, _ = self._generate_and_score(self.data.eval, forced=True, n=1, greedy=greedy,
+                                                    seeds=self._seeds(f"{tag}/forced", step, count, greedy))
             result["baselines"] = forced_mode_summary(forced)
             if self.data.world is not None and self.cfg.eval.two_turn_cases:
-                result["two_turn_alignment"] = self._two_turn_alignment()
+                result["two_turn_alignment"] = self._two_turn_alignment(step, tag)
         result["time"] = time.perf_counter() - start
         if self.tracker is not None:
             shown = self.rng.sample(scored, min(self.cfg.eval.samples_logged, len(scored)))
@@ -267,34 +341,55 @@ class Driver:
                 "reward": s.reward, "correct": s.correct} for s in shown])
         return result
 
-    def _rl_step(self, step: int) -> dict[str, Any]:
+    def _start_rl_generation(self, step: int) -> PendingGeneration:
         cfg = self.cfg
-        step_start = time.perf_counter()
         prompts = [self.data.train[i] for i in self.rl_cursor.take(cfg.algo.prompts_per_step)]
         forced = bool(cfg.algo.forced_prefix)
         n = cfg.algo.n_per_mode if forced else 2 * cfg.algo.n_per_mode
-        scored, times, counts = self._generate_and_score(prompts, forced=forced, n=n)
-        stale = [s for s in scored if s.rollout.weight_version < self.learner.weight_version - cfg.algo.max_staleness]
-        if stale:
-            raise RuntimeError(f"{len(stale)} rollouts came from weight version "
-                               f"{min(s.rollout.weight_version for s in stale)}, learner is at "
-                               f"{self.learner.weight_version} (algo.max_staleness={cfg.algo.max_staleness})")
+        pending = self._start_generation(prompts, forced=forced, n=n, seeds=self._seeds("rl", step, len(prompts)))
+        pending.step = step
+        return pending
+
+    def _rl_step(self, step: int) -> dict[str, Any]:
+        """One DualGRPO step. With algo.max_staleness >= 1 the engines generate step+1's
+        rollouts (on the weights they hold, one update behind once trained) while the learner
+        trains on this step's; the weights go out once that generation is done."""
+        cfg = self.cfg
+        step_start = time.perf_counter()
+        pending = self._next_generation if self._next_generation is not None else self._start_rl_generation(step)
+        self._next_generation = None
+        assert pending.step == step, f"rollouts of step {pending.step} offered to step {step}"
+        scored, times, counts = self._finish_generation(pending)
+        staleness = check_staleness(step, [s.rollout.weight_version for s in scored], self._rl_versions,
+                                    cfg.algo.max_staleness)
+        self._rl_cursor_state = self.rl_cursor.state()  # what a checkpoint of this step resumes from
+        if cfg.algo.max_staleness >= 1 and step < self.rl_steps:
+            self._next_generation = self._start_rl_generation(step + 1)
         learner_metrics = self.learner.policy_step(scored)
+        self._rl_versions.append(self.learner.weight_version)
         times["reference"] = learner_metrics.pop("time/reference", 0.0)
         times["train"] = learner_metrics.pop("time/train", 0.0)
-        sync = self.weight_sync.sync()
+        if self._next_generation is not None:
+            # The engines finish the next rollouts before they take the new weights.
+            wait_start = time.perf_counter()
+            ray.wait(list(self._next_generation.refs), num_returns=len(self._next_generation.refs))
+            times["generate_next"] = time.perf_counter() - wait_start
+        sync = self.supervisor.sync()
         times["sync"] = sync["seconds"]
         total = time.perf_counter() - step_start
         times["idle"] = max(0.0, total - sum(times.values()))
         times["step"] = total
         return {"stage": "rl", **rollout_metrics(scored), "reward_counts": counts,
                 "learner": learner_metrics, "sync": sync, "time": times,
-                "weight_version": self.learner.weight_version}
+                "weight_version": self.learner.weight_version,
+                "staleness": {"max": max(staleness, default=0),
+                              "mean": sum(staleness) / len(staleness) if staleness else 0.0,
+                              "rollout_weight_version": min((s.rollout.weight_version for s in scored), default=0)}}
 
     # ---- checkpoints --------------------------------------------------------------------
     def _client_state(self, stage: str, step: int) -> dict[str, Any]:
         return {"stage": stage, "step": step, "sft_cursor": self.sft_cursor.state(),
-                "rl_cursor": self.rl_cursor.state(), "driver_rng": _rng_state(self.rng),
+                "rl_cursor": self._rl_cursor_state or self.rl_cursor.state(), "driver_rng": _rng_state(self.rng),
                 "weight_version": self.learner.weight_version, "model_path": str(self.model_path)}
 
     def save(self, stage: str, step: int) -> Path:
@@ -315,7 +410,8 @@ class Driver:
 
     def latest_checkpoint(self) -> Path | None:
         root = self.run_dir / CHECKPOINTS
-        complete = [p for p in root.glob("*step_*") if (p / COMPLETE_MARKER).exists()] if root.exists() else []
+        complete = ([p for p in root.glob("*step_*") if not p.name.startswith(".") and (p / COMPLETE_MARKER).exists()]
+                    if root.exists() else [])
         if not complete:
             return None
         def order(path: Path) -> tuple[int, int]:
@@ -359,6 +455,8 @@ class Driver:
         summary: dict[str, Any] = {"run": self.run_dir.name, "eval": {}, "eval_history": [],
                                    "data_skipped": dict(self.data.skipped)}
         stage, done_step = self._restore() if self.resume else ("start", 0)
+        if stage != "start":
+            self._last_done = (stage, done_step, self.learner.weight_version)
         sft_start = done_step if stage == "sft" else (self.sft_steps if stage == "rl" else 0)
         rl_start = done_step if stage == "rl" else 0
         try:
@@ -367,22 +465,27 @@ class Driver:
             with tqdm(total=self.sft_steps, initial=sft_start, desc="SFT", disable=self.sft_steps == 0) as bar:
                 for step in range(sft_start + 1, self.sft_steps + 1):
                     metrics = self._sft_step(step)
+                    self._last_done = ("sft", step, self.learner.weight_version)
                     self.tracker.log(step, {"stage": "sft", **metrics})
+                    self._stop_if_diverged("sft", step, metrics)
                     bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
                     bar.update(1)
             if stage != "rl" and self.sft_steps > 0:
                 self.save("sft", self.sft_steps)
-            self.weight_sync.sync()
+                self._last_done = ("sft", self.sft_steps, self.learner.weight_version)
+            self.supervisor.sync()
             if cfg.eval.at_start and rl_start == 0:
                 result = self.evaluate(0, "sft")
                 summary["eval_sft"] = result
                 self.tracker.log(0, {"stage": "eval", "tag": "sft", "eval": result})
             with tqdm(total=self.rl_steps, initial=rl_start, desc="DualGRPO") as bar:
                 for step in range(rl_start + 1, self.rl_steps + 1):
-                    metrics = self._rl_step(step)
+                    metrics = {**self._rl_step(step), **self.faults.step_done()}
+                    self._last_done = ("rl", step, self.learner.weight_version)
                     if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != self.rl_steps:
                         metrics["eval"] = self.evaluate(step, f"step_{step}")
                     self.tracker.log(step, metrics)
+                    self._stop_if_diverged("rl", step, metrics["learner"])
                     bar.set_postfix(reward=f"{metrics['reward/mean'] or 0:.3f}",
                                     step_s=f"{metrics['time']['step']:.1f}")
                     bar.update(1)
@@ -395,12 +498,47 @@ class Driver:
             self.learner.save_hf(self.run_dir / "policy")
             summary["policy"] = str(self.run_dir / "policy")
             summary["eval_history"] = [r for r in read_metrics(self.run_dir) if r.get("stage") == "eval"]
+            summary["faults"] = self.faults.totals()
             self.tracker.write_summary(summary)
             write_plots(self.run_dir)
             return summary
+        except (RunStopped, LearnerRankDied, WeightSyncError) as error:
+            raise self._stopped(error) from None
         finally:
             self.tracker.finish()
             self.shutdown()
+
+    def _stop_if_diverged(self, stage: str, step: int, learner_metrics: dict[str, Any]) -> None:
+        """A skipped update (non-finite loss or gradients) leaves the weights as they were;
+        ``learner.max_consecutive_nonfinite`` of them in a row stop the run, and ``_stopped``
+        checkpoints this step: the last good weights."""
+        skipped = int(learner_metrics.get("skipped_updates", 0))
+        in_a_row = int(learner_metrics.get("consecutive_skipped_updates", 0))
+        if skipped:
+            log.warning("%s step %d: %d update(s) skipped for a non-finite loss or gradients (%d in a row)",
+                        stage, step, skipped, in_a_row)
+        limit = self.cfg.learner.max_consecutive_nonfinite
+        if in_a_row >= limit:
+            raise RunStopped(f"{stage} step {step}: {in_a_row} updates in a row had a non-finite loss or "
+                             f"gradients and were skipped (learner.max_consecutive_nonfinite={limit}); "
+                             f"the weights are the last good ones (weight version {self.learner.weight_version})")
+
+    def _stopped(self, error: BaseException) -> RunStopped:
+        """The one-line RunStopped for a fault the run cannot get past, after checkpointing the
+        last completed step when the learner is still there to save it."""
+        saved = None
+        if self._last_done is not None and not isinstance(error, LearnerRankDied):
+            stage, step, version = self._last_done
+            if stage == "rl" and self.learner.weight_version != version:
+                step += 1  # the learner trained on the failed step's batch; only its sync failed
+            try:
+                saved = self.save(stage, step)
+            except Exception as save_error:  # noqa: BLE001  (the stop's own cause is the message)
+                log.error("no checkpoint after the stop: %s", one_line(save_error))
+        latest = saved or self.latest_checkpoint()
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else one_line(error)
+        return RunStopped(f"run stopped: {reason}; last complete checkpoint: {latest or 'none'}; "
+                          f"continue with: python launch.py --resume {self.run_dir}")
 
     def shutdown(self) -> None:
         for thing in ("learner", "rewards"):
@@ -409,6 +547,9 @@ class Driver:
                 handle.shutdown()
         for engine in getattr(self, "engines", []):
             ray.kill(engine)
+        placement = getattr(self, "placement", None)
+        if placement is not None:
+            placement.remove()
 
 
 def prepare_run_dir(cfg: DictConfig) -> Path:

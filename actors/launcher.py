@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from actors import cluster
 from actors.config import ConfigError, load_config
 from actors.driver import Driver, prepare_run_dir
+from personadual.data import check_data_files
 from personadual.report import format_eval_table
 
 
@@ -29,12 +30,14 @@ def _resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
 
 def launch(config_path: Path | None, overrides: list[str], resume: Path | None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = _resume_config(Path(resume), overrides) if resume is not None else load_config(config_path, overrides)
+    if cfg.data.source == "files":  # bad data exits 2 before a run folder or a cluster exists
+        check_data_files(cfg.data.train_files, cfg.data.eval_files, cfg.data.sft_files,
+                         skip_invalid=cfg.data.skip_invalid)
     if resume is not None:
-        cfg = _resume_config(Path(resume), overrides)
         run_dir = Path(resume)
         OmegaConf.save(cfg, run_dir / "config.yaml")  # the run folder states what the run now is
     else:
-        cfg = load_config(config_path, overrides)
         run_dir = prepare_run_dir(cfg)
     cluster.connect(cfg.cluster.num_cpus)
     try:

@@ -18,8 +18,10 @@ import ray
 import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.supervision import dead_actors, one_line
 from learner.batch import PolicyBatch, SftSample, build_policy_batch, shard
 from learner.config import LearnerConfig
+from personadual.fault_hooks import fault_window
 from personadual.records import Scored
 
 # Fields of the experiment's ``algo`` section that configure the learner's objective.
@@ -56,11 +58,16 @@ class LearnerActor:
         self.learner = Learner(config, model_path, rank=self.rank, world_size=self.world_size, device=device)
         return self.learner.weight_version
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def sft_step(self, samples: list[SftSample]) -> dict[str, float]:
-        return self.learner.sft_step(samples)
+        with fault_window("train", f"rank{self.rank}"):
+            return self.learner.sft_step(samples)
 
     def policy_step(self, batch: PolicyBatch) -> dict[str, float]:
-        return self.learner.policy_step(batch)
+        with fault_window("train", f"rank{self.rank}"):
+            return self.learner.policy_step(batch)
 
     def weight_metadata(self) -> list[tuple[str, str, tuple[int, ...]]]:
         return [(name, str(dtype).removeprefix("torch."), shape) for name, dtype, shape in
@@ -116,6 +123,11 @@ class LearnerActor:
             dist.destroy_process_group()
 
 
+class LearnerRankDied(RuntimeError):
+    """A learner rank's process is gone: its optimizer state and collectives went with it, so
+    the group cannot go on (the run stops; ``--resume`` continues from a checkpoint)."""
+
+
 def gather(refs: list[ray.ObjectRef]) -> list[Any]:
     """Every rank's result, raising the FIRST failure as soon as it happens: its peers are
     then stuck in a collective until the timeout, and waiting for them would hide the cause."""
@@ -154,6 +166,7 @@ class LearnerGroup:
         self.num_ranks = self.config.num_ranks
         self.device = "cuda" if num_gpus_per_rank > 0 else "cpu"
         self.actors = []
+        self.failed = False  # a rank died: shut down without waiting for the others' goodbyes
         for rank in range(self.num_ranks):
             options: dict[str, Any] = {"num_cpus": num_cpus_per_rank, "num_gpus": num_gpus_per_rank}
             if placement_group is not None:
@@ -177,7 +190,23 @@ class LearnerGroup:
     def _all(self, method: str, per_rank: Sequence[Any] | None = None, *args: Any) -> list[Any]:
         refs = [getattr(actor, method).remote(*((per_rank[rank],) if per_rank is not None else ()), *args)
                 for rank, actor in enumerate(self.actors)]
-        return gather(refs)
+        return self._gather(refs, method)
+
+    def _gather(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
+        """``gather``, naming the rank when a failure comes from a rank that died (its peers
+        then fail too, e.g. a gloo "connection closed", which would hide the cause)."""
+        try:
+            return gather(refs)
+        except Exception as error:
+            dead = list(dead_actors(self.actors, "pid"))
+            if not dead:
+                raise
+            self.failed = True
+            raise LearnerRankDied(f"learner rank {', '.join(map(str, dead))} of {self.num_ranks} died during "
+                                  f"{what} ({one_line(error)})") from error
+
+    def pids(self) -> list[int]:
+        return self._gather([actor.pid.remote() for actor in self.actors], "pid")
 
     def sft_step(self, samples: Sequence[SftSample]) -> dict[str, float]:
         results = self._all("sft_step", [shard(list(samples), r, self.num_ranks) for r in range(self.num_ranks)])
@@ -209,7 +238,7 @@ class LearnerGroup:
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """``fn(learner, *args, **kwargs)`` on every rank at once (for collectives such as a
         weight-transfer engine's send); the per-rank results."""
-        return gather(self.call_async(fn, *args, **kwargs))
+        return self._gather(self.call_async(fn, *args, **kwargs), getattr(fn, "__name__", "call"))
 
     def call_async(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
         return [actor.call.remote(fn, *args, **kwargs) for actor in self.actors]
@@ -240,10 +269,11 @@ class LearnerGroup:
         """Close every rank's engine and process group, then end the actors."""
         if not self.actors:
             return
-        try:
-            ray.get([actor.close.remote() for actor in self.actors], timeout=30)
-        except Exception:  # a dead or hung rank must not keep the others alive
-            pass
+        if not self.failed:  # after a rank died the others sit in a collective: no goodbyes
+            try:
+                ray.get([actor.close.remote() for actor in self.actors], timeout=30)
+            except Exception:  # a dead or hung rank must not keep the others alive
+                pass
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []

@@ -10,17 +10,28 @@ Judge calls dominate scoring time, so they are spread evenly over workers; copie
 response go to the same worker (it judges them once), and each response prefers the worker
 its cache key hashes to, so a response seen in an earlier step tends to meet its cached
 verdict. Judge concurrency is per worker: in total ``num_workers x judge.max_concurrency``.
+
+A worker that dies is replaced (same bundle) and its chunk scored again by the replacement;
+results are placed by batch index, so each rollout is scored exactly once in what ``collect``
+returns. Replacements are counted in the ``FaultLog`` (actors/supervision.py), which stops the
+run after too many failures in a row.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import ray
+from ray.actor import ActorHandle
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.supervision import FaultLog
+from personadual.fault_hooks import fault_window
 from personadual.records import Prompt, Rollout, Scored
 from rewards.config import RewardConfig, RewardConfigError
 from rewards.judge import ApiKey, JudgeError, cache_key
@@ -43,8 +54,12 @@ class RewardWorker:
     def ready(self) -> bool:
         return True
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def score(self, items: list[tuple[Prompt, str]]) -> tuple[list[Outcome], dict[str, int]]:
-        return self.scorer.score_texts(items)
+        with fault_window("score", "worker"):
+            return self.scorer.score_texts(items)
 
 
 def plan_chunks(items: Sequence[tuple[Prompt, str]], num_workers: int, judge_model: str) -> list[list[int]]:
@@ -74,21 +89,41 @@ def plan_chunks(items: Sequence[tuple[Prompt, str]], num_workers: int, judge_mod
     return [sorted(chunk) for chunk in chunks]
 
 
+def _bundle_strategy(group: PlacementGroup | None, index: int) -> dict[str, PlacementGroupSchedulingStrategy]:
+    if group is None:
+        return {}
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)}
+
+
+@dataclass
+class ScorePart:
+    """One worker's share of a batch: the batch indices it scores and the pending result."""
+
+    worker: int
+    handle: ActorHandle
+    indices: list[int]
+    ref: ray.ObjectRef
+
+
 @dataclass
 class PendingScores:
-    """A submitted batch: each worker's ObjectRef and the batch indices it scores."""
+    """A submitted batch: each worker's part."""
 
     rollouts: list[Rollout]
-    parts: list[tuple[list[int], ray.ObjectRef]] = field(default_factory=list)
+    parts: list[ScorePart] = field(default_factory=list)
 
     @property
     def refs(self) -> list[ray.ObjectRef]:
-        return [ref for _, ref in self.parts]
+        return [part.ref for part in self.parts]
+
+    def items(self, indices: Sequence[int]) -> list[tuple[Prompt, str]]:
+        return [(self.rollouts[i].prompt, self.rollouts[i].text) for i in indices]
 
 
 class RewardPool:
     def __init__(self, config: RewardConfig, *, num_workers: int = 1, num_cpus: float = 0.1,
-                 api_key: ApiKey | None = None) -> None:
+                 api_key: ApiKey | None = None, placement_group: PlacementGroup | None = None,
+                 faults: FaultLog | None = None) -> None:
         if num_workers < 1:
             raise ValueError(f"cluster.reward_workers: must be >= 1, got {num_workers}")
         self.config = config
@@ -96,41 +131,71 @@ class RewardPool:
             # Workers on other machines may lack the variable: hand them the key in an object
             # whose repr hides it, never in a runtime env or config (both get logged).
             api_key = ApiKey(os.environ[config.judge.api_key_env])
-        options = {"num_cpus": num_cpus, "max_restarts": 2, "max_task_retries": 2}  # scoring is idempotent
-        self.workers = [RewardWorker.options(**options).remote(config, api_key) for _ in range(num_workers)]
+        self.api_key = api_key
+        self.num_cpus = num_cpus
+        self.placement_group = placement_group
+        self.faults = faults if faults is not None else FaultLog(max_consecutive=3)
+        self.workers = [self._start_worker(index) for index in range(num_workers)]
         ray.get([w.ready.remote() for w in self.workers], timeout=WORKER_START_TIMEOUT_S)
+
+    def _start_worker(self, index: int) -> ActorHandle:
+        # No Ray restarts: the pool replaces a dead worker itself, so the replacement is counted
+        # and a worker that keeps dying stops the run. With a placement group (one bundle per
+        # worker, actors/placement.py) worker i sits in bundle i.
+        return RewardWorker.options(num_cpus=self.num_cpus, max_restarts=0,
+                                    **_bundle_strategy(self.placement_group, index)).remote(self.config, self.api_key)
+
+    def _replace(self, index: int, error: BaseException) -> None:
+        started = time.perf_counter()
+        self.faults.failure(f"reward worker {index}", error)
+        ray.kill(self.workers[index], no_restart=True)
+        self.workers[index] = self._start_worker(index)
+        ray.get(self.workers[index].ready.remote(), timeout=WORKER_START_TIMEOUT_S)
+        self.faults.restarted("reward", time.perf_counter() - started)
 
     def submit(self, rollouts: Sequence[Rollout]) -> PendingScores:
         """Start scoring; returns at once. Pass the result to ``collect``."""
         pending = PendingScores(list(rollouts))
         items = [(r.prompt, r.text) for r in pending.rollouts]
-        for worker, chunk in zip(self.workers, plan_chunks(items, len(self.workers), self.config.judge.model)):
+        chunks = plan_chunks(items, len(self.workers), self.config.judge.model)
+        for index, (worker, chunk) in enumerate(zip(self.workers, chunks)):
             if chunk:
-                pending.parts.append((chunk, worker.score.remote([items[i] for i in chunk])))
+                pending.parts.append(ScorePart(index, worker, chunk, worker.score.remote([items[i] for i in chunk])))
         return pending
+
+    def _result(self, batch: PendingScores, part: ScorePart,
+                deadline: float | None) -> tuple[list[Outcome], dict[str, int]]:
+        """A part's outcomes; when its worker died, from a replacement scoring it again."""
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return ray.get(part.ref, timeout=timeout)
+            except ray.exceptions.RayActorError as error:
+                if self.workers[part.worker] is part.handle:  # not yet replaced (another part may have)
+                    self._replace(part.worker, error)
+                worker = self.workers[part.worker]
+                part = ScorePart(part.worker, worker, part.indices, worker.score.remote(batch.items(part.indices)))
+            except ray.exceptions.RayTaskError as error:
+                # The scorer's own errors (policy "fail", a missing key) reach the driver as
+                # themselves: one line naming the prompt or the key, not a remote traceback.
+                if isinstance(error.cause, (JudgeError, RewardConfigError)):
+                    raise error.cause from None
+                raise
 
     def collect(self, pending: PendingScores | Sequence[PendingScores],
                 timeout_s: float | None = None) -> tuple[list[Scored], dict[str, int]]:
         """Scored records of every submitted batch, batches in the order given and each in its
         submitted order, and the counts summed. A worker's JudgeError (policy "fail") re-raises."""
         batches = [pending] if isinstance(pending, PendingScores) else list(pending)
-        refs = [ref for batch in batches for ref in batch.refs]
-        try:
-            results = iter(ray.get(refs, timeout=timeout_s))
-        except ray.exceptions.RayTaskError as error:
-            # The scorer's own errors (policy "fail", a missing key) reach the driver as
-            # themselves: one line naming the prompt or the key, not a remote traceback.
-            if isinstance(error.cause, (JudgeError, RewardConfigError)):
-                raise error.cause from None
-            raise
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         scored: list[Scored] = []
         counts: list[dict[str, int]] = []
         for batch in batches:
             outcomes: list[Outcome | None] = [None] * len(batch.rollouts)
-            for indices, _ in batch.parts:
-                part, part_counts = next(results)
+            for part in batch.parts:
+                results, part_counts = self._result(batch, part, deadline)
                 counts.append(part_counts)
-                for index, outcome in zip(indices, part):
+                for index, outcome in zip(part.indices, results):
                     outcomes[index] = outcome
             for rollout, outcome in zip(batch.rollouts, outcomes):
                 assert outcome is not None, "a worker returned fewer results than it was sent"

@@ -8,19 +8,21 @@ and vLLM's Ray executor places one worker in each (it uses the actor's placement
 
 The actor exposes the engine's methods unchanged, including vLLM's weight-transfer control
 plane (init / start / update / finish), so a learner drives it as a ``VLLMWeightSyncClient``.
-No restarts: a restarted engine would come back on the initial weights.
+Ray does not restart them (a restarted engine would come back on the initial weights):
+actors/supervision.py replaces a dead one with ``start_rollout_actor`` and resends the weights.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import ray
 from ray.actor import ActorHandle
 from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from personadual.fault_hooks import fault_window
 from personadual.modes import Mode
 from personadual.records import Prompt, Rollout
 from rollout.config import RolloutConfig
@@ -46,8 +48,10 @@ class RolloutActor:
 
     def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int | None = None, greedy: bool = False,
                  histories: Sequence[Sequence[dict[str, str]]] | None = None,
-                 modes: Sequence[Mode] | None = None) -> list[Rollout]:
-        return self.engine.generate(prompts, forced=forced, n=n, greedy=greedy, histories=histories, modes=modes)
+                 modes: Sequence[Mode] | None = None, seeds: Sequence[int] | None = None) -> list[Rollout]:
+        with fault_window("generate", f"engine{self.engine_index}"):
+            return self.engine.generate(prompts, forced=forced, n=n, greedy=greedy, histories=histories,
+                                        modes=modes, seeds=seeds)
 
     def load_weights(self, named_tensors: NamedTensors, version: int | None = None) -> int:
         return self.engine.load_weights(named_tensors, version)
@@ -81,19 +85,25 @@ class RolloutActor:
     def shutdown_weight_transfer_engine(self) -> None:
         self.engine.shutdown_weight_transfer_engine()
 
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(engine, *args, **kwargs)`` in the actor (inspection, e.g. reading its weights)."""
+        return fn(self.engine, *args, **kwargs)
+
 
 def actor_options(config: RolloutConfig, engine_index: int,
-                  group: PlacementGroup | None) -> dict[str, Any]:
-    """Ray options of engine ``engine_index``. With a placement group, engine i owns bundles
-    [i*tp, (i+1)*tp) when tensor parallel, else bundle i."""
+                  group: PlacementGroup | None, *, own_group: bool = False) -> dict[str, Any]:
+    """Ray options of engine ``engine_index``. In a placement group shared by the engines,
+    engine i owns bundles [i*tp, (i+1)*tp) (bundle i without tensor parallelism); in a group
+    of its own (``own_group``, actors/placement.py), bundles [0, tp)."""
     tp = config.tensor_parallel_size
+    first = 0 if own_group else engine_index * tp
     if tp == 1:
         options: dict[str, Any] = {"num_cpus": config.num_cpus_per_engine, "num_gpus": config.num_gpus_per_engine}
         if group is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                group, placement_group_bundle_index=engine_index)
+                group, placement_group_bundle_index=first)
         return options
-    bundles = list(range(engine_index * tp, (engine_index + 1) * tp)) if group is not None else list(range(tp))
+    bundles = list(range(first, first + tp)) if group is not None else list(range(tp))
     if group is None:
         group = placement_group([{"GPU": 1, "CPU": config.num_cpus_per_engine}] * tp, strategy="PACK")
         ray.get(group.ready(), timeout=ENGINE_START_TIMEOUT_S)
@@ -106,11 +116,17 @@ def actor_options(config: RolloutConfig, engine_index: int,
 
 def create_rollout_actors(model_path: str | Path, config: RolloutConfig,
                           placement_group: PlacementGroup | None = None, *,
+                          placement_groups: Sequence[PlacementGroup] | None = None,
                           start_timeout_s: float = ENGINE_START_TIMEOUT_S) -> list[ActorHandle]:
-    """Start ``config.num_engines`` engines and wait until every one can generate."""
+    """Start ``config.num_engines`` engines and wait until every one can generate; each in
+    ``placement_groups[i]`` when given (a group per engine), else in ``placement_group``."""
     config.validate()
-    actors = [RolloutActor.options(**actor_options(config, index, placement_group)).remote(
-        str(model_path), config, index) for index in range(config.num_engines)]
+    if placement_groups is not None and len(placement_groups) != config.num_engines:
+        raise ValueError(f"{len(placement_groups)} placement groups for {config.num_engines} rollout engines")
+    actors = [RolloutActor.options(**(
+        actor_options(config, index, placement_groups[index], own_group=True) if placement_groups is not None
+        else actor_options(config, index, placement_group))).remote(str(model_path), config, index)
+        for index in range(config.num_engines)]
     try:
         ray.get([actor.ready.remote() for actor in actors], timeout=start_timeout_s)
     except Exception:
@@ -118,3 +134,19 @@ def create_rollout_actors(model_path: str | Path, config: RolloutConfig,
             ray.kill(actor)
         raise
     return actors
+
+
+def start_rollout_actor(model_path: str | Path, config: RolloutConfig, engine_index: int,
+                        placement_group: PlacementGroup | None = None, *,
+                        start_timeout_s: float = ENGINE_START_TIMEOUT_S) -> ActorHandle:
+    """One engine, ``engine_index``, in its own ``placement_group`` when given (a replacement
+    takes the bundle its dead predecessor freed); returns once it can generate."""
+    actor = RolloutActor.options(**actor_options(config, engine_index, placement_group,
+                                                 own_group=placement_group is not None)).remote(
+        str(model_path), config, engine_index)
+    try:
+        ray.get(actor.ready.remote(), timeout=start_timeout_s)
+    except Exception:
+        ray.kill(actor)
+        raise
+    return actor

@@ -40,7 +40,19 @@ class EngineSyncClient:
             stuck = sorted(refs[ref] for ref in pending)
             raise WeightSyncError(f"weight sync: rollout engine(s) {stuck} did not finish {method} "
                                   f"within {self.timeout_s:.0f} s")
-        ray.get(list(refs))  # re-raise an engine's own error
+        own_errors = []
+        for ref, index in refs.items():
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:  # a death explains the others' errors: it comes first
+                raise WeightSyncError(f"weight sync: rollout engine {index} died during {method}") from None
+            except ray.exceptions.RayTaskError as error:
+                own_errors.append((index, error.cause if error.cause is not None else error))
+        if own_errors:
+            index, error = own_errors[0]
+            lines = str(error).strip().splitlines()
+            raise WeightSyncError(f"weight sync: rollout engine {index} failed {method} "
+                                  f"({type(error).__name__}: {lines[0] if lines else ''})") from error
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         offsets = [init_info["rank_offset"] + sum(self.workers[:i]) for i in range(len(self.engines))]
@@ -60,27 +72,47 @@ class WeightSync:
     def __init__(self, learner: Any, engines: list[ActorHandle], *, backend: str,
                  bucket_bytes: int, timeout_s: float) -> None:
         self.learner = learner
-        self.engines = engines
+        self.engines = engines  # the driver's list: an engine replaced there is replaced here
+        self.backend = backend
+        self.bucket_bytes = bucket_bytes
         self.timeout_s = timeout_s
-        workers = ray.get([engine.num_workers.remote() for engine in engines])
+        self.init_seconds = self.rebuild()
+
+    def rebuild(self) -> float:
+        """(Re)open the transfer group over every engine now in ``engines``, on a fresh port.
+        After an engine was replaced the old group has a dead member; the survivors and the
+        learner drop it for the new one. Returns the seconds it took."""
+        workers = ray.get([engine.num_workers.remote() for engine in self.engines], timeout=self.timeout_s)
         self.world_size = 1 + sum(workers)
         start = time.perf_counter()
-        learner.init_weight_sender(backend=backend, engines=engines, world_size=self.world_size,
-                                   bucket_bytes=bucket_bytes, timeout_s=timeout_s)
-        self.init_seconds = time.perf_counter() - start
+        self.learner.init_weight_sender(backend=self.backend, engines=list(self.engines), world_size=self.world_size,
+                                        bucket_bytes=self.bucket_bytes, timeout_s=self.timeout_s)
+        return time.perf_counter() - start
 
     def sync(self) -> dict[str, float]:
         """Send the learner's current weights; every engine then reports that version."""
         version = self.learner.weight_version
         start = time.perf_counter()
-        stats = self.learner.send_weights()
+        try:
+            stats = self.learner.send_weights()
+        except ray.exceptions.RayTaskError as error:
+            # The sender's own error names the engine that failed it: surface that one line.
+            if isinstance(error.cause, WeightSyncError):
+                raise error.cause from None
+            raise
         refs = {engine.update_weight_version.remote(version): index for index, engine in enumerate(self.engines)}
-        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.timeout_s)
+        _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.timeout_s)
         if pending:
             stuck = sorted(refs[ref] for ref in pending)
             raise WeightSyncError(f"rollout engine(s) {stuck} did not confirm weight version {version} "
                                   f"within {self.timeout_s:.0f} s")
-        versions = ray.get(ready)
+        versions = []
+        for ref, index in refs.items():
+            try:
+                versions.append(ray.get(ref))
+            except ray.exceptions.RayActorError:
+                raise WeightSyncError(f"rollout engine {index} died before confirming weight version "
+                                      f"{version}") from None
         if any(v != version for v in versions):
             raise WeightSyncError(f"engines report weight versions {versions}, expected {version}")
         return {"seconds": time.perf_counter() - start, "bytes": float(stats.get("bytes", 0.0)),

@@ -7,8 +7,9 @@ import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -27,10 +28,41 @@ def deepspeed_safe_globals() -> list[type]:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def load_torch_file(path: Path) -> Any:
+def load_torch_file(path: str | Path, map_location: Any = "cpu") -> Any:
     """A checkpoint ``.pt`` file, loaded without executing arbitrary pickled code."""
     with torch.serialization.safe_globals(deepspeed_safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class WeightsOnlyLoads:
+    """A DeepSpeed checkpoint engine whose loads are ``weights_only=True``.
+
+    DeepSpeed's ``TorchCheckpointEngine.load`` calls ``torch.load(..., weights_only=False)``
+    and ``engine.load_checkpoint`` takes no argument to change that; every file it reads
+    (model states, ZeRO optimizer states) goes through ``checkpoint_engine.load``, so the
+    learner puts this wrapper in its place while it loads. Everything else is the wrapped
+    engine's."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return load_torch_file(path, map_location)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+@contextmanager
+def weights_only_loads(engine: Any) -> Iterator[None]:
+    """While inside, ``engine.load_checkpoint`` unpickles nothing but tensors and allowlisted
+    DeepSpeed data classes."""
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = WeightsOnlyLoads(inner)
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = inner
 
 
 def rng_state() -> dict[str, Any]:

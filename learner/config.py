@@ -78,6 +78,11 @@ class LearnerConfig:
     collective_timeout_s: float = 300.0
     optim: OptimConfig = field(default_factory=OptimConfig)
     sft_optim: OptimConfig = field(default_factory=OptimConfig)  # the SFT stage's own rate and schedule
+    # An update whose loss or gradients are not finite (on any rank) is skipped, weights
+    # untouched; this many skipped in a row stop the run after checkpointing (actors/driver.py).
+    max_consecutive_nonfinite: int = 3
+    # FAULT INJECTION, for tests only: RL steps (1-based) whose loss rank 0 multiplies by NaN.
+    fault_nan_loss_at_rl_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # OmegaConf hands lists for tuple fields.
@@ -104,6 +109,11 @@ class LearnerConfig:
         _check(self.bucket_bytes > 0, f"{key}.bucket_bytes", f"must be > 0, got {self.bucket_bytes!r}")
         _check(self.collective_timeout_s > 0, f"{key}.collective_timeout_s",
                f"must be > 0, got {self.collective_timeout_s!r}")
+        _check(self.max_consecutive_nonfinite >= 1, f"{key}.max_consecutive_nonfinite",
+               f"must be >= 1, got {self.max_consecutive_nonfinite!r}")
+        steps = list(self.fault_nan_loss_at_rl_steps)
+        _check(all(isinstance(s, int) and s >= 1 for s in steps), f"{key}.fault_nan_loss_at_rl_steps",
+               f"expected RL steps >= 1, got {steps!r}")
         for name in ("optim", "sft_optim"):
             optim = getattr(self, name)
             _check(isinstance(optim, OptimConfig), f"{key}.{name}", "expected an optimizer section")

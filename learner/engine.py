@@ -32,9 +32,10 @@ from learner import distributed, weights
 from learner.batch import (MicroBatch, PolicyBatch, PolicySample, SftSample, micro_batch_advantages, micro_batches,
                            split_even)
 from learner.checkpoint import (LEARNER_DIR, publish, read_json, rng_state, set_rng_state, staging_dir,
-                                write_json)
+                                weights_only_loads, write_json)
 from learner.config import LearnerConfig, OptimConfig
 from learner.losses import policy_loss, sft_loss, token_entropy, token_logprobs
+from personadual.fault_hooks import fault_point
 from personadual.modes import Mode
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class Learner:
         self.weight_version = 0
         self.steps = {stage: 0 for stage in STAGES}
         self.reference: torch.nn.Module | None = None
+        self.consecutive_skipped = 0  # updates skipped in a row (non-finite loss or gradients)
 
     # ---- set-up -------------------------------------------------------------------------
     def _deepspeed_config(self) -> dict[str, Any]:
@@ -198,11 +200,44 @@ class Learner:
     def _backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
 
-    def _optimizer_step(self) -> float:
-        self.engine.step()
+    def _optimizer_step(self, loss_finite: bool) -> float | None:
+        """Apply the accumulated gradients: the gradient norm, or None when the update was
+        skipped on every rank because the loss or the gradients were not finite on some rank
+        (weights, optimizer state, LR schedule and weight version then stay as they were).
+
+        DeepSpeed's ZeRO optimizers (stages 1-3; fp32 and bf16) and its bf16 optimizer check
+        the global gradient norm themselves, across ranks, and on inf/NaN skip the step and
+        clear the gradients (``engine.skipped_steps`` counts it). Without them (ZeRO-0 in fp32:
+        a plain torch optimizer, which would write NaNs into the weights) the gradients are
+        checked here and ``engine.step()`` is not called. Either way the ranks' non-finite
+        flags are all-reduced, so every rank decides alike."""
+        checks_itself = hasattr(self.engine.optimizer, "overflow")  # DeepSpeed's own test of the same
+        local = not loss_finite or (not checks_itself and not all(
+            bool(torch.isfinite(p.grad).all()) for p in self.engine.module.parameters() if p.grad is not None))
+        flag = torch.tensor([float(local)], device=self.device)
+        nonfinite = bool(distributed.all_reduce(flag, dist.ReduceOp.MAX).item())
+        if nonfinite and not checks_itself:
+            self.engine.zero_grad()
+            applied = False
+        else:
+            skipped_before = self.engine.skipped_steps
+            self.engine.step()
+            applied = self.engine.skipped_steps == skipped_before
+            if applied and nonfinite:
+                raise RuntimeError("learner: DeepSpeed applied an update whose loss was not finite")
+        if not applied:
+            self.consecutive_skipped += 1
+            if self.rank == 0:
+                log.warning("learner: %s update skipped at weight version %d: non-finite loss or gradients "
+                            "(%d in a row)", self.stage, self.weight_version, self.consecutive_skipped)
+            return None
+        self.consecutive_skipped = 0
         self.weight_version += 1
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    def _skip_metrics(self, skipped: int) -> dict[str, float]:
+        return {"skipped_updates": float(skipped), "consecutive_skipped_updates": float(self.consecutive_skipped)}
 
     def _lr(self) -> float:
         return float(self.engine.basic_optimizer.param_groups[0]["lr"])
@@ -220,22 +255,26 @@ class Learner:
             raise ValueError("sft step: the batch holds no response tokens")
         lr = self._lr()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, mode nll, mode count, padded tokens
+        loss_finite = True
         for batch in plan:
             logprobs = token_logprobs(forward_logits(self.engine, batch), batch.targets)
             loss = sft_loss(logprobs, batch.response_mask, denominator=total)
+            loss_finite &= bool(torch.isfinite(loss.detach()))
             self._backward(loss)
             first = _first_response_logprob(logprobs.detach(), batch)
             sums += torch.stack([loss.detach().double(), -first.sum().double(),
                                  torch.tensor(float(first.numel()), dtype=torch.float64, device=self.device),
                                  torch.tensor(float(batch.input_ids.numel() if batch.indices else 0),
                                               dtype=torch.float64, device=self.device)])
-        grad_norm = self._optimizer_step()
+        grad_norm = self._optimizer_step(loss_finite)
         self.steps["sft"] += 1
         distributed.all_reduce(sums)
         loss_sum, mode_nll, mode_count, padded = sums.tolist()
-        return {"loss": loss_sum, "mode_token_loss": mode_nll / max(mode_count, 1.0), "grad_norm": grad_norm,
+        return {"loss": loss_sum, "mode_token_loss": mode_nll / max(mode_count, 1.0),
+                "grad_norm": float("nan") if grad_norm is None else grad_norm,
                 "lr": lr, "tokens": float(total), "padded_tokens": padded, "samples": mode_count,
-                "time/train": time.perf_counter() - start, "weight_version": float(self.weight_version)}
+                "time/train": time.perf_counter() - start, "weight_version": float(self.weight_version),
+                **self._skip_metrics(int(grad_norm is None))}
 
     # ---- DualGRPO -----------------------------------------------------------------------
     @torch.no_grad()
@@ -303,9 +342,14 @@ class Learner:
 
         self.engine.train()
         lrs, grad_norms = [], []
+        skipped = 0
+        # FAULT INJECTION (tests only): rank 0's loss times NaN, so the other ranks learn of it
+        # only through the all-reduced flag.
+        poison = self.rank == 0 and self.steps["rl"] + 1 in cfg.fault_nan_loss_at_rl_steps
         for epoch in range(cfg.ppo_epochs):
             for index, plan in enumerate(plans):
                 lrs.append(self._lr())
+                loss_finite = True
                 for position, mb in enumerate(plan):
                     logits = forward_logits(self.engine, mb)
                     logprobs = token_logprobs(logits, mb.targets)
@@ -316,6 +360,9 @@ class Learner:
                                         mb.response_mask, clip_range=cfg.clip_range, kl_coef=cfg.kl_coef,
                                         denominator=max(totals[index], 1))
                     del logits
+                    if poison:
+                        parts.loss = parts.loss * float("nan")
+                    loss_finite &= bool(torch.isfinite(parts.loss.detach()))
                     self._backward(parts.loss)
                     sums["loss"] += parts.loss.detach().double()
                     sums["pg"] += parts.pg_sum.double()
@@ -323,7 +370,11 @@ class Learner:
                     sums["clipped"] += parts.clipped_sum.double()
                     sums["ratio"] += parts.ratio_sum.double()
                     sums["tokens"] += float(mb.num_response_tokens)
-                grad_norms.append(self._optimizer_step())
+                grad_norm = self._optimizer_step(loss_finite)
+                if grad_norm is None:
+                    skipped += 1
+                else:
+                    grad_norms.append(grad_norm)
         self.steps["rl"] += 1
         train_time = time.perf_counter() - start - reference_time
 
@@ -341,7 +392,7 @@ class Learner:
             "clip_fraction": values["clipped"] / tokens,
             "ratio_mean": values["ratio"] / tokens,
             "entropy": values["entropy"] / first_pass_tokens,
-            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),  # applied updates
             "lr": lrs[0],
             "updates": float(updates),
             "tokens": first_pass_tokens,
@@ -350,6 +401,7 @@ class Learner:
             "time/train": train_time,
             "time/old_logprob": old_time,  # part of time/train
             "weight_version": float(self.weight_version),
+            **self._skip_metrics(skipped),
         }
         # Probability the policy gives each response's mode token (forced or chosen); a
         # metric is left out, not NaN, when no response carries that mode.
@@ -413,6 +465,7 @@ class Learner:
             staging.mkdir(parents=True)
         distributed.barrier()
         self.engine.save_checkpoint(str(staging / "deepspeed"), tag=DS_TAG, save_latest=False)
+        fault_point("save", f"rank{self.rank}")  # tests crash a save here: written, not yet published
         write_json(staging / f"rng_rank{self.rank}.json", rng_state())
         if self.reference is not None:
             self._write_hf(self.reference, staging / "reference", tokenizer=False)
@@ -441,8 +494,9 @@ class Learner:
         self.reference = None
         if state["has_reference"]:
             self._build_reference(root / "reference")
-        self.engine.load_checkpoint(str(root / "deepspeed"), tag=DS_TAG, load_optimizer_states=True,
-                                    load_lr_scheduler_states=True)
+        with weights_only_loads(self.engine):
+            self.engine.load_checkpoint(str(root / "deepspeed"), tag=DS_TAG, load_optimizer_states=True,
+                                        load_lr_scheduler_states=True)
         self.stage = stage
         self.weight_version = int(state["weight_version"])
         self.steps = {key: int(value) for key, value in state["steps"].items()}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
 from personadual.modes import Mode
@@ -92,6 +92,14 @@ class Prompt:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Prompt":
+        """A Prompt from a JSON object; a missing or unknown field is a RecordError naming it."""
+        fields = cls.__dataclass_fields__
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            _fail("Prompt", unknown[0], "unknown field")
+        for name, spec in fields.items():
+            if name not in data and spec.default is MISSING:
+                _fail("Prompt", name, "missing")
         return cls(**data)
 
 

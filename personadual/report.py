@@ -1,10 +1,24 @@
-"""Plots of a run (``plots/*.png``) from its metrics.jsonl and summary.json."""
+"""Reports of runs: a run's own plots (``plots/*.png``), and the comparison of several runs
+in the shape of the paper's Table 1.
+
+    python -m personadual.report runs/A [runs/B ...] [--out DIR]
+
+prints the markdown table and writes it with PNG plots (mode rate per setting per run,
+reward curves) to ``--out`` (default: ``report/`` beside the first run).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError  # omegaconf's parser
 
 from personadual.evaluation import EVAL_SETTINGS
 from personadual.tracking import read_metrics
@@ -110,3 +124,162 @@ def format_eval_table(summary: dict[str, Any], run_dir: Path | str = "") -> str:
             f"{k} {v:.3f}" for k, v in final["two_turn_alignment"].items()))
     header = f"Run {run_dir}" if run_dir else "Run"
     return "\n".join([header, *rows])
+
+
+# ---- comparing runs (the paper's Table 1) -------------------------------------------------
+OBJECTIVE_COLUMNS = (("no_persona", "None"), ("unaligned", "Unaligned"), ("aligned", "Aligned"))
+COLLAPSE_RATE = 0.9  # one mode in over 90% of responses in every setting: the paper's collapse
+
+
+@dataclass
+class RunReport:
+    run_dir: Path
+    method: str
+    summary: dict[str, Any]
+    records: list[dict[str, Any]]
+
+
+def method_label(config: dict[str, Any]) -> str:
+    """The paper's name for what a run's ``algo`` section trained."""
+    algo = config.get("algo") or {}
+    labels = {"dual": "DualGRPO", "grpo": "w/o DualAdv (GRPO)", "dual_released": "DualGRPO, released-code advantage"}
+    label = labels.get(algo.get("advantage", "dual"), str(algo.get("advantage")))
+    if not algo.get("forced_prefix", True):
+        label = "w/o PfxSmp" if label == "DualGRPO" else f"{label}, w/o PfxSmp"
+    return label
+
+
+def load_run(run_dir: Path) -> RunReport:
+    run_dir = Path(run_dir)
+    for name in ("summary.json", "config.yaml"):
+        if not (run_dir / name).exists():
+            raise FileNotFoundError(f"{run_dir / name}: missing (is {run_dir} a finished run?)")
+    config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")) or {}
+    return RunReport(run_dir, method_label(config), load_summary(run_dir), read_metrics(run_dir))
+
+
+def _benchmarks(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{benchmark: {setting: metrics}}``; a single-benchmark run has no by_benchmark."""
+    if result.get("by_benchmark"):
+        return result["by_benchmark"]
+    return {"synthetic": {s: result[s] for s in EVAL_SETTINGS if s in result}}
+
+
+def _columns(results: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(benchmark, setting, header) for every cell any run has: objective benchmarks get
+    None/Unaligned/Aligned, personalized ones Aligned (the paper's Table 1)."""
+    seen: dict[str, set[str]] = {}
+    for result in results:
+        for name, settings in _benchmarks(result).items():
+            seen.setdefault(name, set()).update(settings)
+    columns = []
+    for name in sorted(seen, key=lambda n: ("personalized" in seen[n], n)):
+        for setting, header in OBJECTIVE_COLUMNS:
+            if setting in seen[name]:
+                columns.append((name, setting, f"{name} {header}"))
+        if "personalized" in seen[name]:
+            columns.append((name, "personalized", f"{name} (personalized) Aligned"))
+    return columns
+
+
+def collapse(result: dict[str, Any]) -> str | None:
+    """The mode a policy chose in over 90% of responses in every setting, if any."""
+    rates = [result[s]["personalized_mode_rate"] for s in EVAL_SETTINGS if s in result]
+    if rates and all(r > COLLAPSE_RATE for r in rates):
+        return "personalized"
+    if rates and all(r < 1 - COLLAPSE_RATE for r in rates):
+        return "general"
+    return None
+
+
+def comparison_rows(runs: list[RunReport]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, eval result): the first run's SFT checkpoint (when it was evaluated), then
+    every run's final policy."""
+    rows = []
+    if runs and runs[0].summary.get("eval_sft"):
+        rows.append((f"SFT ({runs[0].run_dir.name})", runs[0].summary["eval_sft"]))
+    rows += [(f"{run.method} ({run.run_dir.name})", run.summary["eval"]) for run in runs]
+    return rows
+
+
+def format_table1(runs: list[RunReport]) -> str:
+    rows = comparison_rows(runs)
+    columns = _columns([result for _, result in rows])
+    header = ["method", *[c[2] for c in columns], "mean", "pers. rate U / A / P", "collapse"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, result in rows:
+        benchmarks = _benchmarks(result)
+        cells = [f"{benchmarks.get(b, {}).get(s, {}).get('accuracy', float('nan')):.3f}" for b, s, _ in columns]
+        rates = " / ".join(f"{result[s]['personalized_mode_rate']:.2f}" if s in result else "-"
+                           for s in ("unaligned", "aligned", "personalized"))
+        lines.append("| " + " | ".join([label, *cells, f"{result.get('mean_accuracy', float('nan')):.3f}", rates,
+                                        collapse(result) or "no"]) + " |")
+    notes = ["", "Free-mode accuracy (greedy) per benchmark and persona setting; mean over settings; "
+             "personalized-mode rate on unaligned / aligned / personalized; collapse: one mode in over "
+             f"{COLLAPSE_RATE:.0%} of responses in every setting."]
+    forced = [(label, result["baselines"]) for label, result in rows if result.get("baselines")]
+    if forced:
+        notes += ["", "| forced single mode / upper bound | " + " | ".join(EVAL_SETTINGS) + " |",
+                  "|---" * (len(EVAL_SETTINGS) + 1) + "|"]
+        for label, baselines in forced:
+            for key in ("force_general", "force_personalized", "upper_bound"):
+                notes.append(f"| {label}: {key} | " + " | ".join(
+                    f"{baselines[key][s]:.3f}" if s in baselines.get(key, {}) else "-" for s in EVAL_SETTINGS) + " |")
+    alignment = [(label, result["two_turn_alignment"]) for label, result in rows if result.get("two_turn_alignment")]
+    if alignment:
+        notes.append("")
+        notes += [f"two-turn mode alignment, {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items())
+                  for label, values in alignment]
+    return "\n".join(lines + notes)
+
+
+def write_comparison_plots(runs: list[RunReport], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = comparison_rows(runs)
+    written = []
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(len(rows), 1)
+    for index, (label, result) in enumerate(rows):
+        rates = [float(result.get(s, {}).get("personalized_mode_rate", 0.0)) for s in EVAL_SETTINGS]
+        ax.bar([x + index * width for x in range(len(EVAL_SETTINGS))], rates, width=width, label=label)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(EVAL_SETTINGS))], EVAL_SETTINGS)
+    ax.set(ylabel="personalized-mode rate", ylim=(0, 1), title="Mode choice per setting")
+    ax.legend(fontsize=6)
+    written.append(_save(fig, out / "mode_rate_per_setting.png"))
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for run in runs:
+        rl = [r for r in run.records if r.get("stage") == "rl"]
+        ax.plot(*_series(rl, "reward/mean"), label=f"{run.method} ({run.run_dir.name})")
+    ax.set(xlabel="RL step", ylabel="mean reward (forced-prefix rollouts)", title="Reward")
+    ax.legend(fontsize=6)
+    written.append(_save(fig, out / "reward.png"))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m personadual.report", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (runs/NAME)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: report/ beside the first run)")
+    args = parser.parse_args(argv)
+    try:
+        runs = [load_run(path) for path in args.runs]
+    except (FileNotFoundError, json.JSONDecodeError, YAMLError, OmegaConfBaseException) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = args.out or args.runs[0].resolve().parent / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table1(runs)
+    (out / "table1.md").write_text(table + "\n")
+    plots = write_comparison_plots(runs, out)
+    print(table)
+    print(f"\nwrote {out / 'table1.md'} and {', '.join(p.name for p in plots)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

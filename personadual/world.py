@@ -10,11 +10,19 @@ this kind?), and the best policy is personalized mode for aligned personas, gene
 for unaligned ones. Personalized questions ask which of two options suits the user; only
 the persona's stated preference decides, so personalized mode is the best policy there.
 
-Entities come in three pools (DESIGN.md section 8, measured pitfall: aligned examples teach
+Entities come in four pools (DESIGN.md section 8, measured pitfall: aligned examples teach
 the fact they carry):
 - known: asked with and without personas in training, so their facts are learnable;
-- cue_only: asked only with aligned personas in training, to teach reading the persona;
+- cue_only: asked once, with an aligned persona, to teach reading the persona;
+- cue_misleading: asked once, with an unaligned persona. Without them every unfamiliar
+  entity in training came with a right persona, and the model learned "unfamiliar entity:
+  trust the persona" instead of "expert speaker: trust the persona" (measured: unaligned
+  personas on unseen entities chose personalized mode 19 times in 24 after DualGRPO);
 - unseen: appear only in evaluation, so only an aligned persona can supply their colour.
+General mode knows the known entities' colours only; asked about any other entity it says
+it does not know (answer "unknown") rather than guessing, so accuracy without a usable
+persona is the same in every setting instead of varying with random guesses (measured: the
+guesses on 24 unseen entities alone moved the no-persona vs unaligned gap by +-0.03).
 Evaluation asks known and unseen entities with a question template that training never
 uses, and preference questions with a held-out template, so no eval prompt is a train prompt.
 """
@@ -40,10 +48,15 @@ KINDS: dict[str, str] = {  # kind -> the profession that is expert on it
 COLORS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
 SYLLABLES = ("zor", "vath", "kel", "mi", "dra", "nu", "pel", "tor", "ash", "qui", "bel", "rho",
              "sen", "lo", "gar", "fen", "ul", "tix", "mor", "vey", "zan", "pri", "os", "lek")
+# Five phrasings: with three, the tiny model answered the held-out eval phrasing less
+# robustly (it copied a misleading persona's colour on 4% of known entities, against 0.3%
+# on the training phrasings).
 TRAIN_OBJECTIVE_TEMPLATES = (
     "What color is the {kind} {name}?",
     "Tell me the color of the {kind} {name}.",
     "Which color does the {kind} {name} have?",
+    "Do you know the color of the {kind} {name}?",
+    "I wonder what color the {kind} {name} is.",
 )
 EVAL_OBJECTIVE_TEMPLATE = "What is the color of the {kind} {name}?"
 PREFERENCES: dict[str, tuple[str, ...]] = {
@@ -61,6 +74,7 @@ TRAIN_PREFERENCE_TEMPLATES = (
 EVAL_PREFERENCE_TEMPLATE = "For me, which {category} is better, {a} or {b}?"
 PROFESSIONS = tuple(KINDS.values()) + ("baker", "pilot", "teacher", "nurse")
 SETTINGS = ("none", "unaligned", "aligned")
+UNKNOWN = "unknown"  # general mode's answer about an entity whose colour it never learned
 
 
 def _article(noun: str) -> str:
@@ -72,7 +86,7 @@ class Entity:
     name: str
     kind: str
     color: str
-    pool: str  # known | cue_only | unseen
+    pool: str  # known | cue_only | cue_misleading | unseen
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,7 @@ class WorldConfig:
     seed: int = 0
     known_entities: int = 48
     cue_only_entities: int = 240
+    cue_misleading_entities: int = 120
     unseen_entities: int = 24
     preference_train_prompts: int = 240
     preference_eval_prompts: int = 48
@@ -119,7 +134,7 @@ class PersonaWorld:
     def _make_entities(self, rng: random.Random) -> list[Entity]:
         cfg = self.config
         pools = ["known"] * cfg.known_entities + ["cue_only"] * cfg.cue_only_entities + \
-            ["unseen"] * cfg.unseen_entities
+            ["cue_misleading"] * cfg.cue_misleading_entities + ["unseen"] * cfg.unseen_entities
         names: set[str] = set()
         entities = []
         kinds = list(KINDS)
@@ -162,11 +177,12 @@ class PersonaWorld:
                 for t, template in enumerate(TRAIN_OBJECTIVE_TEMPLATES):
                     for setting in SETTINGS:
                         prompts.append(self._objective(rng, entity, template, setting, "train", t))
-            elif entity.pool == "cue_only":
+            elif entity.pool in ("cue_only", "cue_misleading"):
                 # Asked once: many entities seen once teach reading the persona, where a few
                 # entities seen often are simply memorised (measured on the tiny model).
                 t = rng.randrange(len(TRAIN_OBJECTIVE_TEMPLATES))
-                prompts.append(self._objective(rng, entity, TRAIN_OBJECTIVE_TEMPLATES[t], "aligned", "train", t))
+                setting = "aligned" if entity.pool == "cue_only" else "unaligned"
+                prompts.append(self._objective(rng, entity, TRAIN_OBJECTIVE_TEMPLATES[t], setting, "train", t))
         return prompts
 
     def _objective_eval(self, rng: random.Random) -> list[Prompt]:
@@ -204,9 +220,11 @@ class PersonaWorld:
         return self._facts[prompt.id]
 
     def is_knowable(self, prompt: Prompt) -> bool:
-        """Whether the answer is learnable without the persona (its fact is in training)."""
+        """Whether general mode can know the answer: the entity's colour is stated in
+        general-mode training text (known entities; the others appear once at most, told by
+        a persona)."""
         facts = self.facts(prompt)
-        return facts.entity is not None and facts.entity.pool != "unseen"
+        return facts.entity is not None and facts.entity.pool == "known"
 
     def answer_in_mode(self, prompt: Prompt, mode: Mode) -> str | None:
         """What an ideal model answers in ``mode``; None where that mode cannot know."""
@@ -224,13 +242,14 @@ class PersonaWorld:
         return Mode.GENERAL
 
     def response(self, prompt: Prompt, mode: Mode, rng: random.Random | None = None) -> str:
-        """A trajectory in ``mode``; where the mode cannot know, it guesses (seeded by rng)."""
+        """A trajectory in ``mode``. Where the mode cannot know, an objective answer is
+        "unknown"; a preference is guessed (seeded by rng)."""
         facts = self.facts(prompt)
         answer = self.answer_in_mode(prompt, mode)
         if facts.entity is not None:
             entity = facts.entity
             if answer is None:
-                answer = (rng or random.Random(prompt.id)).choice(COLORS)
+                return format_response(mode, f"I do not know the {entity.kind} {entity.name}.", UNKNOWN)
             if mode is Mode.PERSONALIZED and facts.persona_color is not None:
                 reasoning = f"You said the {entity.kind} {entity.name} is {answer}."
             else:

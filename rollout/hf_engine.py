@@ -5,7 +5,8 @@ cross-check of the vLLM engine (same codec, same stop ids, same logprob definiti
 log-probability under the distribution sampled from, after temperature and top-p).
 
 Requests with equal budgets are batched, left-padded, each expanded to ``n`` sequences.
-Randomness comes from torch's global generator, seeded once at start-up.
+Randomness comes from torch's global generator, seeded once at start-up, or for a batch of
+seeded requests from their seeds (the global stream is then left as it was).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from personadual.modes import Mode
 from personadual.records import Prompt, Rollout
+from personadual.seeds import derive_seed
 from personadual.weight_wire import TensorMeta, open_transfer_group, receive_buckets
 from rollout.config import RolloutConfig
 from rollout.engine import parse_version
@@ -55,9 +57,9 @@ class HfEngine:
     # ---- generation ---------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int | None = None,
                  greedy: bool = False, histories: Sequence[Sequence[dict[str, str]]] | None = None,
-                 modes: Sequence[Mode] | None = None) -> list[Rollout]:
+                 modes: Sequence[Mode] | None = None, seeds: Sequence[int] | None = None) -> list[Rollout]:
         n = self.config.sampling.n_per_mode if n is None else n
-        requests = self.codec.plan(prompts, forced=forced, n=n, histories=histories, modes=modes)
+        requests = self.codec.plan(prompts, forced=forced, n=n, histories=histories, modes=modes, seeds=seeds)
         samples: list[list[Sample] | None] = [None] * len(requests)
         by_budget: dict[int, list[int]] = {}
         for index, request in enumerate(requests):
@@ -94,8 +96,15 @@ class HfEngine:
                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=0, min_p=0.0, typical_p=1.0,
                 repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=stops,
                 pad_token_id=self.pad_token_id, output_scores=True, return_dict_in_generate=True)
-        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                                  generation_config=generation)
+        seeds = [r.seed for r in requests]
+        seeded = not greedy and None not in seeds
+        # generate() draws from torch's global generator: a seeded batch gets it seeded from its
+        # requests' seeds (the same batch, the same samples), then restored.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [], enabled=seeded):
+            if seeded:
+                torch.manual_seed(derive_seed(*seeds))
+            out = self.model.generate(input_ids=input_ids.to(self.device),
+                                      attention_mask=attention.to(self.device), generation_config=generation)
         new_tokens = out.sequences[:, width:].cpu()
         # scores: the processed (temperature, top-p) logits each token was drawn from.
         logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1).cpu()

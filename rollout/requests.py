@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from personadual.modes import Mode, mode_of_token_ids, mode_token_ids
 from personadual.prompts import render_prompt
 from personadual.records import Prompt, Rollout
+from personadual.seeds import derive_seed
 
 # Forced mode tokens were not sampled, so they carry no sampling logprob. The learner
 # recomputes every response token's logprob under the current policy (the mode token
@@ -30,6 +31,9 @@ class GenerationRequest:
     n: int
     first_sample_index: int
     max_new_tokens: int  # tokens to sample after the forced token, if any
+    # Seeds this request's sampling (its n samples draw seed, seed + 1, ... in vLLM);
+    # None: the engine's own random stream.
+    seed: int | None = None
 
     def input_token_ids(self, mode_ids: dict[Mode, int]) -> list[int]:
         """What the engine is fed: the forced mode token goes at the end of the prompt."""
@@ -60,11 +64,15 @@ class PromptCodec:
 
     def plan(self, prompts: Sequence[Prompt], *, forced: bool, n: int,
              histories: Sequence[Sequence[dict[str, str]]] | None = None,
-             modes: Sequence[Mode] | None = None) -> list[GenerationRequest]:
+             modes: Sequence[Mode] | None = None, seeds: Sequence[int] | None = None) -> list[GenerationRequest]:
+        """``seeds``: one per prompt; each request's seed derives from its prompt's seed and
+        its first sample index (personadual/seeds.py)."""
         if n < 1:
             raise ValueError(f"generate: n must be >= 1, got {n}")
         if histories is not None and len(histories) != len(prompts):
             raise ValueError(f"generate: {len(histories)} histories for {len(prompts)} prompts")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
         if modes is not None and not forced:
             raise ValueError("generate: modes only restricts forced-prefix sampling (forced=True)")
         forced_modes = [Mode(m) for m in (modes if modes is not None else list(Mode))] if forced else [None]
@@ -85,7 +93,8 @@ class PromptCodec:
             budget = self.max_response_tokens - (1 if forced else 0)
             for mode in forced_modes:
                 first = next_index.get(prompt.id, 0)
-                requests.append(GenerationRequest(prompt, prompt_ids, mode, n, first, min(budget, room)))
+                seed = derive_seed(seeds[position], first) if seeds is not None else None
+                requests.append(GenerationRequest(prompt, prompt_ids, mode, n, first, min(budget, room), seed))
                 next_index[prompt.id] = first + n
         return requests
 

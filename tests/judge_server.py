@@ -4,7 +4,8 @@ It runs aiohttp in a background thread on an ephemeral port. What it replies is 
 request: rules matching the request's text (``when``), a scripted sequence in arrival order
 (``script``), else ``default``. Replies: a verdict (graded by comparing the response with the
 gold answer, or forced), slow, an HTTP error status (429, 500, ...), garbage text, a body
-that is not JSON, or no answer at all (``hang``, until the server stops). Every request is
+that is not JSON, or no answer at all (``hang``, until the server stops); or a deterministic
+``FaultSchedule`` that fails a fixed share of judgements and counts what it caused. Every request is
 recorded with its Authorization header, and the server tracks how many were in flight at
 once. ``python tests/judge_server.py --delay 0.2`` serves in a process of its own (bench).
 """
@@ -69,6 +70,67 @@ class Reply:
         return cls("hang")
 
 
+# What a FaultSchedule does to every attempt at one judgement, by fault kind:
+#   server_error  HTTP 500 on every attempt: retried, then the judgement fails (server_error)
+#   timeout       no answer on every attempt: retried, then it fails (timeout)
+#   garbage       a 200 whose text holds no verdict: not retried, it fails (parse)
+#   transient     HTTP 500 on the first attempt only: retried once, then a verdict (no failure)
+FAULT_KINDS = ("server_error", "timeout", "garbage", "transient")
+RETRIED_EVERY_TIME = ("server_error", "timeout")
+# Three in ten judgements fail for good, one more only once: "a judge that fails 30%".
+DEFAULT_FAULT_CYCLE = ("ok", "server_error", "transient", "ok", "timeout", "ok", "ok", "garbage", "ok", "ok")
+
+
+class FaultSchedule:
+    """Deterministic faults per judgement, and the server's own count of what they caused.
+
+    A judgement is known by its request's messages (question, gold answer, response), so all
+    its attempts, and the same text asked again later, meet the same fault. The n-th distinct
+    judgement the server sees gets ``cycle[n % len(cycle)]``: exactly that share of each kind,
+    whatever order concurrent requests arrive in. ``attempts`` is the client's
+    ``max_retries + 1``; with it the server knows when a judgement ran out of retries, so
+    ``failed()`` is what the client must report as failed judgements, exactly.
+    """
+
+    def __init__(self, attempts: int, cycle: tuple[str, ...] = DEFAULT_FAULT_CYCLE) -> None:
+        unknown = set(cycle) - {"ok", *FAULT_KINDS}
+        if unknown or attempts < 1:
+            raise ValueError(f"FaultSchedule: unknown kinds {sorted(unknown)} or attempts {attempts} < 1")
+        self.attempts, self.cycle = attempts, cycle
+        self._plans: dict[str, str] = {}  # judgement -> its kind
+        self._seen: dict[str, int] = {}  # judgement -> requests for it so far
+        self.injected = {kind: 0 for kind in FAULT_KINDS}  # faulty replies sent
+        self.exhausted = {kind: 0 for kind in FAULT_KINDS}  # judgements that failed for good
+
+    def reply(self, judgement: str) -> Reply | None:
+        """The reply for one request (None: answer normally); called under the server's lock."""
+        kind = self._plans.setdefault(judgement, self.cycle[len(self._plans) % len(self.cycle)])
+        seen = self._seen[judgement] = self._seen.get(judgement, 0) + 1
+        if kind == "ok" or (kind == "transient" and seen > 1):
+            return None
+        self.injected[kind] += 1
+        if kind == "garbage" or (kind in RETRIED_EVERY_TIME and seen % self.attempts == 0):
+            self.exhausted[kind] += 1
+        return {"server_error": Reply.error(500), "timeout": Reply.hang(), "garbage": Reply.garbage(),
+                "transient": Reply.error(500)}[kind]
+
+    def failed(self) -> int:
+        """Judgements that failed after every attempt the client makes."""
+        return sum(self.exhausted.values())
+
+    def retries(self) -> int:
+        """Requests the client must have made again after a retryable fault."""
+        retryable = ("transient", *RETRIED_EVERY_TIME)
+        return sum(self.injected[k] for k in retryable) - sum(self.exhausted[k] for k in RETRIED_EVERY_TIME)
+
+    def judgements(self) -> int:
+        return len(self._plans)
+
+    def counts(self) -> dict[str, object]:
+        return {"judgements": self.judgements(), "injected": dict(self.injected), "exhausted": dict(self.exhausted),
+                "failed": self.failed(), "retries": self.retries()}
+
+
 @dataclass
 class RecordedRequest:
     path: str
@@ -105,8 +167,9 @@ def grade(response: str, gold: list[str]) -> tuple[bool, str]:
 
 
 class JudgeServer:
-    def __init__(self, default: Reply | None = None, *, port: int = 0) -> None:
+    def __init__(self, default: Reply | None = None, *, port: int = 0, faults: FaultSchedule | None = None) -> None:
         self.default = default or Reply.verdict()
+        self.faults = faults  # after rules and script: every other request meets the schedule
         self._port = port
         self._lock = threading.Lock()
         self._script: deque[Reply] = deque()
@@ -133,8 +196,8 @@ class JudgeServer:
             self._rules.append((substring, deque(replies)))
 
     def reset(self, default: Reply | None = None) -> None:
-        """Forget rules, script and requests, and end requests still hanging or sleeping, so
-        one test's leftovers never count in the next one's in-flight maximum."""
+        """Forget rules, script, fault schedule and requests, and end requests still hanging or
+        sleeping, so one test's leftovers never count in the next one's in-flight maximum."""
         if self._loop is not None:
             asyncio.run_coroutine_threadsafe(self._release_waiting(), self._loop).result(timeout=10)
             deadline = time.monotonic() + 10
@@ -144,6 +207,7 @@ class JudgeServer:
             self._script.clear()
             self._rules.clear()
             self.requests.clear()
+            self.faults = None
             self.max_in_flight = self.in_flight
             if default is not None:
                 self.default = default
@@ -161,6 +225,8 @@ class JudgeServer:
                     return replies.popleft()
             if self._script:
                 return self._script.popleft()
+            if self.faults is not None:
+                return self.faults.reply(text) or self.default
             return self.default
 
     def requests_for(self, substring: str) -> list[RecordedRequest]:

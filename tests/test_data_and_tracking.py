@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from personadual.data import DataError, load_prompts, resolve_model
+from personadual.data import DataError, check_data_files, load_prompts, resolve_model
 from personadual.tracking import RunTracker, read_metrics, scrub
 
 GOOD = {"id": "p1", "question": "What color is X?", "persona": None, "persona_setting": "none",
@@ -41,6 +41,17 @@ def test_skip_invalid_counts_what_it_skips(tmp_path):
     skipped: dict[str, int] = {}
     assert [p.id for p in load_prompts(path, skip_invalid=True, skipped=skipped)] == ["p1"]
     assert skipped == {str(path): 3}
+    assert check_data_files([str(path)], [], [], skip_invalid=True) == {str(path): 3}
+    with pytest.raises(DataError, match=r"d\.jsonl:2: invalid JSON"):
+        check_data_files([str(path)], [], [])
+    bad_only = _write(tmp_path / "b.jsonl", [b"{oops", json.dumps({**GOOD, "gold": []}).encode()])
+    with pytest.raises(DataError, match=r"b\.jsonl: no valid prompts: all 2 row\(s\) were invalid and skipped"):
+        load_prompts(bad_only, skip_invalid=True)
+    with pytest.raises(DataError, match=r"e\.jsonl: no valid prompts \(empty dataset\)"):
+        load_prompts(_write(tmp_path / "e.jsonl", [b""]), skip_invalid=True)
+    unknown = _write(tmp_path / "x.jsonl", [json.dumps({**GOOD, "colour": "red"}).encode()])
+    with pytest.raises(DataError, match=r"x\.jsonl:1: Prompt\.colour: unknown field"):
+        load_prompts(unknown)
 
 
 def test_model_path_errors(tmp_path):
@@ -65,3 +76,18 @@ def test_tracker_scrubs_secrets_everywhere(tmp_path, monkeypatch):
         if path.is_file():
             assert canary.encode() not in path.read_bytes(), path
     assert scrub({"a": [canary]}, [canary]) == {"a": ["***"]}
+
+
+def test_balanced_by_setting_meets_every_setting_equally_often():
+    from collections import Counter
+
+    from personadual.data import balanced_by_setting
+    from personadual.evaluation import setting_of
+    from personadual.world import PersonaWorld
+
+    prompts = PersonaWorld().train_prompts()
+    balanced = balanced_by_setting(prompts)
+    counts = Counter(setting_of(p) for p in balanced)
+    assert set(counts) == {"no_persona", "unaligned", "aligned", "personalized"}
+    assert len(set(counts.values())) == 1 and counts["aligned"] == max(Counter(map(setting_of, prompts)).values())
+    assert {p.id for p in balanced} == {p.id for p in prompts}  # nothing dropped, only repeated

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,46 @@ def test_missing_config_and_data_files_exit_2(tmp_path):
     _assert_one_line_error(_launch("--config", str(ROOT / "configs/smoke.yaml"), "data.source=files",
                                    f"data.train_files=[{tmp_path}/missing.jsonl]", f"run.out_dir={tmp_path}"),
                            "data.train_files[0]", "missing.jsonl", "not found")
+
+
+GOOD_ROW = {"id": "p1", "question": "What color is the flower Zor?", "persona": None, "persona_setting": "none",
+            "task_type": "objective", "gold": ["red"], "scorer": "exact_match"}
+GOOD = json.dumps(GOOD_ROW).encode()
+BAD_DATA = {  # case: (train.jsonl's lines, data.skip_invalid, what the one line must name)
+    "malformed-json": ([GOOD, b'{"id": "p2", "question": '], False, ["train.jsonl:2", "invalid JSON"]),
+    "missing-field": ([GOOD, json.dumps({k: v for k, v in GOOD_ROW.items() if k != "gold"}).encode()], False,
+                      ["train.jsonl:2", "Prompt.gold", "missing"]),
+    "ill-typed-field": ([json.dumps({**GOOD_ROW, "question": 7}).encode(), GOOD], False,
+                        ["train.jsonl:1", "Prompt.question", "expected a string, got int"]),
+    "non-utf8": ([GOOD, b'{"id": "p\xff2"}'], False, ["train.jsonl:2", "not UTF-8", "0xff"]),
+    "empty": ([], False, ["train.jsonl", "empty dataset"]),
+    "empty-even-skipping": ([], True, ["train.jsonl", "empty dataset"]),
+    "every-row-skipped": ([b"{oops", b"\xfe"], True, ["train.jsonl", "all 2 row(s) were invalid and skipped"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_exits_2_naming_file_line_and_field(case, tmp_path):
+    lines, skip_invalid, needles = BAD_DATA[case]
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b"".join(line + b"\n" for line in lines))
+    out = tmp_path / "runs"
+    _assert_one_line_error(_launch("--config", str(ROOT / "configs/smoke.yaml"), "data.source=files",
+                                   f"data.train_files=[{train}]", f"data.skip_invalid={str(skip_invalid).lower()}",
+                                   "sft.steps=0", f"run.out_dir={out}"), *needles)
+    assert not out.exists()  # no run folder, no cluster: the data was read first
+
+
+def test_bad_eval_and_sft_rows_name_their_file(tmp_path):
+    train, evals, sft = tmp_path / "train.jsonl", tmp_path / "eval.jsonl", tmp_path / "sft.jsonl"
+    train.write_bytes(GOOD + b"\n")
+    evals.write_bytes(GOOD + b"\n" + json.dumps({**GOOD_ROW, "persona_setting": "maybe"}).encode() + b"\n")
+    sft.write_bytes(json.dumps({"prompt": GOOD_ROW, "response": "Answer: red"}).encode() + b"\n")
+    common = ("--config", str(ROOT / "configs/smoke.yaml"), "data.source=files", f"data.train_files=[{train}]",
+              f"run.out_dir={tmp_path / 'runs'}")
+    _assert_one_line_error(_launch(*common, f"data.eval_files=[{evals}]"), "eval.jsonl:2", "Prompt.persona_setting")
+    _assert_one_line_error(_launch(*common, f"data.sft_files=[{sft}]"), "sft.jsonl:1", "response",
+                           "mode token")
 
 
 def test_yaml_syntax_error_names_the_file(tmp_path):

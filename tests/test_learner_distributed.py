@@ -5,6 +5,7 @@ non-zero KL to the frozen post-SFT reference). Also a ZeRO-3 checkpoint round tr
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import deepspeed  # noqa: F401  (a broken install fails here rather than skipping)
@@ -167,3 +168,32 @@ def test_two_ranks_match_plain_torch(ray_cluster, tiny_model_dir, scenario, zero
     finally:
         group.shutdown()
     assert ray.is_initialized()
+
+
+@pytest.mark.timeout(600)
+def test_nonfinite_loss_on_one_rank_skips_the_update_on_every_rank(ray_cluster, tiny_model_dir, scenario):
+    """Only rank 0's loss is NaN (the fault-injection knob, RL step 1): the ranks all-reduce
+    the verdict, so both skip the update and keep identical, untouched weights; step 2 then
+    trains on both. ZeRO-0, where no DeepSpeed check stands behind the learner's own (ZeRO-1-3
+    all-reduce the gradient norm themselves: tests/test_learner_engine.py)."""
+    _, batches, _, _ = scenario
+    config = dataclasses.replace(_config(0), fault_nan_loss_at_rl_steps=[1])
+    group = LearnerGroup(config, tiny_model_dir, num_cpus_per_rank=1.0)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
+    try:
+        skipped = group.policy_step(batches[0])
+        assert skipped["skipped_updates"] == 1 and group.weight_version == 0
+        assert group.call(lambda learner: (learner.weight_version, learner.consecutive_skipped)) == [(0, 1), (0, 1)]
+        ranks = group.call(lambda learner: {n: t.clone() for n, t in learner.engine.module.state_dict().items()})
+        for state in ranks:
+            for name, tensor in state.items():
+                assert torch.equal(tensor, original[name]), name
+
+        trained = group.policy_step(batches[1])
+        assert trained["skipped_updates"] == 0 and group.weight_version == 1
+        assert group.call(lambda learner: (learner.weight_version, learner.consecutive_skipped)) == [(1, 0), (1, 0)]
+        exported = {name: tensor for bucket in group.export_weights() for name, tensor in bucket}
+        assert all(torch.isfinite(t).all() for t in exported.values())
+        assert not torch.equal(exported["lm_head.weight"], original["lm_head.weight"])
+    finally:
+        group.shutdown()

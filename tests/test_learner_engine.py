@@ -4,7 +4,9 @@ DualGRPO step, exact resume from a checkpoint, and the HF export in transformers
 from __future__ import annotations
 
 import json
+import logging
 import math
+from pathlib import Path
 
 import deepspeed  # noqa: F401  (a broken install fails here rather than skipping)
 import pytest
@@ -103,7 +105,7 @@ def test_positive_advantage_gains_probability_and_negative_loses(tiny_model_dir,
 
 
 @pytest.mark.timeout(300)
-def test_resume_from_checkpoint_repeats_the_next_step_exactly(tiny_model_dir, batches, tmp_path):
+def test_resume_from_checkpoint_repeats_the_next_step_exactly(tiny_model_dir, batches, tmp_path, monkeypatch):
     sft = [SftSample(s.rollout.prompt_token_ids, s.rollout.response_token_ids) for s in batches[0][:5]]
     first = Learner(_config(), tiny_model_dir)
     first.sft_step(sft)
@@ -127,7 +129,20 @@ def test_resume_from_checkpoint_repeats_the_next_step_exactly(tiny_model_dir, ba
     torch.manual_seed(123)
     second = Learner(_config(), tiny_model_dir)
     try:
+        # Every file the resume path unpickles, DeepSpeed's own loads included, is weights_only.
+        loads: list[tuple[str, object]] = []
+        real_load = torch.load
+
+        def recording_load(path, *args, **kwargs):
+            loads.append((str(path), kwargs.get("weights_only")))
+            return real_load(path, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "load", recording_load)
         assert second.load_checkpoint(tmp_path / "ckpt") == {"data_position": 5, "epoch": 1}
+        monkeypatch.setattr(torch, "load", real_load)
+        assert {Path(path).name for path, _ in loads} >= {"mp_rank_00_model_states.pt",
+                                                          "zero_pp_rank_0_mp_rank_00_optim_states.pt"}
+        assert all(weights_only is True for _, weights_only in loads), loads
         assert second.weight_version == 2 and second.stage == "rl"
         assert torch.equal(torch.get_rng_state(), saved_rng)
         resumed = second.policy_step(build_policy_batch(batches[1]))
@@ -199,6 +214,59 @@ def _greedy_hf(model, prompt_ids: list[int], tokens: int, pad_id: int) -> list[i
     out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=tokens, do_sample=False, eos_token_id=None,
                          pad_token_id=pad_id)
     return out[0, len(prompt_ids):].tolist()
+
+
+def _optimizer_state(learner: Learner) -> list[tuple[int, str, torch.Tensor]]:
+    state = learner.engine.basic_optimizer.state
+    return [(i, key, value.clone() if torch.is_tensor(value) else torch.tensor(float(value)))
+            for i, param_state in enumerate(state.values()) for key, value in sorted(param_state.items())]
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_nonfinite_loss_skips_the_update_and_leaves_no_trace(tiny_model_dir, batches, zero_stage, caplog):
+    """RL steps 2 and 3 get a NaN loss (the fault-injection knob): both updates are skipped,
+    logged and counted, and the run after them is the run without them: after step 4 the
+    weights equal those of a learner that only ever took steps 1 and 4 (no optimizer step,
+    no LR-schedule step, no weight-version bump happened in between). ZeRO-0 takes the
+    learner's own check; ZeRO-2/3 DeepSpeed's, which the learner reads back."""
+    clean_batches = [build_policy_batch(batches[0]), build_policy_batch(batches[1])]
+    reference = Learner(_config(zero_stage=zero_stage), tiny_model_dir)
+    try:
+        for batch in clean_batches:
+            reference.policy_step(batch)
+        expected = {name: tensor.clone() for name, tensor in reference.full_weights()}
+    finally:
+        reference.close()
+
+    learner = Learner(_config(zero_stage=zero_stage, fault_nan_loss_at_rl_steps=[2, 3]), tiny_model_dir)
+    try:
+        first = learner.policy_step(clean_batches[0])
+        assert first["skipped_updates"] == 0 and learner.weight_version == 1
+        good = {name: tensor.clone() for name, tensor in learner.full_weights()}
+        optimizer_state, lr = _optimizer_state(learner), learner._lr()
+        assert optimizer_state  # Adam has moments to compare
+        for step in (2, 3):
+            with caplog.at_level(logging.WARNING, logger="learner.engine"):
+                metrics = learner.policy_step(clean_batches[1])
+            assert metrics["skipped_updates"] == 1 and metrics["consecutive_skipped_updates"] == step - 1
+            assert math.isnan(metrics["loss"]) and math.isnan(metrics["grad_norm"])
+            assert learner.weight_version == 1 and metrics["weight_version"] == 1
+        assert caplog.text.count("update skipped") == 2 and "non-finite loss" in caplog.text
+        for name, tensor in learner.full_weights():
+            assert torch.equal(tensor, good[name]), name
+        after = _optimizer_state(learner)
+        assert len(after) == len(optimizer_state)
+        assert all(torch.equal(a[2], b[2]) for a, b in zip(after, optimizer_state))
+        assert learner._lr() == lr
+
+        fourth = learner.policy_step(clean_batches[1])
+        assert fourth["skipped_updates"] == 0 and fourth["consecutive_skipped_updates"] == 0
+        assert learner.weight_version == 2 and math.isfinite(fourth["loss"])
+        for name, tensor in learner.full_weights():
+            assert torch.equal(tensor, expected[name]), name
+    finally:
+        learner.close()
 
 
 # Last in this module: an in-process vLLM engine replaces the process group that DeepSpeed's

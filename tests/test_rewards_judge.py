@@ -15,7 +15,7 @@ from personadual.modes import Mode
 from rewards.config import JudgeConfig, RewardConfig, RewardConfigError
 from rewards.judge import JudgeError
 from rewards.scorer import BatchScorer
-from tests.judge_server import JudgeServer, Reply, make_prompt, make_rollout
+from tests.judge_server import FaultSchedule, JudgeServer, Reply, make_prompt, make_rollout
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -250,3 +250,25 @@ def test_mixed_batch_with_local_and_judge_tasks(server):
     scored, counts = BatchScorer(config(server)).score_many(batch)
     assert [s.reward for s in scored] == [1.0, 1.0, 1.0, 0.0]
     assert counts["scorer/judge"] == 2 and counts["judge/requests"] == 2 and counts["ok"] == 4
+
+
+@pytest.mark.parametrize("policy", ["fallback_exact_match", "drop"])
+def test_fault_schedule_counts_are_what_the_client_reports(server, policy):
+    """The server's deterministic schedule (3 in 10 judgements fail for good: 500s, no answer,
+    garbage; 1 in 10 fails once and is retried) against the real client: what the server
+    counts as judgements that ran out of retries is exactly what the scorer reports as
+    failed, fell back or dropped; a retried success is neither."""
+    server.faults = schedule = FaultSchedule(attempts=MAX_RETRIES + 1)
+    batch = rollouts(*(f"{G} item {i}. Answer: teal" for i in range(30)))
+    scored, counts = BatchScorer(config(server, failure_policy=policy)).score_many(batch)
+    assert schedule.judgements() == 30 and schedule.failed() == 9  # 3 kinds x 30 / 10
+    assert schedule.exhausted == {"server_error": 3, "timeout": 3, "garbage": 3, "transient": 0}
+    assert schedule.injected == {"server_error": 9, "timeout": 9, "garbage": 3, "transient": 3}
+    failed_status = "fallback" if policy == "fallback_exact_match" else "dropped"
+    assert counts[failed_status] == counts["judge/failures"] == schedule.failed()
+    assert counts["ok"] == 30 - schedule.failed()
+    assert counts["judge/retries"] == schedule.retries() == 2 * 3 + 2 * 3 + 3
+    assert counts["judge/requests"] == len(server.requests) == 30 + schedule.retries()
+    assert {k: counts.get(f"judge/error/{k}", 0) for k in ("server_error", "timeout", "parse")} == {
+        "server_error": 3, "timeout": 3, "parse": 3}
+    assert sum(s.status == failed_status for s in scored) == schedule.failed()

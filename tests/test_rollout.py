@@ -353,3 +353,24 @@ def test_both_engines_receive_a_gloo_broadcast_through_the_transfer_api(vllm_eng
     sender.shutdown()
     for engine in engines:
         engine.shutdown_weight_transfer_engine()
+
+
+@pytest.mark.parametrize("which", ["vllm", "hf"])
+def test_seeded_sampling_follows_the_seeds_not_the_engines_history(which, vllm_engine, hf_engine, reference):
+    """Per-prompt seeds (the driver's, from run seed / step / prompt index) fix the samples:
+    the same seeds after other draws give the same responses, other seeds other ones."""
+    engine = vllm_engine if which == "vllm" else hf_engine
+    engine.load_weights(list(reference.state_dict().items()))
+    prompts, seeds = _prompts(4), [11, 22, 33, 44]
+
+    def tokens(rollouts):
+        return [tuple(r.response_token_ids) for r in rollouts]
+
+    first = engine.generate(prompts, forced=True, n=3, seeds=seeds)
+    engine.generate(prompts, forced=True, n=3)  # unseeded draws move the engine's own stream
+    assert tokens(engine.generate(prompts, forced=True, n=3, seeds=seeds)) == tokens(first)
+    assert tokens(engine.generate(prompts, forced=True, n=3, seeds=[s + 1 for s in seeds])) != tokens(first)
+    assert len(set(tokens(first))) > len(prompts) * 2  # a request's n samples are not copies
+    if which == "vllm":  # a generator per request: a prompt's samples do not depend on its batch
+        alone = engine.generate(prompts[1:2], forced=True, n=3, seeds=seeds[1:2])
+        assert tokens(alone) == [t for r, t in zip(first, tokens(first)) if r.prompt.id == prompts[1].id]

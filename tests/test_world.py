@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from personadual.modes import Mode, mode_of_text
-from personadual.world import KINDS, PersonaWorld, WorldConfig
+from personadual.world import KINDS, UNKNOWN, PersonaWorld, WorldConfig
 
 
 def test_world_is_deterministic_from_its_seed():
@@ -67,7 +67,24 @@ def test_sft_examples_follow_gain_based_selection():
     assert len(examples) == len(world.train_prompts())
     for example in examples:
         assert mode_of_text(example.response) is example.mode
-        assert example.response.endswith(f"Answer: {example.prompt.gold[0]}")
+        knows = example.mode is Mode.PERSONALIZED or world.is_knowable(example.prompt)
+        assert example.response.endswith(f"Answer: {example.prompt.gold[0] if knows else UNKNOWN}")
         expected = Mode.PERSONALIZED if (example.prompt.task_type == "personalized"
                                          or example.prompt.persona_setting == "aligned") else Mode.GENERAL
         assert example.mode is expected
+
+
+def test_unfamiliar_entities_come_with_both_kinds_of_persona():
+    """Entities seen once in training carry aligned AND unaligned personas, so only the
+    speaker's profession (not the entity's unfamiliarity) tells when to trust a persona."""
+    world = PersonaWorld()
+    once = {}
+    for prompt in world.train_prompts():
+        entity = world.facts(prompt).entity
+        if entity is not None and entity.pool in ("cue_only", "cue_misleading"):
+            assert entity.name not in once, f"{entity.name} asked twice"
+            once[entity.name] = (entity.pool, prompt.persona_setting)
+    settings = {pool: {s for p, s in once.values() if p == pool} for pool in ("cue_only", "cue_misleading")}
+    assert settings == {"cue_only": {"aligned"}, "cue_misleading": {"unaligned"}}
+    config = world.config
+    assert len(once) == config.cue_only_entities + config.cue_misleading_entities

@@ -1,0 +1,47 @@
+"""Test-only windows for fault injection (tests/test_faults_*.py); inert in real runs.
+
+With ``PERSONADUAL_FAULT_DIR`` unset (every real run) ``fault_window`` does nothing but read
+that variable. Set to a folder, a process doing a tracked piece of work -- a rollout engine
+generating, a reward worker scoring, a learner rank training or saving a checkpoint -- holds
+the file ``DIR/<kind>.<label>.<pid>`` while it works, so a test can find that process and
+SIGKILL it mid-work. While ``DIR/hold.<kind>`` exists the work waits first (at most
+``HOLD_LIMIT_S``): that is how a test hits a window that is otherwise milliseconds long, e.g.
+a checkpoint save after its files are written but before it is published.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+FAULT_DIR_ENV = "PERSONADUAL_FAULT_DIR"
+HOLD_LIMIT_S = 120.0
+
+
+@contextmanager
+def fault_window(kind: str, label: str) -> Iterator[None]:
+    folder = os.environ.get(FAULT_DIR_ENV)
+    if not folder:
+        yield
+        return
+    root = Path(folder)
+    marker = root / f"{kind}.{label}.{os.getpid()}"
+    marker.touch()
+    try:
+        hold = root / f"hold.{kind}"
+        deadline = time.monotonic() + HOLD_LIMIT_S
+        while hold.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def fault_point(kind: str, label: str) -> None:
+    """A window around nothing: a place where a held test crashes the process, e.g. between
+    writing a checkpoint's files and publishing it."""
+    with fault_window(kind, label):
+        pass

@@ -1,0 +1,99 @@
+"""`python -m personadual.report`: the Table-1 comparison of runs, its labels, collapse
+detection and plots, on run folders laid out as the driver writes them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from personadual.report import collapse, format_table1, load_run, main, method_label
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def setting(accuracy: float, rate: float) -> dict:
+    return {"accuracy": accuracy, "personalized_mode_rate": rate, "no_mode_rate": 0.0, "count": 10, "dropped": 0}
+
+
+def eval_result(none: float, unaligned: float, aligned: float, personalized: float, rates: tuple) -> dict:
+    result = {"no_persona": setting(none, rates[0]), "unaligned": setting(unaligned, rates[1]),
+              "aligned": setting(aligned, rates[2]), "personalized": setting(personalized, rates[3])}
+    result["mean_accuracy"] = (none + unaligned + aligned + personalized) / 4
+    return result
+
+
+def write_run(root: Path, name: str, algo: str, final: dict, sft: dict | None = None,
+              rewards: tuple = (0.2, 0.4)) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(algo)
+    summary = {"run": name, "eval": final}
+    if sft:
+        summary["eval_sft"] = sft
+    (run / "summary.json").write_text(json.dumps(summary))
+    rows = [{"step": i + 1, "stage": "rl", "reward/mean": r} for i, r in enumerate(rewards)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def test_method_labels_follow_the_algo_section() -> None:
+    assert method_label({"algo": {"advantage": "dual", "forced_prefix": True}}) == "DualGRPO"
+    assert method_label({"algo": {"advantage": "grpo", "forced_prefix": True}}) == "w/o DualAdv (GRPO)"
+    assert method_label({"algo": {"advantage": "dual", "forced_prefix": False}}) == "w/o PfxSmp"
+    assert method_label({"algo": {"advantage": "dual_released"}}) == "DualGRPO, released-code advantage"
+
+
+def test_collapse_needs_one_mode_in_every_setting() -> None:
+    assert collapse(eval_result(0.5, 0.5, 0.5, 0.5, (0.95, 0.92, 0.99, 1.0))) == "personalized"
+    assert collapse(eval_result(0.5, 0.5, 0.5, 0.5, (0.0, 0.05, 0.09, 0.02))) == "general"
+    assert collapse(eval_result(0.5, 0.5, 0.5, 0.5, (0.0, 0.05, 0.95, 1.0))) is None
+
+
+def test_table_has_a_row_per_run_and_the_first_runs_sft(tmp_path: Path) -> None:
+    sft = eval_result(0.74, 0.65, 1.0, 0.94, (0.0, 0.26, 1.0, 0.94))
+    dual = write_run(tmp_path, "dual", "algo:\n  advantage: dual\n  forced_prefix: true\n",
+                     eval_result(0.74, 0.72, 1.0, 1.0, (0.0, 0.02, 1.0, 1.0)), sft=sft)
+    free = write_run(tmp_path, "free", "algo:\n  advantage: dual\n  forced_prefix: false\n",
+                     eval_result(0.70, 0.40, 0.98, 0.99, (0.97, 0.96, 0.99, 1.0)), sft=sft)
+    table = format_table1([load_run(dual), load_run(free)])
+    lines = table.splitlines()
+    assert lines[0].startswith("| method | synthetic None | synthetic Unaligned | synthetic Aligned |")
+    assert "synthetic (personalized) Aligned" in lines[0]
+    assert lines[2].startswith("| SFT (dual) | 0.740 | 0.650 | 1.000 | 0.940 |")
+    assert lines[3].startswith("| DualGRPO (dual) | 0.740 | 0.720 | 1.000 | 1.000 | 0.865 | 0.02 / 1.00 / 1.00 | no |")
+    assert lines[4].startswith("| w/o PfxSmp (free) | 0.700 | 0.400 | 0.980 | 0.990 |")
+    assert lines[4].endswith("| personalized |")
+
+
+def test_per_benchmark_columns_when_a_run_mixes_benchmarks(tmp_path: Path) -> None:
+    final = eval_result(0.6, 0.5, 0.7, 0.8, (0.1, 0.2, 0.8, 0.9))
+    final["by_benchmark"] = {
+        "triviaqa": {"no_persona": setting(0.6, 0.1), "unaligned": setting(0.5, 0.2), "aligned": setting(0.7, 0.8)},
+        "personafeedback": {"personalized": setting(0.8, 0.9)},
+    }
+    run = write_run(tmp_path, "mixed", "algo:\n  advantage: dual\n", final)
+    header = format_table1([load_run(run)]).splitlines()[0]
+    assert header.startswith("| method | triviaqa None | triviaqa Unaligned | triviaqa Aligned | "
+                             "personafeedback (personalized) Aligned | mean |")
+
+
+def test_cli_writes_table_and_plots(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "runs", "a", "algo:\n  advantage: grpo\n",
+                    eval_result(0.7, 0.6, 0.9, 0.95, (0.0, 0.3, 0.9, 0.95)))
+    result = subprocess.run([sys.executable, "-m", "personadual.report", str(run)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "| w/o DualAdv (GRPO) (a) |" in result.stdout
+    out = tmp_path / "runs" / "report"
+    assert (out / "table1.md").read_text().startswith("| method |")
+    for plot in ("mode_rate_per_setting.png", "reward.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_names_a_folder_that_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main([str(tmp_path / "nope")]) == 2
+    assert "nope/summary.json: missing" in capsys.readouterr().err
