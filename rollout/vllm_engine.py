@@ -60,6 +60,10 @@ class VllmEngine:
             tensor_parallel_size=tp, enforce_eager=config.enforce_eager,
             seed=config.sampling.seed + engine_index, logprobs_mode="processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
+            # Whole prompts only: vLLM rewinds a seeded request's generator when it discards the
+            # token sampled after a partial (chunked) prefill, which CPU generators cannot do
+            # ("CPU Generator does not use offset": the default run's first seeded RL step).
+            enable_chunked_prefill=False,
             # tp > 1: vLLM picks "ray" inside a Ray placement group, else "mp".
             distributed_executor_backend="uni" if tp == 1 else None,
         )
