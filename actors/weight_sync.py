@@ -15,6 +15,8 @@ from typing import Any
 import ray
 from ray.actor import ActorHandle
 
+from actors.supervision import one_line
+
 
 class WeightSyncError(RuntimeError):
     """A sync that failed or timed out; the message names the engine when one is to blame."""
@@ -50,9 +52,7 @@ class EngineSyncClient:
                 own_errors.append((index, error.cause if error.cause is not None else error))
         if own_errors:
             index, error = own_errors[0]
-            lines = str(error).strip().splitlines()
-            raise WeightSyncError(f"weight sync: rollout engine {index} failed {method} "
-                                  f"({type(error).__name__}: {lines[0] if lines else ''})") from error
+            raise WeightSyncError(f"weight sync: rollout engine {index} failed {method} ({one_line(error)})") from error
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         offsets = [init_info["rank_offset"] + sum(self.workers[:i]) for i in range(len(self.engines))]
