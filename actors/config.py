@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from learner.config import LearnerConfig
 from personadual.advantage import ADVANTAGE_KINDS
+from personadual.world import KINDS
 from rewards.config import RewardConfig
 from rollout.config import RolloutConfig
 
@@ -50,6 +51,9 @@ class ModelSection:
 class DataSection:
     source: str = "world"  # world | files
     world_seed: int = 0
+    # How many of the world's kinds have their aligned-persona questions demonstrated in SFT
+    # (the others' are RL prompts only, so RL has a mode choice left to learn); null: all.
+    world_sft_aligned_kinds: Optional[int] = 3
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
     sft_files: list[str] = field(default_factory=list)
@@ -165,6 +169,9 @@ def _validate(cfg: DictConfig) -> None:
                                   f"cluster.learner_gpus, rollout.num_*_per_engine)")
             if amount <= 0:
                 raise ConfigError(f"{key}.{name}: must be > 0, got {amount!r}")
+    kinds = cfg.data.world_sft_aligned_kinds
+    if kinds is not None and not 0 <= kinds <= len(KINDS):
+        raise ConfigError(f"data.world_sft_aligned_kinds: must be null or 0..{len(KINDS)}, got {kinds!r}")
     if cfg.data.source == "files" and not cfg.data.train_files:
         raise ConfigError("data.train_files: data.source=files needs at least one training file")
     if cfg.data.source == "files":

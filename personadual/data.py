@@ -140,6 +140,7 @@ def check_data_files(train_files: Sequence[str], eval_files: Sequence[str], sft_
 
 
 def load_run_data(source: str, tokenizer: Any, *, world_seed: int = 0,
+                  world_sft_aligned_kinds: int | None = WorldConfig.sft_aligned_kinds,
                   train_files: Sequence[str] = (), eval_files: Sequence[str] = (),
                   sft_files: Sequence[str] = (), skip_invalid: bool = False,
                   max_eval_prompts: int = 0, max_prompt_tokens: int = 0, max_sft_tokens: int = 0,
@@ -148,10 +149,10 @@ def load_run_data(source: str, tokenizer: Any, *, world_seed: int = 0,
     examples longer than ``max_sft_tokens`` (0: no limit) are dropped and counted in
     ``skipped``."""
     if source == "world":
-        world = PersonaWorld(WorldConfig(seed=world_seed))
+        world = PersonaWorld(WorldConfig(seed=world_seed, sft_aligned_kinds=world_sft_aligned_kinds))
         sft = [tokenize_trajectory(tokenizer, e.prompt, e.response) for e in world.sft_examples()]
         evals = world.eval_prompts()
-        data = RunData(world.train_prompts(), evals, sft, world=world)
+        data = RunData(world.rl_prompts(), evals, sft, world=world)
     else:
         skipped: dict[str, int] = {}
         train = [p for f in train_files for p in load_prompts(Path(f), skip_invalid=skip_invalid, skipped=skipped)]

@@ -18,7 +18,26 @@ the fact they carry):
   entity in training came with a right persona, and the model learned "unfamiliar entity:
   trust the persona" instead of "expert speaker: trust the persona" (measured: unaligned
   personas on unseen entities chose personalized mode 19 times in 24 after DualGRPO);
+- plain_once: asked once, without a persona, answered "unknown" in general mode. Without
+  them general mode had only ever said "unknown" next to a persona; asked plainly about an
+  unfamiliar entity it guessed a colour, and the lucky guesses moved no-persona accuracy
+  (measured: +0.055 over unaligned, from 4 guesses in 24 once SFT saw fewer cue entities);
 - unseen: appear only in evaluation, so only an aligned persona can supply their colour.
+SFT demonstrations and RL prompts differ, as in the paper, where SFT teaches the two modes
+and DualGRPO improves the choice between them: only the first ``sft_aligned_kinds`` kinds'
+aligned-persona questions (known and cue_only entities) have SFT demonstrations; the other
+kinds' experts appear in SFT only as unaligned speakers about other kinds, and their aligned
+questions are RL prompts only. Measured, seed 0:
+- every kind demonstrated: SFT already reached the either-mode upper bound in every setting
+  and RL had nothing left to win;
+- only cue_only entities held back (their kinds' known entities still demonstrated with
+  aligned personas): SFT generalised "expert speaker: personalized mode" to the held-back
+  kinds at once, and RL's gains came from chance SFT slips instead;
+- three kinds of six, as here: SFT answers aligned questions of the other three kinds in
+  general mode (personalized-mode rate on aligned eval prompts 0.5), which RL with forced
+  prefixes is there to correct.
+RL prompts leave out the questions no mode can answer (cue_misleading, plain_once): their
+groups reward only lucky guesses, which teaches guessing instead of "unknown".
 General mode knows the known entities' colours only; asked about any other entity it says
 it does not know (answer "unknown") rather than guessing, so accuracy without a usable
 persona is the same in every setting instead of varying with random guesses (measured: the
@@ -75,6 +94,7 @@ EVAL_PREFERENCE_TEMPLATE = "For me, which {category} is better, {a} or {b}?"
 PROFESSIONS = tuple(KINDS.values()) + ("baker", "pilot", "teacher", "nurse")
 SETTINGS = ("none", "unaligned", "aligned")
 UNKNOWN = "unknown"  # general mode's answer about an entity whose colour it never learned
+ONCE_SEEN_SETTING = {"cue_only": "aligned", "cue_misleading": "unaligned", "plain_once": "none"}
 
 
 def _article(noun: str) -> str:
@@ -95,7 +115,9 @@ class WorldConfig:
     known_entities: int = 48
     cue_only_entities: int = 240
     cue_misleading_entities: int = 120
+    plain_once_entities: int = 48
     unseen_entities: int = 24
+    sft_aligned_kinds: int | None = 3  # kinds whose aligned-persona questions get SFT demonstrations; None: all
     preference_train_prompts: int = 240
     preference_eval_prompts: int = 48
 
@@ -134,7 +156,8 @@ class PersonaWorld:
     def _make_entities(self, rng: random.Random) -> list[Entity]:
         cfg = self.config
         pools = ["known"] * cfg.known_entities + ["cue_only"] * cfg.cue_only_entities + \
-            ["cue_misleading"] * cfg.cue_misleading_entities + ["unseen"] * cfg.unseen_entities
+            ["cue_misleading"] * cfg.cue_misleading_entities + ["unseen"] * cfg.unseen_entities + \
+            ["plain_once"] * cfg.plain_once_entities
         names: set[str] = set()
         entities = []
         kinds = list(KINDS)
@@ -177,12 +200,12 @@ class PersonaWorld:
                 for t, template in enumerate(TRAIN_OBJECTIVE_TEMPLATES):
                     for setting in SETTINGS:
                         prompts.append(self._objective(rng, entity, template, setting, "train", t))
-            elif entity.pool in ("cue_only", "cue_misleading"):
+            elif entity.pool in ONCE_SEEN_SETTING:
                 # Asked once: many entities seen once teach reading the persona, where a few
                 # entities seen often are simply memorised (measured on the tiny model).
                 t = rng.randrange(len(TRAIN_OBJECTIVE_TEMPLATES))
-                setting = "aligned" if entity.pool == "cue_only" else "unaligned"
-                prompts.append(self._objective(rng, entity, TRAIN_OBJECTIVE_TEMPLATES[t], setting, "train", t))
+                prompts.append(self._objective(rng, entity, TRAIN_OBJECTIVE_TEMPLATES[t],
+                                               ONCE_SEEN_SETTING[entity.pool], "train", t))
         return prompts
 
     def _objective_eval(self, rng: random.Random) -> list[Prompt]:
@@ -211,7 +234,18 @@ class PersonaWorld:
 
     # ---- queries ------------------------------------------------------------------------
     def train_prompts(self) -> list[Prompt]:
+        """Every training question: the SFT demonstrations' prompts and the RL prompts."""
         return list(self._train)
+
+    def rl_prompts(self) -> list[Prompt]:
+        """The training questions some mode can answer (see the module docstring)."""
+        return [p for p in self._train if self.answer_in_mode(p, self.best_mode(p)) in p.gold]
+
+    def has_sft_demonstration(self, prompt: Prompt) -> bool:
+        entity = self.facts(prompt).entity
+        kinds = self.config.sft_aligned_kinds
+        return entity is None or prompt.persona_setting != "aligned" or kinds is None \
+            or entity.kind in list(KINDS)[:kinds]
 
     def eval_prompts(self) -> list[Prompt]:
         return list(self._eval)
@@ -266,9 +300,9 @@ class PersonaWorld:
     def sft_examples(self) -> list[SftExample]:
         """Gain-based SFT data (paper appendix B.1): personalized tasks get personalized-mode
         trajectories; objective tasks get one only where the persona yields the right answer,
-        else a general-mode one."""
+        else a general-mode one. Only the prompts ``has_sft_demonstration`` admits."""
         examples = []
-        for prompt in self._train:
+        for prompt in filter(self.has_sft_demonstration, self._train):
             if prompt.task_type == "personalized":
                 mode = Mode.PERSONALIZED
             else:

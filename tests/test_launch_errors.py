@@ -30,6 +30,7 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -
     ("algo.steps=three", "algo.steps"),
     ("algo.advantage=ppo", "algo.advantage"),
     ("learner.zero_stage=7", "learner.zero_stage"),
+    ("data.world_sft_aligned_kinds=7", "data.world_sft_aligned_kinds"),
     ("reward.judge.failure_policy=ignore", "reward.judge.failure_policy"),
     ("nonsense=1", "nonsense"),
 ])

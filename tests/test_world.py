@@ -64,7 +64,7 @@ def test_best_mode_is_the_one_whose_answer_is_right():
 def test_sft_examples_follow_gain_based_selection():
     world = PersonaWorld()
     examples = world.sft_examples()
-    assert len(examples) == len(world.train_prompts())
+    assert [e.prompt for e in examples] == [p for p in world.train_prompts() if world.has_sft_demonstration(p)]
     for example in examples:
         assert mode_of_text(example.response) is example.mode
         knows = example.mode is Mode.PERSONALIZED or world.is_knowable(example.prompt)
@@ -81,10 +81,48 @@ def test_unfamiliar_entities_come_with_both_kinds_of_persona():
     once = {}
     for prompt in world.train_prompts():
         entity = world.facts(prompt).entity
-        if entity is not None and entity.pool in ("cue_only", "cue_misleading"):
+        if entity is not None and entity.pool in ("cue_only", "cue_misleading", "plain_once"):
             assert entity.name not in once, f"{entity.name} asked twice"
             once[entity.name] = (entity.pool, prompt.persona_setting)
-    settings = {pool: {s for p, s in once.values() if p == pool} for pool in ("cue_only", "cue_misleading")}
-    assert settings == {"cue_only": {"aligned"}, "cue_misleading": {"unaligned"}}
+    pools = ("cue_only", "cue_misleading", "plain_once")
+    settings = {pool: {s for p, s in once.values() if p == pool} for pool in pools}
+    assert settings == {"cue_only": {"aligned"}, "cue_misleading": {"unaligned"}, "plain_once": {"none"}}
     config = world.config
-    assert len(once) == config.cue_only_entities + config.cue_misleading_entities
+    assert len(once) == config.cue_only_entities + config.cue_misleading_entities + config.plain_once_entities
+
+
+def test_sft_demonstrates_aligned_personas_of_the_first_kinds_and_rl_asks_every_kind():
+    world = PersonaWorld(WorldConfig(sft_aligned_kinds=3))
+    def aligned_kinds(prompts):
+        return {world.facts(p).entity.kind for p in prompts
+                if p.task_type == "objective" and p.persona_setting == "aligned"}
+    assert aligned_kinds(e.prompt for e in world.sft_examples()) == set(list(KINDS)[:3])
+    assert aligned_kinds(world.rl_prompts()) == set(KINDS)
+    # The held-back kinds' experts still speak in SFT, as unaligned speakers about other kinds.
+    held_back = {KINDS[kind] for kind in list(KINDS)[3:]}
+    assert held_back <= {p.persona.split(".")[0].split()[-1] for e in world.sft_examples()
+                         if (p := e.prompt).persona_setting == "unaligned"}
+    demonstrated = {e.prompt.id for e in world.sft_examples()}
+    assert all(p.id in demonstrated for p in world.train_prompts() if p.persona_setting != "aligned"
+               or p.task_type == "personalized")
+    everything = PersonaWorld(WorldConfig(sft_aligned_kinds=None))
+    assert len(everything.sft_examples()) == len(everything.train_prompts())
+
+
+def test_rl_prompts_are_the_training_questions_some_mode_can_answer():
+    world = PersonaWorld()
+    rl = world.rl_prompts()
+    assert all(world.answer_in_mode(p, world.best_mode(p)) in p.gold for p in rl)
+    left_out = [p for p in world.train_prompts() if p not in rl]
+    assert {world.facts(p).entity.pool for p in left_out} == {"cue_misleading", "plain_once"}
+    assert {(p.task_type, p.persona_setting) for p in rl} == {
+        ("objective", "none"), ("objective", "unaligned"), ("objective", "aligned"), ("personalized", "aligned")}
+
+
+def test_unfamiliar_entities_asked_plainly_are_answered_unknown():
+    world = PersonaWorld()
+    plain = [e for e in world.sft_examples() if world.facts(e.prompt).entity
+             and world.facts(e.prompt).entity.pool == "plain_once"]
+    assert len(plain) == world.config.plain_once_entities
+    assert all(e.prompt.persona is None and e.mode is Mode.GENERAL and e.response.endswith(f"Answer: {UNKNOWN}")
+               for e in plain)
