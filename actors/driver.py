@@ -33,6 +33,7 @@ from personadual.evaluation import forced_mode_summary, mode_alignment, summariz
 from personadual.modes import Mode
 from personadual.prompts import format_question
 from personadual.records import Prompt, Rollout, Scored
+from personadual.report import method_label
 from personadual.seeds import step_seeds
 from personadual.tracking import RunTracker, read_metrics, write_json_atomic
 from personadual.world import two_turn_cases
@@ -479,7 +480,7 @@ class Driver:
                 result = self.evaluate(0, "sft")
                 summary["eval_sft"] = result
                 self.tracker.log(0, {"stage": "eval", "tag": "sft", "eval": result})
-            with tqdm(total=self.rl_steps, initial=rl_start, desc="DualGRPO") as bar:
+            with tqdm(total=self.rl_steps, initial=rl_start, desc=method_label(to_container(cfg))) as bar:
                 for step in range(rl_start + 1, self.rl_steps + 1):
                     metrics = {**self._rl_step(step), **self.faults.step_done()}
                     self._last_done = ("rl", step, self.learner.weight_version)

@@ -9,10 +9,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from actors import cluster
-from actors.config import ConfigError, load_config
+from actors.config import ConfigError, load_config, to_container
 from actors.driver import Driver, prepare_run_dir
 from personadual.data import check_data_files
-from personadual.report import format_eval_table
+from personadual.report import format_eval_table, method_label
 
 
 def _resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
@@ -44,7 +44,7 @@ def launch(config_path: Path | None, overrides: list[str], resume: Path | None) 
         summary = Driver(cfg, run_dir, resume=resume is not None).run()
     finally:
         cluster.shutdown()
-    print(format_eval_table(summary, run_dir))
+    print(format_eval_table(summary, run_dir, method_label(to_container(cfg))))
     return summary
 
 

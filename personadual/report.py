@@ -101,10 +101,11 @@ def load_summary(run_dir: Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
-def format_eval_table(summary: dict[str, Any], run_dir: Path | str = "") -> str:
-    """A markdown table of free-mode accuracy and personalized-mode rate per setting."""
+def format_eval_table(summary: dict[str, Any], run_dir: Path | str = "", method: str = "DualGRPO") -> str:
+    """A markdown table of free-mode accuracy and personalized-mode rate per setting;
+    ``method`` names the RL checkpoint's row (``method_label`` of the run's config)."""
     rows = ["| checkpoint | setting | accuracy | personalized-mode rate |", "|---|---|---|---|"]
-    for tag, result in (("SFT", summary.get("eval_sft")), ("DualGRPO", summary.get("eval"))):
+    for tag, result in (("SFT", summary.get("eval_sft")), (method, summary.get("eval"))):
         if not result:
             continue
         for setting in EVAL_SETTINGS:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from personadual.report import collapse, format_table1, load_run, main, method_label
+from personadual.report import collapse, format_eval_table, format_table1, load_run, main, method_label
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +45,15 @@ def test_method_labels_follow_the_algo_section() -> None:
     assert method_label({"algo": {"advantage": "grpo", "forced_prefix": True}}) == "w/o DualAdv (GRPO)"
     assert method_label({"algo": {"advantage": "dual", "forced_prefix": False}}) == "w/o PfxSmp"
     assert method_label({"algo": {"advantage": "dual_released"}}) == "DualGRPO, released-code advantage"
+
+
+def test_a_runs_own_table_names_its_rl_row_by_method() -> None:
+    summary = {"eval_sft": eval_result(0.5, 0.5, 0.7, 0.9, (0, 0, 1, 1)),
+               "eval": eval_result(0.5, 0.5, 0.8, 1.0, (0, 0, 1, 1))}
+    label = method_label({"algo": {"advantage": "grpo"}})
+    rows = [line.split(" | ")[0] for line in format_eval_table(summary, "runs/x", label).splitlines()
+            if line.startswith("| ") and "| aligned |" in line]
+    assert rows == ["| SFT", "| w/o DualAdv (GRPO)"]
 
 
 def test_collapse_needs_one_mode_in_every_setting() -> None:
