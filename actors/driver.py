@@ -186,16 +186,14 @@ class Driver:
         self._last_done: tuple[str, int, int] | None = None  # (stage, step, weight version) completed last
 
     # ---- set-up -------------------------------------------------------------------------
-    def _check_resources(self) -> None:
-        """Fail at once, naming the keys, when the actors cannot all be placed: Ray would
-        otherwise wait for resources that never come. Sized by the same plan as the groups."""
-        check_fits(plan_groups(self.cfg), *cluster_shape())
-
     def _build(self) -> None:
         from transformers import AutoTokenizer
 
         cfg = self.cfg
-        self._check_resources()
+        # Fail at once, naming the keys, when the actors cannot all be placed (Ray would
+        # otherwise wait for resources that never come); the groups are created from this plan.
+        groups = plan_groups(cfg)
+        check_fits(groups, *cluster_shape())
         self.model_path = resolve_model(cfg.model.path, cfg.model.tiny_preset)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.data = load_run_data(
@@ -215,7 +213,7 @@ class Driver:
             raise ConfigError("algo.steps: the RL stage has no prompts (set data.train_files, or algo.steps=0)")
         self.sft_cursor = DataCursor(cfg.run.seed, max(len(self.data.sft), 1))
         self.rl_cursor = DataCursor(cfg.run.seed + 1, len(self.data.train))
-        self.placement = Placement.create(plan_groups(cfg), timeout_s=cfg.cluster.placement_timeout_s)
+        self.placement = Placement.create(groups, timeout_s=cfg.cluster.placement_timeout_s)
         self.learner = LearnerGroup(section(cfg, "learner"), self.model_path,
                                     algo=section(cfg, "algo"), total_sft_steps=max(self.sft_steps, 1),
                                     total_rl_steps=max(self.rl_steps, 1),

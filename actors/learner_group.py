@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import ray
 import torch
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.placement import in_bundle
 from actors.supervision import dead_actors, one_line
 from learner.batch import PolicyBatch, SftSample, build_policy_batch, shard
 from learner.config import LearnerConfig
@@ -168,11 +168,8 @@ class LearnerGroup:
         self.actors = []
         self.failed = False  # a rank died: shut down without waiting for the others' goodbyes
         for rank in range(self.num_ranks):
-            options: dict[str, Any] = {"num_cpus": num_cpus_per_rank, "num_gpus": num_gpus_per_rank}
-            if placement_group is not None:
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    placement_group=placement_group, placement_group_bundle_index=rank)
-            self.actors.append(LearnerActor.options(**options).remote(rank, self.num_ranks))
+            self.actors.append(LearnerActor.options(num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank,
+                                                    **in_bundle(placement_group, rank)).remote(rank, self.num_ranks))
         try:
             self.master_address, self.master_port = ray.get(self.actors[0].address.remote())
             versions = gather([actor.setup.remote(self.config, self.model_path, self.master_address,

@@ -22,6 +22,7 @@ from typing import Iterable
 import ray
 from omegaconf import DictConfig
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.config import ConfigError
 
@@ -51,6 +52,13 @@ class GroupSpec:
 def make_bundle(cpus: float, gpus: float, extra: dict[str, float] | None = None) -> Bundle:
     bundle = {"CPU": float(cpus), "GPU": float(gpus), **{k: float(v) for k, v in (extra or {}).items()}}
     return {key: amount for key, amount in bundle.items() if amount > 0}
+
+
+def in_bundle(group: PlacementGroup | None, index: int) -> dict[str, PlacementGroupSchedulingStrategy]:
+    """Ray actor options that put an actor in bundle ``index`` of ``group`` (none without one)."""
+    if group is None:
+        return {}
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)}
 
 
 def plan_groups(cfg: DictConfig) -> list[GroupSpec]:
@@ -169,12 +177,5 @@ class Placement:
         self._by_name = {}
 
 
-def place(cfg: DictConfig) -> Placement:
-    """Check the plan against the cluster, then create every group and wait for it."""
-    specs = plan_groups(cfg)
-    check_fits(specs, *cluster_shape())
-    return Placement.create(specs, timeout_s=cfg.cluster.placement_timeout_s)
-
-
-__all__ = ["GroupSpec", "Placement", "PlacementError", "check_fits", "cluster_shape", "make_bundle", "place",
+__all__ = ["GroupSpec", "Placement", "PlacementError", "check_fits", "cluster_shape", "in_bundle", "make_bundle",
            "plan_groups", "totals"]

@@ -28,8 +28,8 @@ from typing import Sequence
 import ray
 from ray.actor import ActorHandle
 from ray.util.placement_group import PlacementGroup
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.placement import in_bundle
 from actors.supervision import FaultLog
 from personadual.fault_hooks import fault_window
 from personadual.records import Prompt, Rollout, Scored
@@ -89,12 +89,6 @@ def plan_chunks(items: Sequence[tuple[Prompt, str]], num_workers: int, judge_mod
     return [sorted(chunk) for chunk in chunks]
 
 
-def _bundle_strategy(group: PlacementGroup | None, index: int) -> dict[str, PlacementGroupSchedulingStrategy]:
-    if group is None:
-        return {}
-    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)}
-
-
 @dataclass
 class ScorePart:
     """One worker's share of a batch: the batch indices it scores and the pending result."""
@@ -143,7 +137,7 @@ class RewardPool:
         # and a worker that keeps dying stops the run. With a placement group (one bundle per
         # worker, actors/placement.py) worker i sits in bundle i.
         return RewardWorker.options(num_cpus=self.num_cpus, max_restarts=0,
-                                    **_bundle_strategy(self.placement_group, index)).remote(self.config, self.api_key)
+                                    **in_bundle(self.placement_group, index)).remote(self.config, self.api_key)
 
     def _replace(self, index: int, error: BaseException) -> None:
         started = time.perf_counter()

@@ -22,6 +22,7 @@ from ray.actor import ActorHandle
 from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.placement import in_bundle
 from personadual.fault_hooks import fault_window
 from personadual.modes import Mode
 from personadual.records import Prompt, Rollout
@@ -98,11 +99,8 @@ def actor_options(config: RolloutConfig, engine_index: int,
     tp = config.tensor_parallel_size
     first = 0 if own_group else engine_index * tp
     if tp == 1:
-        options: dict[str, Any] = {"num_cpus": config.num_cpus_per_engine, "num_gpus": config.num_gpus_per_engine}
-        if group is not None:
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                group, placement_group_bundle_index=first)
-        return options
+        return {"num_cpus": config.num_cpus_per_engine, "num_gpus": config.num_gpus_per_engine,
+                **in_bundle(group, first)}
     bundles = list(range(first, first + tp)) if group is not None else list(range(tp))
     if group is None:
         group = placement_group([{"GPU": 1, "CPU": config.num_cpus_per_engine}] * tp, strategy="PACK")
