@@ -18,10 +18,17 @@ VLLM_CPU_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
 }
 
+# The libraries' own log levels, read at their import in every process: warnings and above.
+QUIET_ENV = {
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "TRANSFORMERS_VERBOSITY": "warning",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+
 
 def process_env() -> dict[str, str]:
     """Environment for the driver and every Ray worker of a local CPU run."""
-    return {**LOOPBACK_ENV, **VLLM_CPU_ENV, "TOKENIZERS_PARALLELISM": "false"}
+    return {**LOOPBACK_ENV, **VLLM_CPU_ENV, **QUIET_ENV, "TOKENIZERS_PARALLELISM": "false"}
 
 
 def apply_process_env() -> None:

@@ -35,7 +35,7 @@ SAMPLES = 4 * 2 * 2  # smoke: prompts x modes x n per mode
 COLLECTIVE_TIMEOUT_S = 60
 STOP_MARGIN_S = 60  # a loaded 2-core machine: the bound is the collective timeout plus this
 SMALL = ["--config", str(ROOT / "configs/smoke.yaml"), "sft.steps=0", "eval.baselines=false",
-         "eval.two_turn_cases=0", "data.max_eval_prompts=4", "run.wandb_mode=disabled"]
+         "eval.two_turn_cases=0", "data.max_eval_prompts=4", "wandb.mode=disabled"]
 
 pytestmark = [pytest.mark.slow]
 

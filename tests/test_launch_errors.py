@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _launch(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def _launch(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
@@ -87,10 +88,70 @@ def test_bad_eval_and_sft_rows_name_their_file(tmp_path):
                            "mode token")
 
 
-def test_yaml_syntax_error_names_the_file(tmp_path):
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("algo:\n  steps: [1\n")
-    _assert_one_line_error(_launch("--config", str(bad)), "bad.yaml")
+    bad.write_text("run:\n  seed: 1\nalgo:\n  steps: [1\n")
+    _assert_one_line_error(_launch("--config", str(bad)), "bad.yaml:5:1", "did not find expected ',' or ']'")
+
+
+def test_bad_value_in_a_yaml_file_names_its_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  seed: 1\nalgo:\n  prompts_per_step: 4\n  steps: three\n")
+    _assert_one_line_error(_launch("--config", str(bad)), "bad.yaml:5", "algo.steps", "three")
+
+
+NO_CLUSTER_NEEDED = {  # case: (overrides, what the one line must name)
+    "scalar-for-a-list": (["data.source=files", "data.train_files=prompts.jsonl"],
+                          ["data.train_files", "expected a list", "data.train_files=["]),
+    "sft-data-missing": (["data.source=files", "data.train_files=[{train}]"], ["sft.steps", "no data"]),
+    "model-path-missing": (["model.path={tmp}/no-such-model"], ["model.path", "no-such-model", "not found"]),
+    "model-folder-without-config": (["model.path={tmp}"], ["model.path", "config.json"]),
+    "unreachable-hub-id": (["model.path=personadual-tests/no-such-model-7f3a"], ["model.path", "no-such-model-7f3a"]),
+    "too-big-for-the-cluster": (["cluster.num_cpus=1", "rollout.num_engines=3"], ["cluster", "CPU", "rollout"]),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_CLUSTER_NEEDED))
+def test_bad_input_found_before_ray_exits_2_in_one_line_without_a_run_folder(case, tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(GOOD + b"\n")
+    overrides, needles = NO_CLUSTER_NEEDED[case]
+    out = tmp_path / "runs"
+    result = _launch("--config", str(ROOT / "configs/smoke.yaml"), f"run.out_dir={out}",
+                     *[o.format(train=train, tmp=tmp_path) for o in overrides], env={"HF_HUB_OFFLINE": "1"}
+                     if case == "unreachable-hub-id" else None)
+    _assert_one_line_error(result, *needles)
+    assert not out.exists()
+    assert "Traceback" not in result.stderr
+
+
+def test_config_checks_import_neither_torch_nor_ray_workers():
+    """Config errors come fast because the config, its checks and launch.py's error path
+    import no torch (4 s here) and start no Ray."""
+    code = ("import sys, launch; code = launch.main(['--config', 'configs/smoke.yaml', 'algo.steps=-1']); "
+            "print(code, 'torch' in sys.modules, 'vllm' in sys.modules, 'deepspeed' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False", "False", "False"], result.stdout + result.stderr
+    assert "algo.steps: must be >= 0" in result.stderr
+
+
+def test_help_lists_the_config_sections_and_their_keys():
+    result = _launch("--help")
+    assert result.returncode == 0
+    for line in ("  run: ", "  algo: ", "  learner: ", "  wandb: ", "keep_last=0", "sampling.temperature=0.6"):
+        assert line in result.stdout, line
+
+
+def test_print_config_prints_the_resolved_config_and_starts_nothing(tmp_path):
+    from omegaconf import OmegaConf
+
+    result = _launch("--config", str(ROOT / "configs/smoke.yaml"), "--print-config", "algo.steps=7",
+                     f"run.out_dir={tmp_path}/runs")
+    assert result.returncode == 0, result.stderr
+    printed = OmegaConf.create(result.stdout)
+    assert printed.algo.steps == 7 and printed.sft.steps == 30 and printed.learner.sft_optim.lr == 3.0e-3
+    assert printed.rollout.sampling.temperature == 0.6  # a schema default the file does not set
+    assert not (tmp_path / "runs").exists()
 
 
 def test_every_shipped_config_loads(tmp_path):
