@@ -47,7 +47,7 @@ class StageProgress:
     def __init__(self, name: str, total: int, initial: int = 0, stream: TextIO | None = None,
                  every: int = 1) -> None:
         self.name, self.total, self.done, self.every = name, total, initial, max(every, 1)
-        self.stream = stream or sys.stderr
+        self.stream = stream or sys.stdout  # with the eval lines, in order, for `ray job logs`
         self.start = time.monotonic()
         self._bar: Any = None
         if total > 0 and self.stream.isatty():

@@ -23,6 +23,10 @@ QUIET_ENV = {
     "VLLM_LOGGING_LEVEL": "WARNING",
     "TRANSFORMERS_VERBOSITY": "warning",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' weight loading/saving bars in every actor
+    # Libraries' deprecation notices about each other (vLLM on torch.distributed.reduce_op):
+    # nothing a user of this run can act on.
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
 }
 
 
