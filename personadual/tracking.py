@@ -149,9 +149,15 @@ class RunTracker:
                     self._wandb.summary[key] = value
 
     def finish(self) -> None:
+        """End the W&B run with its offline file complete on disk: ``finish`` alone returns
+        while wandb's service process may still be writing it (read back at once, the file held
+        only its header); ``teardown`` waits for that process to flush and exit."""
         if self._wandb is not None:
+            import wandb as wandb_lib
+
             self._wandb.finish()
             self._wandb = None
+            wandb_lib.teardown()
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -108,7 +108,7 @@ def test_wandb_history_keeps_sft_rl_and_eval_rows_at_one_monotonic_step(tmp_path
                                "timing_s": {"step": 2.0}, "flag": True})
     tracker.log_samples(5, "rollout/samples", [{"question": "q", "gold": "red", "reward": 0.0}])
     tracker.finish()
-    rows = history(wandb_file(tmp_path / "run"))
+    rows = history(wandb_file(tmp_path / "run"))  # complete once finish() returns
     assert [row.step for row in rows] == [1, 2, 3, 4, 5]
     assert [row.values.get("sft/loss") for row in rows[:3]] == [1.0, 0.5, pytest.approx(1 / 3)]
     assert rows[2].values["eval/aligned/accuracy"] == 0.5
