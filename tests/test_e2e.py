@@ -174,7 +174,7 @@ def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path):
     copy = tmp_path / "smoke"
     shutil.copytree(run_dir, copy)
     resumed = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--resume", str(copy), "algo.steps=4",
-                              "run.keep_last=2"], cwd=ROOT, capture_output=True, text=True, timeout=840)
+                              "run.keep_last=2", "run.hf_export=true"], cwd=ROOT, capture_output=True, text=True, timeout=840)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     records = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in records if r["stage"] == "rl"]
@@ -193,6 +193,12 @@ def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path):
         learner_state = json.loads((copy / "checkpoints" / name / "learner" / "learner_state.json").read_text())
         assert learner_state["has_reference"] and learner_state["reference_dir"] == "../../reference"
     assert (copy / "checkpoints" / "reference" / "config.json").is_file()
+    # run.hf_export: each RL checkpoint saved by the resumed run carries its policy in HF format.
+    from transformers import AutoConfig
+
+    for name in rl_checkpoints:
+        assert AutoConfig.from_pretrained(copy / "checkpoints" / name / "hf").model_type
+        assert (copy / "checkpoints" / name / "hf" / "model.safetensors").is_file()
 
 
 @pytest.mark.timeout(120)
