@@ -109,7 +109,10 @@ def launch(cfg: DictConfig, resume: Path | None) -> dict[str, Any]:
     print(f"run folder: {run_dir}", flush=True)
     driver = None
     try:
-        cluster.connect(cfg.cluster.num_cpus)
+        joined = bool(os.environ.get("RAY_ADDRESS"))
+        address = cluster.connect(cfg.cluster.num_cpus)["address"]
+        print(f"Ray: joined the cluster at {address}" if joined else f"Ray: started a local cluster at {address}",
+              flush=True)
         driver = Driver(cfg, run_dir, resume=resume is not None)
         summary = driver.run()
     except (ConfigError, DataError):

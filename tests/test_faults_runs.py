@@ -149,7 +149,7 @@ def test_dead_engines_and_reward_workers_are_replaced_until_too_many_fail_in_a_r
     assert f"--resume {run_dir}" in line and "step_2" in line, line
     step1, step2 = rl_records(run_dir)
     assert step1["samples"] == step2["samples"] == SAMPLES
-    assert step1["mode_rate/general"] == step1["mode_rate/personalized"] == 0.5
+    assert step1["mode/rate_general"] == step1["mode/rate_personalized"] == 0.5
     assert (step1["faults/rollout_restarts"], step1["faults/reward_restarts"]) == (1, 0)
     assert (step2["faults/rollout_restarts"], step2["faults/reward_restarts"]) == (0, 1)
     # The replacement engine generated on the weights the learner had (version 1 after step 1).

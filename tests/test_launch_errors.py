@@ -166,3 +166,17 @@ def test_every_shipped_config_loads(tmp_path):
     for path in paths:
         needs_files = OmegaConf.load(path).get("data", {}).get("source") == "files"
         load_config(path, [f"data.train_files=[{data}]"] if needs_files else [])
+
+
+@pytest.mark.timeout(300)
+def test_a_stage_left_without_data_once_the_cluster_is_up_exits_2_without_a_run_folder(tmp_path):
+    """Prompt lengths need the tokenizer, so this one is found after Ray started: still one
+    line, exit 2, and the folder the run had made is gone (it never started)."""
+    out = tmp_path / "runs"
+    result = _launch("--config", str(ROOT / "configs/smoke.yaml"), f"run.out_dir={out}", "data.max_prompt_tokens=1",
+                     "sft.steps=0")
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]  # Ray's and the actors' warnings may come before it
+    assert last.startswith("error: algo.steps:") and "no prompts" in last, last
+    assert "Traceback" not in result.stderr
+    assert not out.exists() or not any(out.iterdir())
