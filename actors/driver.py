@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from actors.config import ConfigError, section, to_container
 from actors.console import StageProgress
+from actors.step_metrics import RunClock, duration, eval_line, rollout_metrics, sample_row
 from actors.learner_group import LearnerGroup, LearnerRankDied
 from actors.placement import Placement, check_fits, cluster_shape, plan_groups
 from actors.reward_pool import RewardPool
@@ -30,7 +31,7 @@ from actors.supervision import EngineSupervisor, FaultLog, RunStopped, one_line
 from actors.weight_sync import WeightSync, WeightSyncError
 from learner.batch import SftSample
 from personadual.data import load_run_data, resolve_model
-from personadual.evaluation import EVAL_SETTINGS, forced_mode_summary, mode_alignment, setting_of, summarize
+from personadual.evaluation import forced_mode_summary, mode_alignment, summarize
 from personadual.modes import Mode
 from personadual.prompts import format_question
 from personadual.records import Prompt, Rollout, Scored
@@ -135,105 +136,6 @@ def _progress_key(record: dict[str, Any]) -> tuple[int, int]:
     if record.get("stage") == "eval" and record.get("tag") == "sft":
         return (1, 0)
     return (2, record["step"])
-
-
-def zero_variance_fraction(scored: list[Scored]) -> dict[str, float]:
-    """Fraction of groups (and of each mode's sub-groups) whose rewards are all equal:
-    they carry no signal for the policy gradient."""
-    by_group: dict[str, list[float]] = {}
-    by_mode: dict[tuple[str, int], list[float]] = {}
-    for item in scored:
-        if item.reward is None:
-            continue
-        by_group.setdefault(item.rollout.group_id, []).append(item.reward)
-        if item.rollout.mode is not None:
-            by_mode.setdefault((item.rollout.group_id, int(item.rollout.mode)), []).append(item.reward)
-
-    def flat(groups: dict[Any, list[float]]) -> float:
-        if not groups:
-            return 0.0
-        return sum(max(v) - min(v) < 1e-9 for v in groups.values()) / len(groups)
-
-    return {"group": flat(by_group), "mode_group": flat(by_mode)}
-
-
-def _stats(values: Sequence[float], prefix: str) -> dict[str, float | None]:
-    """mean/std/min/max of ``values`` under ``prefix/`` (None when there are none)."""
-    if not values:
-        return {f"{prefix}/{name}": None for name in ("mean", "std", "min", "max")}
-    mean = sum(values) / len(values)
-    return {f"{prefix}/mean": mean, f"{prefix}/std": math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)),
-            f"{prefix}/min": float(min(values)), f"{prefix}/max": float(max(values))}
-
-
-def rollout_metrics(scored: list[Scored]) -> dict[str, Any]:
-    """One RL step's rollouts, named as TRL and verl users look for them (README: Metrics)."""
-    kept = [s for s in scored if s.status != "dropped"]
-    count = max(len(scored), 1)
-    metrics: dict[str, Any] = {"samples": len(scored), "kept": len(kept)}
-    metrics.update(_stats([s.reward for s in kept], "reward"))
-    for mode in Mode:
-        rewards = [s.reward for s in kept if s.rollout.mode is mode]
-        name = mode.name.lower()
-        metrics[f"reward/{name}"] = sum(rewards) / len(rewards) if rewards else None
-        metrics[f"mode/rate_{name}"] = sum(s.rollout.mode is mode for s in scored) / count
-    metrics["mode/rate_none"] = sum(s.rollout.mode is None for s in scored) / count
-    if scored and not any(s.rollout.forced for s in scored):  # free choice: the mode rate per setting means something
-        for setting in EVAL_SETTINGS:
-            chosen = [s for s in scored if setting_of(s.rollout.prompt) == setting]
-            if chosen:
-                metrics[f"mode/{setting}/rate_personalized"] = (
-                    sum(s.rollout.mode is Mode.PERSONALIZED for s in chosen) / len(chosen))
-    metrics["reward/accuracy"] = sum(s.correct for s in kept) / len(kept) if kept else None
-    lengths = [float(len(s.rollout.response_token_ids)) for s in scored]
-    metrics.update({k: v for k, v in _stats(lengths, "response_length").items() if not k.endswith("/std")})
-    metrics["response_length/clip_ratio"] = sum(s.rollout.finish_reason == "length" for s in scored) / count
-    metrics["zero_variance"] = zero_variance_fraction(kept)
-    return metrics
-
-
-def sample_row(item: Scored) -> dict[str, Any]:
-    """A sample table row: what was asked, under which persona, what came back, and its score."""
-    prompt = item.rollout.prompt
-    return {"prompt_id": prompt.id, "setting": setting_of(prompt), "persona": prompt.persona or "",
-            "question": prompt.question, "forced_mode": item.rollout.mode.name.lower()
-            if item.rollout.forced and item.rollout.mode is not None else "",
-            "mode": item.rollout.mode.name.lower() if item.rollout.mode is not None else "none",
-            "response": item.rollout.text, "gold": " | ".join(prompt.gold), "reward": item.reward,
-            "correct": item.correct}
-
-
-def eval_line(tag: str, step: int, result: dict[str, Any]) -> str:
-    """One console line per eval: accuracy and personalized-mode rate per setting."""
-    cells = [f"{s} acc {result[s]['accuracy']:.3f} pers {result[s]['personalized_mode_rate']:.2f}"
-             for s in EVAL_SETTINGS if s in result]
-    mean = result.get("mean_accuracy")
-    head = f"eval {tag} (RL step {step})" + (f": mean acc {mean:.3f}" if isinstance(mean, (int, float)) else "")
-    return head + (" | " + " | ".join(cells) if cells else "")
-
-
-class RunClock:
-    """Elapsed time and an estimate of the time left, from the mean step time of each stage
-    so far (SFT and RL steps differ by orders of magnitude)."""
-
-    def __init__(self, sft_left: int, rl_left: int) -> None:
-        self.start = time.monotonic()
-        self.left = {"sft": sft_left, "rl": rl_left}
-        self.seconds: dict[str, list[float]] = {"sft": [], "rl": []}
-
-    def step_done(self, stage: str, seconds: float) -> dict[str, float]:
-        self.left[stage] = max(self.left[stage] - 1, 0)
-        self.seconds[stage].append(seconds)
-        sft_mean = sum(self.seconds["sft"]) / len(self.seconds["sft"]) if self.seconds["sft"] else 0.0
-        rl_mean = sum(self.seconds["rl"]) / len(self.seconds["rl"]) if self.seconds["rl"] else sft_mean
-        return {"elapsed_s": time.monotonic() - self.start,
-                "eta_s": self.left["sft"] * sft_mean + self.left["rl"] * rl_mean}
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class Driver:
@@ -572,7 +474,7 @@ class Driver:
                     self.tracker.log(self._global_step("sft", step), {"step": step, **metrics})
                     self._stop_if_diverged("sft", step, metrics["sft"])
                     progress.update(loss=float(metrics["sft"].get("loss", float("nan"))),
-                                    eta=_duration(metrics["perf"]["eta_s"]))
+                                    eta=duration(metrics["perf"]["eta_s"]))
             if stage != "rl" and self.sft_steps > 0:
                 self.save("sft", self.sft_steps)
                 self._last_done = ("sft", self.sft_steps, self.learner.weight_version)
@@ -595,7 +497,7 @@ class Driver:
                     self._stop_if_diverged("rl", step, metrics["learner"])
                     progress.update(reward=metrics["reward/mean"] or 0.0,
                                     kl=float(metrics["learner"].get("kl", 0.0)),
-                                    step_s=metrics["timing_s"]["step"], eta=_duration(metrics["perf"]["eta_s"]))
+                                    step_s=metrics["timing_s"]["step"], eta=duration(metrics["perf"]["eta_s"]))
                     if cfg.run.save_every and step % cfg.run.save_every == 0:
                         self.save("rl", step)
             final = self.evaluate(self.rl_steps, "final")
