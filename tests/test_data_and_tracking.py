@@ -120,3 +120,17 @@ def test_wandb_history_keeps_sft_rl_and_eval_rows_at_one_monotonic_step(tmp_path
     assert [r["global_step"] for r in records] == [1, 2, 3, 3, 4, 5]
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert [(s["table"], s["gold"]) for s in samples] == [("eval/samples", "red"), ("rollout/samples", "red")]
+
+
+def test_wandb_project_group_tags_and_name_come_from_the_config(tmp_path):
+    from actors.config import load_config
+    from tests.wandb_records import records, wandb_file
+
+    cfg = load_config(None, ["wandb.project=pd-tests", "wandb.group=ablations", "wandb.tags=[grpo,seed0]",
+                             "wandb.name=grpo-seed0"])
+    tracker = RunTracker(tmp_path / "run", config={}, secret_env=[], wandb=WandbSettings(**cfg.wandb))
+    assert tracker.sync_hint().startswith("wandb sync ") and str(tmp_path / "run" / "wandb") in tracker.sync_hint()
+    tracker.finish()
+    run = next(r.run for r in records(wandb_file(tmp_path / "run")) if r.WhichOneof("record_type") == "run")
+    assert (run.project, run.run_group, list(run.tags), run.display_name) == (
+        "pd-tests", "ablations", ["grpo", "seed0"], "grpo-seed0")
