@@ -22,6 +22,7 @@ def _resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.yaml there (not a run folder)")
+    _migrate_wandb_keys(saved)
     cfg = load_config(saved, overrides)
     before = OmegaConf.load(saved)
     for key in ("model.path", "model.tiny_preset"):
@@ -29,6 +30,20 @@ def _resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
             raise ConfigError(f"{key}: --resume of a run trained from {OmegaConf.select(before, key)!r} "
                               f"with {OmegaConf.select(cfg, key)!r}; the checkpoint's model differs")
     return cfg
+
+
+def _migrate_wandb_keys(saved: Path) -> None:
+    """Run folders written before the ``wandb`` section held ``run.wandb_mode`` and
+    ``run.wandb_project``; their values move there, so such runs still resume."""
+    before = OmegaConf.load(saved)
+    run = before.get("run") or {}
+    legacy = {key: run[key] for key in ("wandb_mode", "wandb_project") if key in run}
+    if not legacy:
+        return
+    for key, value in legacy.items():
+        OmegaConf.update(before, f"wandb.{key.removeprefix('wandb_')}", value, force_add=True)
+        del before.run[key]
+    OmegaConf.save(before, saved)
 
 
 def resolve_config(config_path: Path | None, overrides: list[str], resume: Path | None) -> DictConfig:

@@ -180,3 +180,17 @@ def test_a_stage_left_without_data_once_the_cluster_is_up_exits_2_without_a_run_
     assert last.startswith("error: algo.steps:") and "no prompts" in last, last
     assert "Traceback" not in result.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_run_folder_from_before_the_wandb_section_keeps_its_wandb_settings_on_resume(tmp_path):
+    from omegaconf import OmegaConf
+
+    from actors.config import load_config, to_container
+    from actors.launcher import resolve_config
+
+    old = to_container(load_config(ROOT / "configs/smoke.yaml"))
+    del old["wandb"]
+    old["run"].update(wandb_mode="disabled", wandb_project="older")
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(old))
+    cfg = resolve_config(None, [], tmp_path)
+    assert (cfg.wandb.mode, cfg.wandb.project, cfg.algo.steps) == ("disabled", "older", 2)
