@@ -345,6 +345,7 @@ class Driver:
         total = time.perf_counter() - step_start
         times["idle"] = max(0.0, total - sum(times.values()))
         times["step"] = total
+        times["train_old_logprob"] = learner_metrics.pop("time/old_logprob", 0.0)  # part of train
         self._log_training_samples(step, scored)
         generated = sum(len(s.rollout.response_token_ids) for s in scored)
         perf = {"tokens_per_s": generated / max(times["generate"], 1e-9),
