@@ -435,7 +435,7 @@ class Driver:
         version, internal, gauss = state["driver_rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self._truncate_metrics(state["stage"], state["step"])
-        log.info("resumed from %s", checkpoint)
+        print(f"resumed from {checkpoint}", flush=True)
         return state["stage"], state["step"]
 
     def _truncate_metrics(self, stage: str, step: int) -> None:
