@@ -475,7 +475,7 @@ class Driver:
                     self.tracker.log(self._global_step("sft", step), {"step": step, **metrics})
                     self._stop_if_diverged("sft", step, metrics["sft"])
                     progress.update(loss=float(metrics["sft"].get("loss", float("nan"))),
-                                    eta=duration(metrics["perf"]["eta_s"]))
+                                    stage_eta=duration(metrics["perf"]["stage_eta_s"]))
             if stage != "rl" and self.sft_steps > 0:
                 self.save("sft", self.sft_steps)
                 self._last_done = ("sft", self.sft_steps, self.learner.weight_version)
@@ -498,7 +498,8 @@ class Driver:
                     self._stop_if_diverged("rl", step, metrics["learner"])
                     progress.update(reward=metrics["reward/mean"] or 0.0,
                                     kl=float(metrics["learner"].get("kl", 0.0)),
-                                    step_s=metrics["timing_s"]["step"], eta=duration(metrics["perf"]["eta_s"]))
+                                    step_s=metrics["timing_s"]["step"],
+                                    stage_eta=duration(metrics["perf"]["stage_eta_s"]))
                     if cfg.run.save_every and step % cfg.run.save_every == 0:
                         self.save("rl", step)
             final = self.evaluate(self.rl_steps, "final")

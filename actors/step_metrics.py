@@ -1,6 +1,6 @@
 """What one step or eval reports: the RL step's rollout metrics (named as TRL and verl users
 look for them; README: Metrics), sample-table rows, the console's eval line, and the clock
-behind ``perf/elapsed_s`` and ``perf/eta_s``."""
+behind ``perf/elapsed_s``, ``perf/stage_eta_s`` and ``perf/eta_s``."""
 
 from __future__ import annotations
 
@@ -89,21 +89,24 @@ def eval_line(tag: str, step: int, result: dict[str, Any]) -> str:
 
 
 class RunClock:
-    """Elapsed time and an estimate of the time left, from the mean step time of each stage
-    so far (SFT and RL steps differ by orders of magnitude)."""
+    """Elapsed time and the time left. An SFT step and an RL step differ by orders of
+    magnitude, so each stage's steps left are costed at that stage's own mean step time;
+    the run's total (``eta_s``) is left out (None) until a step of every stage still ahead
+    has been timed, rather than guessed."""
 
     def __init__(self, sft_left: int, rl_left: int) -> None:
         self.start = time.monotonic()
         self.left = {"sft": sft_left, "rl": rl_left}
         self.seconds: dict[str, list[float]] = {"sft": [], "rl": []}
 
-    def step_done(self, stage: str, seconds: float) -> dict[str, float]:
+    def step_done(self, stage: str, seconds: float) -> dict[str, float | None]:
         self.left[stage] = max(self.left[stage] - 1, 0)
         self.seconds[stage].append(seconds)
-        sft_mean = sum(self.seconds["sft"]) / len(self.seconds["sft"]) if self.seconds["sft"] else 0.0
-        rl_mean = sum(self.seconds["rl"]) / len(self.seconds["rl"]) if self.seconds["rl"] else sft_mean
-        return {"elapsed_s": time.monotonic() - self.start,
-                "eta_s": self.left["sft"] * sft_mean + self.left["rl"] * rl_mean}
+        means = {name: sum(times) / len(times) for name, times in self.seconds.items() if times}
+        stage_eta = self.left[stage] * means[stage]
+        known = all(name in means for name, left in self.left.items() if left)
+        return {"elapsed_s": time.monotonic() - self.start, "stage_eta_s": stage_eta,
+                "eta_s": sum(left * means.get(name, 0.0) for name, left in self.left.items()) if known else None}
 
 
 def duration(seconds: float) -> str:

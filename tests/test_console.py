@@ -51,3 +51,15 @@ def test_vllm_rotary_false_alarm_is_dropped_and_other_warnings_pass(caplog):
         layerwise.warning("%s: Failed to load weights", "QKVParallelLinear")
         logging.getLogger("vllm.v1.core.block_pool").info("Successfully reset prefix cache")
     assert [r.getMessage() for r in caplog.records] == ["QKVParallelLinear: Failed to load weights"]
+
+
+def test_time_left_costs_each_stage_at_its_own_step_time_and_is_not_guessed_before():
+    from actors.step_metrics import RunClock
+
+    clock = RunClock(sft_left=3, rl_left=2)
+    first = clock.step_done("sft", 1.0)
+    assert first["stage_eta_s"] == 2.0 and first["eta_s"] is None  # no RL step timed yet
+    clock.step_done("sft", 1.0)
+    assert clock.step_done("sft", 1.0)["eta_s"] is None
+    after_rl = clock.step_done("rl", 30.0)
+    assert after_rl["stage_eta_s"] == after_rl["eta_s"] == 30.0

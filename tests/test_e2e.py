@@ -56,7 +56,7 @@ def test_run_folder_has_what_design_lists(smoke_run):
         assert record["mode/rate_general"] == record["mode/rate_personalized"] == 0.5
         assert record["reward/min"] <= record["reward/mean"] <= record["reward/max"] and record["reward/std"] >= 0
         assert 0 < record["response_length/mean"] <= record["response_length/max"]
-        assert record["perf"]["tokens_per_s"] > 0 and record["perf"]["elapsed_s"] > 0 and record["perf"]["eta_s"] >= 0
+        assert record["perf"]["tokens_per_s"] > 0 and record["perf"]["elapsed_s"] > 0 and record["perf"]["stage_eta_s"] >= 0
         assert record["sync"]["bytes"] > 0 and record["weight_version"] == record["sync"]["version"]
         for key in ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "mode_token_prob"):
             assert key in record["learner"]
