@@ -56,7 +56,8 @@ def test_run_folder_has_what_design_lists(smoke_run):
         assert record["mode/rate_general"] == record["mode/rate_personalized"] == 0.5
         assert record["reward/min"] <= record["reward/mean"] <= record["reward/max"] and record["reward/std"] >= 0
         assert 0 < record["response_length/mean"] <= record["response_length/max"]
-        assert record["perf"]["tokens_per_s"] > 0 and record["perf"]["elapsed_s"] > 0 and record["perf"]["stage_eta_s"] >= 0
+        perf = record["perf"]
+        assert perf["tokens_per_s"] > 0 and perf["elapsed_s"] > 0 and perf["stage_eta_s"] >= 0
         assert record["sync"]["bytes"] > 0 and record["weight_version"] == record["sync"]["version"]
         for key in ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "mode_token_prob"):
             assert key in record["learner"]
@@ -174,7 +175,8 @@ def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path):
     copy = tmp_path / "smoke"
     shutil.copytree(run_dir, copy)
     resumed = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--resume", str(copy), "algo.steps=4",
-                              "run.keep_last=2", "run.hf_export=true"], cwd=ROOT, capture_output=True, text=True, timeout=840)
+                              "run.keep_last=2", "run.hf_export=true"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=840)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     records = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in records if r["stage"] == "rl"]
