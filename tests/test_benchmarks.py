@@ -77,8 +77,9 @@ def test_triviaqa_accepts_every_alias(cache_dir: str) -> None:
 
 
 @pytest.mark.parametrize("name, source, ids, golds, counts", [
-    ("mmlu_pro", "mmlu_pro_test.jsonl", ["mmlu_pro-70-none", "mmlu_pro-71-none", "mmlu_pro-72-none"],
-     [("D",), ("B",), ("C",)], [4, 3, 10]),
+    ("mmlu_pro", "mmlu_pro_test.jsonl", ["mmlu_pro-70-none", "mmlu_pro-71-none", "mmlu_pro-72-none",
+                                         "mmlu_pro-73-none"],
+     [("D",), ("B",), ("C",), ("B",)], [4, 3, 10, 5]),  # row 73's five "N/A" options are dropped
     ("supergpqa", "supergpqa.jsonl", ["supergpqa-df22a8a2f4e24d45a3e5a5b0b1b8b0d2-none",
                                       "supergpqa-0b1c9f0e8c5b4a7d9e6f3a2b1c0d9e8f-none"],
      [("C",), ("C",)], [5, 6]),
@@ -193,8 +194,8 @@ def test_unaligned_personas_are_seeded_per_row(cache_dir: str, pool: PersonaPool
 def test_one_setting_per_row_for_training_mixes(cache_dir: str, pool: PersonaPool) -> None:
     prompts = load("mmlu_pro", "mmlu_pro_test.jsonl", cache_dir, persona_settings=("none", "unaligned"),
                    persona_assignment="one", personas=pool)
-    assert len(prompts) == 3
-    assert [p.id.rsplit("-", 1)[0] for p in prompts] == ["mmlu_pro-70", "mmlu_pro-71", "mmlu_pro-72"]
+    assert len(prompts) == 4
+    assert [p.id.rsplit("-", 1)[0] for p in prompts] == ["mmlu_pro-70", "mmlu_pro-71", "mmlu_pro-72", "mmlu_pro-73"]
     again = load("mmlu_pro", "mmlu_pro_test.jsonl", cache_dir, persona_settings=("none", "unaligned"),
                  persona_assignment="one", personas=pool)
     assert [p.id for p in again] == [p.id for p in prompts]

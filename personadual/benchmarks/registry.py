@@ -23,7 +23,7 @@ from personadual.benchmarks.items import ObjectiveItem
 from personadual.benchmarks.math500 import MATH500_COLUMNS, math500_item
 from personadual.benchmarks.personas import (AlignedPersonaConfig, AlignedPersonaGenerator,
                                              PersonaHubConfig, PersonaPool, PersonaRequest)
-from personadual.benchmarks.source import is_local, load_rows
+from personadual.benchmarks.source import load_rows
 from personadual.data import DataError
 from personadual.prompts import format_question
 from personadual.records import PERSONA_SETTINGS, Prompt
@@ -124,8 +124,7 @@ def load_benchmark(name: str, source: str | None = None, *, split: str | None = 
         # Muennighoff/flan has no configs: one JSONL per task and split (hub repo or local copy).
         data_files, subset = f"{split or spec.split}/{subset}_{split or spec.split}.jsonl", None
     rows = load_rows(source, split=split or spec.split,
-                     subset=None if is_local(source) else (subset or spec.subset),
-                     data_files=data_files, limit=limit, required=spec.columns, cache_dir=cache_dir,
+                     subset=subset or spec.subset, data_files=data_files, limit=limit, required=spec.columns, cache_dir=cache_dir,
                      benchmark=name)
     mapper = OBJECTIVE_MAPPERS[name]
     items = [mapper(row, index, rows.origin, scorer) for index, row in enumerate(rows.data)]
@@ -202,7 +201,7 @@ def _personalized(spec: BenchmarkSpec, source: str, *, split: str | None, subset
         items = preference.personafeedback_items(source, subset=subset, limit=limit, cache_dir=cache_dir)
     else:
         rows = load_rows(source, split=split or spec.split,
-                         subset=None if is_local(source) else (subset or spec.subset), limit=limit,
+                         subset=subset or spec.subset, limit=limit,
                          required=spec.columns, cache_dir=cache_dir, benchmark=spec.name)
         items = list(preference.alignx_items(rows) if spec.name == "alignx" else preference.fspo_items(rows))
     fmt = "choice" if scorer == "multiple_choice" else "open"
