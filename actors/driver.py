@@ -37,6 +37,7 @@ from personadual.report import method_label
 from personadual.seeds import step_seeds
 from personadual.tracking import RunTracker, read_metrics, write_json_atomic
 from personadual.world import two_turn_cases
+from rewards.judge import JudgeError
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -504,6 +505,12 @@ class Driver:
             return summary
         except (RunStopped, LearnerRankDied, WeightSyncError) as error:
             raise self._stopped(error) from None
+        except JudgeError as error:
+            # Policy "fail" stops the run; the failed step's scoring totals are still recorded.
+            step = self._last_done[1] + 1 if self._last_done is not None else 0
+            self.tracker.log(step, {"stage": "reward_failure", "error": str(error),
+                                    "reward_counts": error.counts})
+            raise
         finally:
             self.tracker.finish()
             self.shutdown()

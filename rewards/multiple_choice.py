@@ -2,10 +2,10 @@
 
 An answer may name its option by letter ("Answer: B", "(B)", "B.", "b") or by the option's
 text. Option text is compared token by token: words case-insensitively, without articles
-and soft punctuation (quotes, commas, brackets, full stops), but numbers whole and with
-their sign, and symbols (``-`` ``+`` ``%`` ``/`` ``^``...) kept, so "-2" is not "2", "2" is
-not found inside "12" or "2.5", and "blue" is not found inside "light blue" when
-"light blue" is an option too. Naming two different options ("A and B") chooses none: the
+and soft punctuation (quotes, commas, brackets, full stops, a hyphen between words), but
+numbers whole and with their sign, and symbols (``-`` ``+`` ``%`` ``/`` ``^``...) kept, so
+"-2" is not "2", "2" is not found inside "12" or "2.5", and "blue" is not found inside
+"light blue" when "light blue" is an option too. Naming two different options ("A and B") chooses none: the
 answer is wrong and counted as ambiguous.
 """
 
@@ -45,6 +45,11 @@ class _Tokens:
     spans: list[tuple[int, int]]  # each token's start and end in the original text
 
 
+def _joins_words(text: str, index: int) -> bool:
+    """A hyphen between two letters ("light-blue") is spacing; elsewhere it is a sign."""
+    return 0 < index < len(text) - 1 and text[index - 1].isalpha() and text[index + 1].isalpha()
+
+
 def _tokens(text: str) -> _Tokens:
     """Comparable tokens of ``text`` with their spans in it (NFKC, lower case)."""
     normalized: list[str] = []
@@ -57,7 +62,7 @@ def _tokens(text: str) -> _Tokens:
     values, spans = [], []
     for match in _TOKEN.finditer(flat):
         token = match.group()
-        if token in _SOFT or token in _ARTICLES:
+        if token in _SOFT or token in _ARTICLES or (token == "-" and _joins_words(flat, match.start())):
             continue
         values.append(token)
         spans.append((origin[match.start()], origin[match.end() - 1] + 1))
