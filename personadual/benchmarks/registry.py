@@ -14,9 +14,10 @@ asks the query itself with the preferred response as the judge's reference.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from personadual.benchmarks import mcq, medical, preference, qa
 from personadual.benchmarks.items import ObjectiveItem
@@ -127,7 +128,7 @@ def load_benchmark(name: str, source: str | None = None, *, split: str | None = 
                      subset=subset or spec.subset, data_files=data_files, limit=limit, required=spec.columns, cache_dir=cache_dir,
                      benchmark=name)
     mapper = OBJECTIVE_MAPPERS[name]
-    items = [mapper(row, index, rows.origin, scorer) for index, row in enumerate(rows.data)]
+    items = [mapper(row, index, rows.origin, scorer) for index, row in zip(_row_numbers(name, rows.data), rows.data)]
     _check_unique([item.row_id for item in items], rows.origin, "row id")
     return _with_personas(name, items, settings, persona_assignment, personas, aligned, seed)
 
@@ -208,6 +209,20 @@ def _personalized(spec: BenchmarkSpec, source: str, *, split: str | None, subset
     prompts = [preference.pairwise_prompt(spec.name, item, fmt, seed) for item in items]
     _check_unique([p.id for p in prompts], spec.name, "prompt id")
     return prompts
+
+
+def _row_numbers(name: str, rows: Iterable[dict]) -> list[int]:
+    """Each row's number in its own file. FLAN rows have no id of their own: numbered per task
+    file, one task's prompt ids stay the same whether it is loaded alone or with others."""
+    if name != "flan":
+        return list(range(len(rows)))  # type: ignore[arg-type]
+    seen: Counter[str] = Counter()
+    numbers = []
+    for row in rows:
+        task = str(row.get("task"))
+        numbers.append(seen[task])
+        seen[task] += 1
+    return numbers
 
 
 def _check_unique(ids: list[str], origin: str, what: str) -> None:
