@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from personadual.prompts import format_question
 from personadual.records import Prompt
 from rewards.config import SECTION, JudgeConfig, RewardConfigError
 from rewards.normalize import clip
+from rewards.verdict import Verdict, VerdictError, parse_verdict
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,6 @@ SYSTEM_PROMPT = (
 )
 # Verdicts are only reusable under the same instructions: the cache key includes these.
 _PROMPT_VERSION = hashlib.sha256(SYSTEM_PROMPT.encode()).hexdigest()[:12]
-_MAX_VERDICT_CHARS = 20_000  # a verdict is short; never scan megabytes of garbage for one
-_MAX_JSON_STARTS = 64
 
 
 class JudgeError(RuntimeError):
@@ -132,12 +130,6 @@ def api_key_from_env(config: JudgeConfig) -> ApiKey:
 
 
 @dataclass(frozen=True)
-class Verdict:
-    correct: bool
-    extracted: str
-
-
-@dataclass(frozen=True)
 class Judgement:
     """One response's judgement: a verdict, or the kind of failure that prevented one."""
 
@@ -146,50 +138,6 @@ class Judgement:
     attempts: int = 0  # HTTP requests made for it (0: served from the cache)
     cached: bool = False
     raw: str = ""  # the judge's reply text, scrubbed and clipped, for failures' details
-
-
-class VerdictError(ValueError):
-    """The judge's reply holds no verdict."""
-
-
-_FENCE = re.compile(r"```[a-zA-Z]*\s*(.*?)```", re.DOTALL)
-_TRUE = frozenset({"true", "yes", "correct", "1"})
-_FALSE = frozenset({"false", "no", "incorrect", "0"})
-
-
-def _verdict_from(obj: Any) -> Verdict | None:
-    if not isinstance(obj, dict) or "correct" not in obj:
-        return None
-    correct = obj["correct"]
-    if isinstance(correct, str) and correct.strip().lower() in _TRUE | _FALSE:
-        correct = correct.strip().lower() in _TRUE
-    if not isinstance(correct, bool):
-        return None
-    extracted = obj.get("extracted_answer", "")
-    return Verdict(correct, "" if extracted is None else str(extracted))
-
-
-def parse_verdict(content: str | None) -> Verdict:
-    """The first JSON object with a boolean ``correct`` in the reply; code fences and prose
-    around it are tolerated. Anything else raises ``VerdictError``."""
-    if not content or not content.strip():
-        raise VerdictError("empty reply")
-    content = content[:_MAX_VERDICT_CHARS]
-    decoder = json.JSONDecoder()
-    for text in [*_FENCE.findall(content), content]:
-        start = text.find("{")
-        tries = 0
-        while start != -1 and tries < _MAX_JSON_STARTS:
-            tries += 1
-            try:
-                obj, _ = decoder.raw_decode(text, start)
-            except json.JSONDecodeError:
-                obj = None
-            verdict = _verdict_from(obj)
-            if verdict is not None:
-                return verdict
-            start = text.find("{", start + 1)
-    raise VerdictError("no JSON object with a boolean 'correct'")
 
 
 def build_messages(prompt: Prompt, response: str, max_response_chars: int) -> list[dict[str, str]]:
