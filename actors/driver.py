@@ -506,11 +506,12 @@ class Driver:
         except (RunStopped, LearnerRankDied, WeightSyncError) as error:
             raise self._stopped(error) from None
         except JudgeError as error:
-            # Policy "fail" stops the run; the failed step's scoring totals are still recorded.
+            # Policy "fail" stops the run like any fault it cannot get past (one line, exit 3,
+            # a checkpoint of the last complete step); the failed step's scoring totals are kept.
             step = self._last_done[1] + 1 if self._last_done is not None else 0
             self.tracker.log(step, {"stage": "reward_failure", "error": str(error),
                                     "reward_counts": error.counts})
-            raise
+            raise self._stopped(error) from None
         finally:
             self.tracker.finish()
             self.shutdown()
