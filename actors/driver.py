@@ -521,9 +521,10 @@ class Driver:
         except JudgeError as error:
             # Policy "fail" stops the run like any fault it cannot get past (one line, exit 3,
             # a checkpoint of the last complete step); the failed step's scoring totals are kept.
-            step = self._last_done[1] + 1 if self._last_done is not None else 0
-            self.tracker.log(step, {"stage": "reward_failure", "error": str(error),
-                                    "reward_counts": error.counts})
+            stage_done, step_done = self._last_done[:2] if self._last_done is not None else ("sft", 0)
+            step = step_done + 1 if stage_done == "rl" else 1  # the RL step that failed
+            self.tracker.log(self._global_step("rl", step), {"stage": "reward_failure", "step": step,
+                                                             "error": str(error), "reward_counts": error.counts})
             raise self._stopped(error) from None
         finally:
             hint = self.tracker.sync_hint()
