@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from learner.config import LearnerConfig
-from personadual.advantage import ADVANTAGE_KINDS
+from personadual.advantage_kinds import ADVANTAGE_KINDS
 from personadual.world import KINDS
 from rewards.config import RewardConfig
 from rollout.config import RolloutConfig
@@ -33,12 +33,24 @@ class RunSection:
     out_dir: str = "runs"
     seed: int = 0
     save_every: int = 0  # RL steps between checkpoints; 0: only the final one
+    keep_last: int = 0  # RL checkpoints kept (oldest deleted first); 0: all
+    hf_export: bool = False  # also write each RL checkpoint's policy as an HF folder (checkpoints/*/hf)
     eval_every: int = 0  # RL steps between free-mode evals; 0: only after SFT and at the end
-    wandb_mode: str = "offline"  # offline | online | disabled
-    wandb_project: str = "personadual"
+    log_samples_every: int = 5  # RL steps between training-rollout sample tables; 0: never
+    samples_per_log: int = 8  # rollouts in each of those tables
     # Rollout engines and reward workers that die are replaced; this many failures in a row
     # (no step completing in between) stop the run after a checkpoint (actors/supervision.py).
     max_consecutive_failures: int = 3
+
+
+@dataclass
+class WandbSection:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "personadual"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    name: Optional[str] = None  # default: the run folder's name
 
 
 @dataclass
@@ -119,6 +131,7 @@ class ClusterSection:
 @dataclass
 class ExperimentConfig:
     run: RunSection = field(default_factory=RunSection)
+    wandb: WandbSection = field(default_factory=WandbSection)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     sft: SftSection = field(default_factory=SftSection)
@@ -131,7 +144,7 @@ class ExperimentConfig:
 
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
-    "run.wandb_mode": ("offline", "online", "disabled"),
+    "wandb.mode": ("offline", "online", "disabled"),
     "data.source": ("world", "files"),
     "algo.advantage": ADVANTAGE_KINDS,
     "algo.scale": ("none", "group_std"),
@@ -145,7 +158,7 @@ _POSITIVE = ("sft.batch_size", "algo.prompts_per_step", "algo.n_per_mode", "clus
 _POSITIVE_FLOATS = ("cluster.learner_cpus", "cluster.reward_cpus", "cluster.placement_timeout_s")
 _RESOURCE_DICTS = ("cluster.learner_resources", "cluster.rollout_resources", "cluster.reward_resources")
 _NON_NEGATIVE = ("sft.steps", "algo.steps", "sft.epochs", "algo.epochs", "run.save_every", "run.eval_every",
-                 "algo.kl_coef")
+                 "algo.kl_coef", "run.keep_last", "run.log_samples_every", "run.samples_per_log")
 
 
 def _validate(cfg: DictConfig) -> None:
@@ -184,7 +197,53 @@ def _validate(cfg: DictConfig) -> None:
 def _one_line(error: OmegaConfBaseException) -> str:
     key = getattr(error, "full_key", None) or ""
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "is not a ListConfig" in message:  # OmegaConf's words for a scalar given to a list key
+        message = f"expected a list, e.g. {key}=[a.jsonl,b.jsonl] on the command line or [a.jsonl] in YAML"
     return f"{key}: {message}" if key else message
+
+
+def _yaml_error(path: Path, error: Exception) -> str:
+    """``file:line:column: problem`` for a YAML syntax error (PyYAML marks are 0-based)."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return f"{path}: {problem}"
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: {problem}"
+
+
+def _key_line(path: Path, dotted: str) -> int | None:
+    """The 1-based line of ``dotted`` (e.g. ``algo.steps``) in the YAML file, if it is there."""
+    import yaml
+
+    try:
+        node = yaml.compose(path.read_text())
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in dotted.replace("[", ".").replace("]", "").split("."):
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == part]
+            if not match:
+                return line
+            key_node, node = match[0]
+            line = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _merge_error(path: Path, from_file: DictConfig, error: OmegaConfBaseException) -> str:
+    """A merge error, located at its line when the bad key came from the YAML file."""
+    key = getattr(error, "full_key", None) or ""
+    message = _one_line(error)
+    if key and OmegaConf.select(from_file, key, default="__absent__") != "__absent__":
+        line = _key_line(path, key)
+        if line is not None:
+            return f"{path}:{line}: {message}"
+    return f"config {message}"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -196,9 +255,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         from_file = OmegaConf.load(path)
     except Exception as error:  # YAML syntax errors carry their own line numbers
-        raise ConfigError(f"{path}: {str(error).splitlines()[0]}") from None
+        raise ConfigError(_yaml_error(path, error)) from None
+    if not isinstance(from_file, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of config sections, got {type(from_file).__name__}")
     try:
-        cfg = OmegaConf.merge(schema, from_file, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(schema, from_file)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_merge_error(path, from_file, error)) from None
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as error:
         raise ConfigError(f"config {_one_line(error)}") from None
     _validate(cfg)
@@ -214,6 +279,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(str(error).splitlines()[0]) from None
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def describe_sections() -> str:
+    """Every config section with its keys and defaults, for ``launch.py --help``."""
+    schema = OmegaConf.structured(ExperimentConfig)
+    lines = []
+    for name in schema:
+        flat = _leaves(OmegaConf.to_container(schema[name]))
+        lines.append(f"  {name}: " + ", ".join(f"{key}={value}" for key, value in flat.items()))
+    return "\n".join(lines)
+
+
+def _leaves(container: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(container, dict):
+        return {prefix: container}
+    flat: dict[str, Any] = {}
+    for key, value in container.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        flat.update(_leaves(value, name) if isinstance(value, dict) and value else {name: value})
+    return flat
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

@@ -83,8 +83,8 @@ class LearnerActor:
         for _ in self.learner.export_weights(bucket_bytes, device="cpu"):
             pass
 
-    def save_checkpoint(self, path: str, client_state: dict[str, Any]) -> None:
-        self.learner.save_checkpoint(path, client_state)
+    def save_checkpoint(self, path: str, client_state: dict[str, Any], reference_dir: str | None = None) -> None:
+        self.learner.save_checkpoint(path, client_state, reference_dir)
 
     def load_checkpoint(self, path: str) -> tuple[dict[str, Any], int]:
         client_state = self.learner.load_checkpoint(path)
@@ -251,8 +251,10 @@ class LearnerGroup:
         """Broadcast the current weights to every engine; rank 0's timing and bytes."""
         return self._all("send_weights")[0]
 
-    def save_checkpoint(self, path: str | Path, client_state: dict[str, Any]) -> None:
-        self._all("save_checkpoint", None, str(path), client_state)
+    def save_checkpoint(self, path: str | Path, client_state: dict[str, Any],
+                        reference_dir: str | Path | None = None) -> None:
+        self._all("save_checkpoint", None, str(path), client_state,
+                  None if reference_dir is None else str(reference_dir))
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         results = self._all("load_checkpoint", None, str(path))

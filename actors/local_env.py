@@ -18,10 +18,21 @@ VLLM_CPU_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
 }
 
+# The libraries' own log levels, read at their import in every process: warnings and above.
+QUIET_ENV = {
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "TRANSFORMERS_VERBOSITY": "warning",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' weight loading/saving bars in every actor
+    # Libraries' deprecation notices about each other (vLLM on torch.distributed.reduce_op):
+    # nothing a user of this run can act on.
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+}
+
 
 def process_env() -> dict[str, str]:
     """Environment for the driver and every Ray worker of a local CPU run."""
-    return {**LOOPBACK_ENV, **VLLM_CPU_ENV, "TOKENIZERS_PARALLELISM": "false"}
+    return {**LOOPBACK_ENV, **VLLM_CPU_ENV, **QUIET_ENV, "TOKENIZERS_PARALLELISM": "false"}
 
 
 def apply_process_env() -> None:

@@ -41,6 +41,9 @@ class RolloutActor:
     def __init__(self, model_path: str, config: RolloutConfig, engine_index: int = 0) -> None:
         self.engine_index = engine_index
         self.engine = make_engine(model_path, config, engine_index=engine_index)
+        from actors.console import quiet_libraries
+
+        quiet_libraries()  # after vLLM set up its loggers: drops its per-sync false alarm
 
     def ready(self) -> dict[str, Any]:
         return {"engine_index": self.engine_index, "engine": type(self.engine).__name__,

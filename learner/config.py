@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from personadual.advantage import ADVANTAGE_KINDS
+from personadual.advantage_kinds import ADVANTAGE_KINDS
 
 SECTION = "learner"
 SCHEDULES = ("cosine", "linear", "constant")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -454,10 +455,15 @@ class Learner:
         distributed.barrier()
 
     # ---- checkpoints --------------------------------------------------------------------
-    def save_checkpoint(self, path: str | Path, client_state: dict[str, Any]) -> None:
+    def save_checkpoint(self, path: str | Path, client_state: dict[str, Any],
+                        reference_dir: str | Path | None = None) -> None:
         """Model, optimizer, scheduler, step counters, RNG, the reference (in the RL stage) and
         the caller's ``client_state`` (JSON: e.g. the data position), under ``path/learner``,
-        which appears only complete."""
+        which appears only complete.
+
+        The reference is frozen for the whole RL stage, so with ``reference_dir`` it is written
+        there once (skipped when already complete) and the checkpoint only names it, instead of
+        a full copy of the model in every checkpoint."""
         final = Path(path) / LEARNER_DIR
         staging = staging_dir(final)
         if self.rank == 0:
@@ -467,7 +473,18 @@ class Learner:
         self.engine.save_checkpoint(str(staging / "deepspeed"), tag=DS_TAG, save_latest=False)
         fault_point("save", f"rank{self.rank}")  # tests crash a save here: written, not yet published
         write_json(staging / f"rng_rank{self.rank}.json", rng_state())
-        if self.reference is not None:
+        reference_link = None
+        if self.reference is not None and reference_dir is not None:
+            shared = Path(reference_dir)
+            if not (shared / "config.json").is_file():  # published whole, so present means complete
+                if self.rank == 0:
+                    shutil.rmtree(staging_dir(shared), ignore_errors=True)
+                    shared.parent.mkdir(parents=True, exist_ok=True)
+                self._write_hf(self.reference, staging_dir(shared), tokenizer=False)
+                if self.rank == 0:
+                    publish(staging_dir(shared), shared)
+            reference_link = os.path.relpath(shared, final)
+        elif self.reference is not None:
             self._write_hf(self.reference, staging / "reference", tokenizer=False)
         distributed.barrier()
         if self.rank == 0:
@@ -475,7 +492,8 @@ class Learner:
             write_json(staging / "learner_state.json", {
                 "stage": self.stage, "weight_version": self.weight_version, "steps": self.steps,
                 "world_size": self.world_size, "zero_stage": self.config.zero_stage, "precision": self.precision,
-                "has_reference": self.reference is not None, "config": asdict(self.config)})
+                "has_reference": self.reference is not None, "reference_dir": reference_link,
+                "config": asdict(self.config)})
             publish(staging, final)
         distributed.barrier()
 
@@ -493,7 +511,11 @@ class Learner:
             self._reset_optimizer(stage)
         self.reference = None
         if state["has_reference"]:
-            self._build_reference(root / "reference")
+            linked = state.get("reference_dir")
+            reference = (root / linked).resolve() if linked else root / "reference"
+            if not (reference / "config.json").is_file():
+                raise FileNotFoundError(f"checkpoint {path}: its reference model {reference} is missing")
+            self._build_reference(reference)
         with weights_only_loads(self.engine):
             self.engine.load_checkpoint(str(root / "deepspeed"), tag=DS_TAG, load_optimizer_states=True,
                                         load_lr_scheduler_states=True)

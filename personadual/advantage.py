@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-ADVANTAGE_KINDS = ("dual", "grpo", "dual_released")
+from personadual.advantage_kinds import ADVANTAGE_KINDS
 
 
 def _dense_group_index(groups: Tensor) -> tuple[Tensor, int]:

@@ -66,6 +66,7 @@ class VllmEngine:
             enable_chunked_prefill=False,
             # tp > 1: vLLM picks "ray" inside a Ray placement group, else "mp".
             distributed_executor_backend="uni" if tp == 1 else None,
+            use_tqdm_on_load=False,  # a progress bar per (re)start is console noise in a run's log
         )
         if config.num_gpus_per_engine > 0:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization

@@ -35,7 +35,7 @@ SAMPLES = 4 * 2 * 2  # smoke: prompts x modes x n per mode
 COLLECTIVE_TIMEOUT_S = 60
 STOP_MARGIN_S = 60  # a loaded 2-core machine: the bound is the collective timeout plus this
 SMALL = ["--config", str(ROOT / "configs/smoke.yaml"), "sft.steps=0", "eval.baselines=false",
-         "eval.two_turn_cases=0", "data.max_eval_prompts=4", "run.wandb_mode=disabled"]
+         "eval.two_turn_cases=0", "data.max_eval_prompts=4", "wandb.mode=disabled"]
 
 pytestmark = [pytest.mark.slow]
 
@@ -149,7 +149,7 @@ def test_dead_engines_and_reward_workers_are_replaced_until_too_many_fail_in_a_r
     assert f"--resume {run_dir}" in line and "step_2" in line, line
     step1, step2 = rl_records(run_dir)
     assert step1["samples"] == step2["samples"] == SAMPLES
-    assert step1["mode_rate/general"] == step1["mode_rate/personalized"] == 0.5
+    assert step1["mode/rate_general"] == step1["mode/rate_personalized"] == 0.5
     assert (step1["faults/rollout_restarts"], step1["faults/reward_restarts"]) == (1, 0)
     assert (step2["faults/rollout_restarts"], step2["faults/reward_restarts"]) == (0, 1)
     # The replacement engine generated on the weights the learner had (version 1 after step 1).
