@@ -217,13 +217,11 @@ class Driver:
         self.learner = LearnerGroup(section(cfg, "learner"), self.model_path,
                                     algo=section(cfg, "algo"), total_sft_steps=max(self.sft_steps, 1),
                                     total_rl_steps=max(self.rl_steps, 1),
-                                    placement_group=self.placement.learner,
-                                    num_cpus_per_rank=cfg.cluster.learner_cpus,
-                                    num_gpus_per_rank=cfg.cluster.learner_gpus)
+                                    placement_group=self.placement.learner)
         self.engines = create_rollout_actors(self.model_path, section(cfg, "rollout"),
                                              placement_groups=self.placement.engines())
-        self.rewards = RewardPool(section(cfg, "reward"), num_workers=cfg.cluster.reward_workers,
-                                  num_cpus=cfg.cluster.reward_cpus, placement_group=self.placement.reward,
+        self.rewards = RewardPool(section(cfg, "reward"), num_workers=cfg.reward.num_workers,
+                                  num_cpus=cfg.reward.num_cpus_per_worker, placement_group=self.placement.reward,
                                   faults=self.faults)
         backends = set(ray.get([engine.weight_transfer_backend.remote() for engine in self.engines]))
         if len(backends) != 1 or None in backends:

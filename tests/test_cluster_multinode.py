@@ -107,7 +107,7 @@ def test_learner_and_engine_on_different_nodes_train_and_sync(two_nodes, tmp_pat
     assert {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} == {local_cluster.LOOPBACK}
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [
         f"run.out_dir={tmp_path}", "run.name=two_nodes", "sft.steps=2", "algo.steps=2", "eval.baselines=false",
-        "cluster.learner_resources={node_a: 1}", "cluster.rollout_resources={node_b: 1}",
+        "learner.resources={node_a: 1}", "rollout.resources={node_b: 1}",
         "cluster.placement_strategy=SPREAD"])
     driver = Driver(cfg, tmp_path / "two_nodes")
     try:

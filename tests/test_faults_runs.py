@@ -175,7 +175,7 @@ def test_learner_rank_death_stops_the_run_and_a_crashed_save_keeps_the_last_chec
     runs = tmp_path / "runs"
     run_dir = runs / "learner"
     learner = [f"run.out_dir={runs}", "run.name=learner", "algo.steps=2", "run.save_every=1",
-               "rollout.engine=hf", "learner.num_ranks=2", "cluster.learner_cpus=0.5",
+               "rollout.engine=hf", "learner.num_ranks=2", "learner.num_cpus_per_rank=0.5",
                f"learner.collective_timeout_s={COLLECTIVE_TIMEOUT_S}"]
 
     # A learner rank dies in the middle of step 2's policy step.

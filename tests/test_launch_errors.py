@@ -33,6 +33,7 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -
     ("data.world_sft_aligned_kinds=7", "data.world_sft_aligned_kinds"),
     ("reward.judge.failure_policy=ignore", "reward.judge.failure_policy"),
     ("nonsense=1", "nonsense"),
+    ("learner.kl_coef=0.1", "learner.kl_coef: moved to algo.kl_coef"),
 ])
 def test_bad_config_key_or_value_exits_2_naming_it(override, needle, tmp_path):
     _assert_one_line_error(_launch("--config", str(ROOT / "configs/smoke.yaml"), override,

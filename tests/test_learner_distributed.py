@@ -19,12 +19,14 @@ from actors.learner_group import LearnerGroup
 from learner.batch import SftSample
 from learner.config import LearnerConfig, OptimConfig
 from personadual.advantage import dual_grpo_advantages
+from personadual.algo_config import AlgoConfig
 from personadual.modes import Mode, mode_token_ids
 from personadual.records import Prompt, Rollout, Scored
 
 pytestmark = [pytest.mark.slow]
 
 SFT_LR, RL_LR, MAX_NORM, CLIP, KL_COEF, BETA = 3e-3, 2e-3, 1.0, 0.2, 0.04, 2.0
+ALGO = AlgoConfig(clip_range=CLIP, kl_coef=KL_COEF, beta=BETA)
 # Adam's first steps are nearly sign(gradient) * lr wherever |gradient| >> eps, so with the
 # usual eps (1e-8) float round-off in a near-zero gradient component can move a weight by up
 # to lr. An eps above round-off keeps the comparison about the learner's math, not that.
@@ -41,8 +43,7 @@ def ray_cluster():
 def _config(zero_stage: int) -> LearnerConfig:
     # Cosine over 2 steps without warm-up: the RL rate is lr, then lr / 2.
     return LearnerConfig(
-        zero_stage=zero_stage, num_ranks=2, micro_batch_tokens=48, max_grad_norm=MAX_NORM, clip_range=CLIP,
-        kl_coef=KL_COEF, beta=BETA, optim=OptimConfig(lr=RL_LR, eps=EPS, schedule="cosine", total_steps=2),
+        zero_stage=zero_stage, num_ranks=2, micro_batch_tokens=48, max_grad_norm=MAX_NORM, optim=OptimConfig(lr=RL_LR, eps=EPS, schedule="cosine", total_steps=2),
         sft_optim=OptimConfig(lr=SFT_LR, eps=EPS, schedule="constant", total_steps=1), collective_timeout_s=120)
 
 
@@ -138,7 +139,7 @@ def scenario(tiny_model_dir):
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_ranks_match_plain_torch(ray_cluster, tiny_model_dir, scenario, zero_stage, tmp_path):
     sft, batches, expected, expected_losses = scenario
-    group = LearnerGroup(_config(zero_stage), tiny_model_dir, num_cpus_per_rank=1.0)
+    group = LearnerGroup(_config(zero_stage), tiny_model_dir, algo=ALGO)
     try:
         losses = [group.sft_step(sft)["loss"]]
         first = group.policy_step(batches[0])
@@ -178,7 +179,7 @@ def test_nonfinite_loss_on_one_rank_skips_the_update_on_every_rank(ray_cluster, 
     all-reduce the gradient norm themselves: tests/test_learner_engine.py)."""
     _, batches, _, _ = scenario
     config = dataclasses.replace(_config(0), fault_nan_loss_at_rl_steps=[1])
-    group = LearnerGroup(config, tiny_model_dir, num_cpus_per_rank=1.0)
+    group = LearnerGroup(config, tiny_model_dir, algo=ALGO)
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
     try:
         skipped = group.policy_step(batches[0])

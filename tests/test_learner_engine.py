@@ -19,6 +19,7 @@ from learner.batch import SftSample, build_policy_batch
 from learner.checkpoint import load_torch_file
 from learner.config import LearnerConfig, OptimConfig
 from learner.engine import Learner
+from personadual.algo_config import AlgoConfig
 from personadual.modes import Mode, mode_token_ids
 from personadual.records import Prompt, Rollout, Scored
 
@@ -35,7 +36,7 @@ def own_process_group():
 
 
 def _config(**overrides) -> LearnerConfig:
-    values = dict(zero_stage=2, micro_batch_tokens=64, kl_coef=0.04, optim=OptimConfig(lr=1e-3, total_steps=4),
+    values = dict(zero_stage=2, micro_batch_tokens=64, optim=OptimConfig(lr=1e-3, total_steps=4),
                   sft_optim=OptimConfig(lr=1e-3, total_steps=4))
     values.update(overrides)
     return LearnerConfig(**values)
@@ -184,8 +185,8 @@ def test_gradient_checkpointing_and_token_budget_do_not_change_the_step(tiny_mod
 
 @pytest.mark.timeout(300)
 def test_several_updates_per_batch_use_old_logprobs_from_before_the_first(tiny_model_dir, batches):
-    learner = Learner(_config(ppo_epochs=2, mini_batches=2, optim=OptimConfig(lr=1e-2, schedule="constant")),
-                      tiny_model_dir)
+    learner = Learner(_config(optim=OptimConfig(lr=1e-2, schedule="constant")), tiny_model_dir,
+                      algo=AlgoConfig(ppo_epochs=2, mini_batches=2))
     try:
         metrics = learner.policy_step(build_policy_batch(batches[0]))
         assert learner.weight_version == 4 and metrics["updates"] == 4

@@ -256,8 +256,7 @@ def test_schedules_warm_up_then_decay():
 @pytest.mark.parametrize("overrides,key", [
     ({"zero_stage": 4}, "learner.zero_stage"),
     ({"precision": "fp16"}, "learner.precision"),
-    ({"clip_range": 0.0}, "learner.clip_range"),
-    ({"advantage": "ppo"}, "learner.advantage"),
+    ({"num_cpus_per_rank": 0.0}, "learner.num_cpus_per_rank"),
     ({"optim": OptimConfig(schedule="step")}, "learner.optim.schedule"),
     ({"sft_optim": OptimConfig(warmup_ratio=1.0)}, "learner.sft_optim.warmup_ratio"),
 ])
