@@ -21,7 +21,8 @@ from learner.config import LearnerConfig, OptimConfig
 from personadual.advantage import dual_grpo_advantages
 from personadual.algo_config import AlgoConfig
 from personadual.modes import Mode, mode_token_ids
-from personadual.records import Prompt, Rollout, Scored
+from personadual.records import Prompt, Scored
+from tests.helpers import make_scored
 
 pytestmark = [pytest.mark.slow]
 
@@ -66,10 +67,10 @@ def _data(tokenizer, seed: int) -> tuple[list[SftSample], list[list[Scored]]]:
             for mode in Mode:
                 for sample in range(2):
                     response = [ids[mode]] + tokens(2, 10)
-                    rollout = Rollout(prompt, prompt_ids, response, [0.0] * len(response), "", mode, True, "stop", 0,
-                                      sample)
                     reward = float(torch.randint(0, 3, (1,), generator=gen)) / 2
-                    scored.append(Scored(rollout, reward, reward == 1.0))
+                    scored.append(make_scored(prompt, mode, reward, prompt_token_ids=prompt_ids,
+                                              response_token_ids=response, correct=reward == 1.0,
+                                              sample_index=sample))
         batches.append(scored)
     return sft, batches
 

@@ -21,7 +21,8 @@ from learner.config import LearnerConfig, OptimConfig
 from learner.engine import Learner
 from personadual.algo_config import AlgoConfig
 from personadual.modes import Mode, mode_token_ids
-from personadual.records import Prompt, Rollout, Scored
+from personadual.records import Prompt, Scored
+from tests.helpers import make_scored
 
 pytestmark = [pytest.mark.slow]
 
@@ -43,8 +44,8 @@ def _config(**overrides) -> LearnerConfig:
 
 
 def _rollout(prompt: Prompt, prompt_ids: list[int], response: list[int], mode: Mode, reward: float) -> Scored:
-    rollout = Rollout(prompt, prompt_ids, response, [0.0] * len(response), "", mode, True, "stop", 0)
-    return Scored(rollout, reward, reward > 0.5)
+    return make_scored(prompt, mode, reward, prompt_token_ids=prompt_ids, response_token_ids=response,
+                       correct=reward > 0.5)
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,7 @@ asks for, the early check naming the keys, the timeout's one-line error, removal
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import ray
@@ -14,9 +11,8 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 
 from actors.config import ConfigError, load_config
 from actors.placement import Placement, PlacementError, check_fits, cluster_shape, plan_groups
+from tests.helpers import SMOKE, run_launch
 
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "configs" / "smoke.yaml"
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -98,10 +94,8 @@ def test_a_group_that_cannot_be_placed_fails_in_one_line_naming_it(ray_cluster):
 
 @pytest.mark.slow
 def test_launch_exits_2_naming_the_key_when_no_node_has_the_resource(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--config", str(SMOKE),
-                             f"run.out_dir={tmp_path}", "cluster.num_cpus=2",
-                             "rollout.resources={node_gpu_box: 1}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    result = run_launch("--config", str(SMOKE), f"run.out_dir={tmp_path}", "cluster.num_cpus=2",
+                        "rollout.resources={node_gpu_box: 1}", timeout=240)
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cluster: the run needs 1 node_gpu_box") and "rollout.resources" in last
