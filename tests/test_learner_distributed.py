@@ -26,7 +26,9 @@ from tests.helpers import make_scored
 
 pytestmark = [pytest.mark.slow]
 
-SFT_LR, RL_LR, MAX_NORM, CLIP, KL_COEF, BETA = 3e-3, 2e-3, 1.0, 0.2, 0.04, 2.0
+# The objective differs from AlgoConfig's defaults, so matching plain torch shows that every
+# rank trains the algo it was handed.
+SFT_LR, RL_LR, MAX_NORM, CLIP, KL_COEF, BETA = 3e-3, 2e-3, 1.0, 0.25, 0.05, 3.0
 ALGO = AlgoConfig(clip_range=CLIP, kl_coef=KL_COEF, beta=BETA)
 # Adam's first steps are nearly sign(gradient) * lr wherever |gradient| >> eps, so with the
 # usual eps (1e-8) float round-off in a near-zero gradient component can move a weight by up
@@ -152,6 +154,7 @@ def test_two_ranks_match_plain_torch(ray_cluster, tiny_model_dir, scenario, zero
         losses += [first["loss"], second["loss"]]
         assert group.weight_version == 3
         assert group.call(lambda learner: (learner.rank, learner.weight_version)) == [(0, 3), (1, 3)]
+        assert group.call(lambda learner: learner.algo) == [ALGO, ALGO]
         assert losses == pytest.approx(expected_losses, rel=1e-5, abs=1e-8)
 
         exported = {name: tensor for bucket in group.export_weights(64 << 10) for name, tensor in bucket}
