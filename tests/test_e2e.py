@@ -35,7 +35,7 @@ def test_smoke_run_completes_and_prints_the_table(smoke_run):
 
 
 @pytest.mark.timeout(60)
-def test_run_folder_has_what_design_lists(smoke_run):
+def test_run_folder_has_what_the_architecture_doc_lists(smoke_run):
     run_dir, result = smoke_run
     assert result.returncode == 0, result.stderr[-4000:]
     assert (run_dir / "config.yaml").is_file()
