@@ -103,8 +103,10 @@ def _group_mean_std(rewards: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
     trainer; a singleton group has std 0)."""
     group_index, group_count = _dense_group_index(groups)
     mean, size = _segment_mean(rewards, group_index, group_count)
-    sq_mean, _ = _segment_mean(rewards.square(), group_index, group_count)
-    var = (sq_mean - mean.square()).clamp_min(0) * size / (size - 1).clamp_min(1)
+    # Two passes: E[x^2] - E[x]^2 cancels catastrophically in float32 for nearly equal
+    # rewards (a std of 0 where the spread is tiny but real).
+    centred_sq, _ = _segment_mean((rewards - mean[group_index]).square(), group_index, group_count)
+    var = centred_sq * size / (size - 1).clamp_min(1)
     return mean[group_index], var.sqrt()[group_index]
 
 
