@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from personadual.modes import Mode
 from personadual.records import Prompt, Rollout, Scored
@@ -52,3 +52,25 @@ def make_scored(prompt: Prompt | str, mode: Mode | None, reward: float | None, *
                       mode is not None if forced is None else forced, finish_reason, weight_version, sample_index)
     return Scored(rollout, reward, bool(reward) if correct is None else correct,
                   status="dropped" if reward is None else "ok")
+
+
+def forced_batches(*, prompt_ids: Callable[[int], list[int]], response: Callable[[Mode, int], list[int]],
+                   reward: Callable[[int, int], float], steps: int = 2, groups: int = 2, per_mode: int = 2,
+                   prompt_id: Callable[[int, int], str] = "p{}-{}".format) -> list[list[Scored]]:
+    """``steps`` scored batches of forced-prefix groups: ``per_mode`` responses of each mode per
+    prompt. The callables give a group's prompt ids, a (mode, sample)'s response ids (the mode
+    token first) and a (group, sample)'s reward, called in that order (so a seeded generator
+    behind them yields the same batches every time)."""
+    batches = []
+    for step in range(steps):
+        scored = []
+        for group in range(groups):
+            prompt, ids = make_prompt(prompt_id(step, group)), prompt_ids(group)
+            for mode in Mode:
+                for sample in range(per_mode):
+                    tokens = response(mode, sample)
+                    value = reward(group, sample)
+                    scored.append(make_scored(prompt, mode, value, prompt_token_ids=ids, response_token_ids=tokens,
+                                              correct=value >= 1.0, sample_index=sample))
+        batches.append(scored)
+    return batches

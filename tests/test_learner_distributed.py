@@ -21,8 +21,8 @@ from learner.config import LearnerConfig, OptimConfig
 from personadual.advantage import dual_grpo_advantages
 from personadual.algo_config import AlgoConfig
 from personadual.modes import Mode, mode_token_ids
-from personadual.records import Prompt, Scored
-from tests.helpers import make_scored
+from personadual.records import Scored
+from tests.helpers import forced_batches
 
 pytestmark = [pytest.mark.slow]
 
@@ -59,21 +59,9 @@ def _data(tokenizer, seed: int) -> tuple[list[SftSample], list[list[Scored]]]:
         return torch.randint(10, vocab, (int(torch.randint(low, high, (1,), generator=gen)),), generator=gen).tolist()
 
     sft = [SftSample(tokens(3, 14), [ids[Mode(i % 2)]] + tokens(2, 9)) for i in range(7)]
-    batches = []
-    for step in range(2):
-        scored = []
-        for group in range(2):
-            prompt = Prompt(id=f"p{step}-{group}", question="q", persona=None, persona_setting="none",
-                            task_type="objective", gold=("a",), scorer="exact_match")
-            prompt_ids = tokens(4, 12)
-            for mode in Mode:
-                for sample in range(2):
-                    response = [ids[mode]] + tokens(2, 10)
-                    reward = float(torch.randint(0, 3, (1,), generator=gen)) / 2
-                    scored.append(make_scored(prompt, mode, reward, prompt_token_ids=prompt_ids,
-                                              response_token_ids=response, correct=reward == 1.0,
-                                              sample_index=sample))
-        batches.append(scored)
+    batches = forced_batches(prompt_ids=lambda group: tokens(4, 12),
+                             response=lambda mode, sample: [ids[mode]] + tokens(2, 10),
+                             reward=lambda group, sample: float(torch.randint(0, 3, (1,), generator=gen)) / 2)
     return sft, batches
 
 

@@ -22,7 +22,7 @@ from learner.engine import Learner
 from personadual.algo_config import AlgoConfig
 from personadual.modes import Mode, mode_token_ids
 from personadual.records import Prompt, Scored
-from tests.helpers import make_scored
+from tests.helpers import forced_batches, make_scored
 
 pytestmark = [pytest.mark.slow]
 
@@ -57,19 +57,13 @@ def tokenizer(tiny_model_dir):
 def batches(tokenizer):
     ids = mode_token_ids(tokenizer)
     gen = torch.Generator().manual_seed(11)
-    out = []
-    for step in range(2):
-        scored = []
-        for group in range(2):
-            prompt = Prompt(id=f"s{step}g{group}", question="q", persona=None, persona_setting="none",
-                            task_type="objective", gold=("a",), scorer="exact_match")
-            prompt_ids = torch.randint(10, len(tokenizer), (6 + group,), generator=gen).tolist()
-            for mode in Mode:
-                for sample in range(2):
-                    response = [ids[mode]] + torch.randint(10, len(tokenizer), (4 + sample,), generator=gen).tolist()
-                    scored.append(_rollout(prompt, prompt_ids, response, mode, float(sample == group)))
-        out.append(scored)
-    return out
+
+    def tokens(count: int) -> list[int]:
+        return torch.randint(10, len(tokenizer), (count,), generator=gen).tolist()
+
+    return forced_batches(prompt_ids=lambda group: tokens(6 + group),
+                          response=lambda mode, sample: [ids[mode]] + tokens(4 + sample),
+                          reward=lambda group, sample: float(sample == group), prompt_id="s{}g{}".format)
 
 
 def _sequence_logprob(learner: Learner, prompt: list[int], response: list[int]) -> float:
