@@ -2,7 +2,13 @@
 
 ``load_config`` merges the schema's defaults, a YAML file and command-line dotlist
 overrides, and turns every unknown or ill-typed key into a one-line ``ConfigError``
-naming the key, which ``launch.py`` reports with exit code 2.
+naming the key, which ``launch.py`` reports with exit code 2. A key that moved to another
+section names its new home (``learner.kl_coef: moved to algo.kl_coef``).
+
+One home per thing (docs/ARCHITECTURE.md, "The config map"): the objective is ``algo``'s;
+each role's count, CPUs/GPUs and extra Ray resources are its own section's (``learner``,
+``rollout``, ``reward``); ``cluster`` holds only what concerns the whole cluster. Seeds left
+null (``data.world_seed``, ``learner.seed``, ``rollout.sampling.seed``) are ``run.seed``.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from learner.config import LearnerConfig
-from personadual.advantage_kinds import ADVANTAGE_KINDS
+from personadual.algo_config import AlgoConfig
 from personadual.world import KINDS
 from rewards.config import RewardConfig
 from rollout.config import RolloutConfig
@@ -62,7 +68,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     source: str = "world"  # world | files
-    world_seed: int = 0
+    world_seed: Optional[int] = None  # the synthetic world's questions and personas; null: run.seed
     # How many of the world's kinds have their aligned-persona questions demonstrated in SFT
     # (the others' are RL prompts only, so RL has a mode choice left to learn); null: all.
     world_sft_aligned_kinds: Optional[int] = 3
@@ -86,22 +92,6 @@ class SftSection:
 
 
 @dataclass
-class AlgoSection:
-    steps: int = 20  # 0 with epochs > 0: as many steps as `epochs` passes over the prompts take
-    epochs: float = 0.0
-    prompts_per_step: int = 16
-    n_per_mode: int = 4  # forced-prefix: n per mode (2n per prompt); free mode: 2n per prompt
-    forced_prefix: bool = True
-    advantage: str = "dual"  # dual | grpo | dual_released
-    scale: str = "none"  # none | group_std
-    beta: float = 2.0  # weight of the mode-prefix token's advantage
-    prefix_tokens: int = 1
-    kl_coef: float = 0.04
-    clip_range: float = 0.2
-    max_staleness: int = 0  # RL steps a rollout's weights may lag the learner (0 or 1)
-
-
-@dataclass
 class EvalSection:
     at_start: bool = True  # evaluate the SFT checkpoint before RL
     greedy: bool = True
@@ -112,20 +102,13 @@ class EvalSection:
 
 @dataclass
 class ClusterSection:
+    """The whole cluster; each role's count and resources are in its own section."""
+
     num_cpus: Optional[int] = None  # local Ray only; None: what the machine has
-    reward_workers: int = 1
-    reward_cpus: float = 0.1
-    learner_cpus: float = 1.0
-    learner_gpus: float = 0.0
     # Placement groups (actors/placement.py): one for the learner ranks, one per rollout
     # engine, one for the reward workers, each placed with this strategy.
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     placement_timeout_s: float = 300.0  # a group not placed by then fails the run, naming it
-    # Extra Ray resources every bundle of a role asks for, e.g. {node_b: 1} (a custom resource
-    # of one node, `ray start --resources`) or {"node:10.0.0.7": 0.01}: pins a role to nodes.
-    learner_resources: dict[str, float] = field(default_factory=dict)
-    rollout_resources: dict[str, float] = field(default_factory=dict)
-    reward_resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -135,7 +118,7 @@ class ExperimentConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     sft: SftSection = field(default_factory=SftSection)
-    algo: AlgoSection = field(default_factory=AlgoSection)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
     eval: EvalSection = field(default_factory=EvalSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -146,19 +129,47 @@ class ExperimentConfig:
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "wandb.mode": ("offline", "online", "disabled"),
     "data.source": ("world", "files"),
-    "algo.advantage": ADVANTAGE_KINDS,
-    "algo.scale": ("none", "group_std"),
-    "algo.max_staleness": (0, 1),
     "rollout.engine": ("vllm", "hf"),
     "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
-_POSITIVE = ("sft.batch_size", "algo.prompts_per_step", "algo.n_per_mode", "cluster.reward_workers",
-             "run.max_consecutive_failures")
-# A placement bundle may not be empty: each role's CPUs stay above zero.
-_POSITIVE_FLOATS = ("cluster.learner_cpus", "cluster.reward_cpus", "cluster.placement_timeout_s")
-_RESOURCE_DICTS = ("cluster.learner_resources", "cluster.rollout_resources", "cluster.reward_resources")
-_NON_NEGATIVE = ("sft.steps", "algo.steps", "sft.epochs", "algo.epochs", "run.save_every", "run.eval_every",
-                 "algo.kl_coef", "run.keep_last", "run.log_samples_every", "run.samples_per_log")
+_POSITIVE = ("sft.batch_size", "run.max_consecutive_failures", "cluster.placement_timeout_s")
+_NON_NEGATIVE = ("sft.steps", "sft.epochs", "run.save_every", "run.eval_every", "run.keep_last",
+                 "run.log_samples_every", "run.samples_per_log")
+# Each role's extra Ray resources, and the keys that hold its CPUs and GPUs instead.
+_RESOURCE_DICTS = {"learner.resources": "learner.num_cpus_per_rank, learner.num_gpus_per_rank",
+                   "rollout.resources": "rollout.num_cpus_per_engine, rollout.num_gpus_per_engine",
+                   "reward.resources": "reward.num_cpus_per_worker"}
+# Seeds that default to run.seed.
+DERIVED_SEEDS = ("data.world_seed", "learner.seed", "rollout.sampling.seed")
+# Keys that moved: old -> new (an old key in a file or override exits 2 naming the new one).
+MOVED_KEYS = {
+    **{f"learner.{name}": f"algo.{name}" for name in
+       ("clip_range", "kl_coef", "beta", "prefix_tokens", "advantage", "ppo_epochs", "mini_batches")},
+    "learner.advantage_scale": "algo.scale",
+    "rollout.sampling.n_per_mode": "algo.n_per_mode",
+    "cluster.learner_cpus": "learner.num_cpus_per_rank",
+    "cluster.learner_gpus": "learner.num_gpus_per_rank",
+    "cluster.learner_resources": "learner.resources",
+    "cluster.rollout_resources": "rollout.resources",
+    "cluster.reward_workers": "reward.num_workers",
+    "cluster.reward_cpus": "reward.num_cpus_per_worker",
+    "cluster.reward_resources": "reward.resources",
+}
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    if not isinstance(node, dict):
+        return [prefix] if prefix else []
+    keys = [prefix] if prefix else []
+    for name, value in node.items():
+        keys += _dotted_keys(value, f"{prefix}.{name}" if prefix else str(name))
+    return keys
+
+
+def _refuse_moved_keys(config: DictConfig, where: str) -> None:
+    for key in _dotted_keys(OmegaConf.to_container(config)):
+        if key in MOVED_KEYS:
+            raise ConfigError(f"{key}: moved to {MOVED_KEYS[key]}{where}")
 
 
 def _validate(cfg: DictConfig) -> None:
@@ -172,14 +183,10 @@ def _validate(cfg: DictConfig) -> None:
     for key in _NON_NEGATIVE:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {OmegaConf.select(cfg, key)!r}")
-    for key in _POSITIVE_FLOATS:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {OmegaConf.select(cfg, key)!r}")
-    for key in _RESOURCE_DICTS:
+    for key, own_keys in _RESOURCE_DICTS.items():
         for name, amount in OmegaConf.select(cfg, key).items():
             if name in ("CPU", "GPU"):
-                raise ConfigError(f"{key}.{name}: CPUs and GPUs have their own keys (cluster.*_cpus, "
-                                  f"cluster.learner_gpus, rollout.num_*_per_engine)")
+                raise ConfigError(f"{key}.{name}: CPUs and GPUs have their own keys ({own_keys})")
             if amount <= 0:
                 raise ConfigError(f"{key}.{name}: must be > 0, got {amount!r}")
     kinds = cfg.data.world_sft_aligned_kinds
@@ -259,17 +266,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if not isinstance(from_file, DictConfig):
         raise ConfigError(f"{path}: expected a mapping of config sections, got {type(from_file).__name__}")
     try:
+        from_argv = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"config {_one_line(error)}") from None
+    _refuse_moved_keys(from_file, f" (in {path})")
+    _refuse_moved_keys(from_argv, "")
+    try:
         cfg = OmegaConf.merge(schema, from_file)
     except OmegaConfBaseException as error:
         raise ConfigError(_merge_error(path, from_file, error)) from None
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(cfg, from_argv)
     except OmegaConfBaseException as error:
         raise ConfigError(f"config {_one_line(error)}") from None
+    for key in DERIVED_SEEDS:
+        if OmegaConf.select(cfg, key) is None:
+            OmegaConf.update(cfg, key, cfg.run.seed)
     _validate(cfg)
     try:  # each room's dataclass checks its own values (on construction or validate()), naming the key
         experiment = OmegaConf.to_object(cfg)
-        for name in ("rollout", "learner", "reward"):
+        for name in ("algo", "rollout", "learner", "reward"):
             validate = getattr(getattr(experiment, name), "validate", None)
             if callable(validate):
                 validate()

@@ -1,6 +1,6 @@
 """The driver loop: SFT stage -> DualGRPO stage -> eval, on Ray actors.
 
-One RL step (DESIGN.md section 2): rollout actors generate forced-prefix groups, reward
+One RL step (docs/ARCHITECTURE.md, "One RL step"): rollout actors generate forced-prefix groups, reward
 workers score each engine's rollouts as soon as that engine finishes, the learner group
 computes DualGRPO advantages and takes a step, and the new weights go to every engine.
 """
@@ -185,13 +185,11 @@ class Driver:
         self.learner = LearnerGroup(section(cfg, "learner"), self.model_path,
                                     algo=section(cfg, "algo"), total_sft_steps=max(self.sft_steps, 1),
                                     total_rl_steps=max(self.rl_steps, 1),
-                                    placement_group=self.placement.learner,
-                                    num_cpus_per_rank=cfg.cluster.learner_cpus,
-                                    num_gpus_per_rank=cfg.cluster.learner_gpus)
+                                    placement_group=self.placement.learner)
         self.engines = create_rollout_actors(self.model_path, section(cfg, "rollout"),
                                              placement_groups=self.placement.engines())
-        self.rewards = RewardPool(section(cfg, "reward"), num_workers=cfg.cluster.reward_workers,
-                                  num_cpus=cfg.cluster.reward_cpus, placement_group=self.placement.reward,
+        self.rewards = RewardPool(section(cfg, "reward"), num_workers=cfg.reward.num_workers,
+                                  num_cpus=cfg.reward.num_cpus_per_worker, placement_group=self.placement.reward,
                                   faults=self.faults)
         backends = set(ray.get([engine.weight_transfer_backend.remote() for engine in self.engines]))
         if len(backends) != 1 or None in backends:

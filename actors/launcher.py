@@ -15,14 +15,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from actors.config import ConfigError, load_config, to_container
+from actors.config import MOVED_KEYS, ConfigError, load_config, to_container
 
 
 def _resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.yaml there (not a run folder)")
-    _migrate_wandb_keys(saved)
+    _migrate_saved_keys(saved)
     cfg = load_config(saved, overrides)
     before = OmegaConf.load(saved)
     for key in ("model.path", "model.tiny_preset"):
@@ -32,18 +32,24 @@ def _resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def _migrate_wandb_keys(saved: Path) -> None:
-    """Run folders written before the ``wandb`` section held ``run.wandb_mode`` and
-    ``run.wandb_project``; their values move there, so such runs still resume."""
+def _migrate_saved_keys(saved: Path) -> None:
+    """A run folder written before a key moved (``run.wandb_mode`` to ``wandb.mode``,
+    ``learner.kl_coef`` to ``algo.kl_coef``, ...) holds it at its old place; the saved value
+    moves to the new key, so such runs still resume. (A user's own config with an old key
+    exits 2 naming the new one instead: there, a silent move would hide a typo'd intent.)"""
     before = OmegaConf.load(saved)
-    run = before.get("run") or {}
-    legacy = {key: run[key] for key in ("wandb_mode", "wandb_project") if key in run}
-    if not legacy:
-        return
-    for key, value in legacy.items():
-        OmegaConf.update(before, f"wandb.{key.removeprefix('wandb_')}", value, force_add=True)
-        del before.run[key]
-    OmegaConf.save(before, saved)
+    moves = {**MOVED_KEYS, "run.wandb_mode": "wandb.mode", "run.wandb_project": "wandb.project"}
+    moved = False
+    for old, new in moves.items():
+        value = OmegaConf.select(before, old, default="__absent__")
+        if value == "__absent__":
+            continue
+        OmegaConf.update(before, new, value, force_add=True)
+        parent, _, leaf = old.rpartition(".")
+        del OmegaConf.select(before, parent)[leaf]
+        moved = True
+    if moved:
+        OmegaConf.save(before, saved)
 
 
 def resolve_config(config_path: Path | None, overrides: list[str], resume: Path | None) -> DictConfig:

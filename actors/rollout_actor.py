@@ -50,7 +50,7 @@ class RolloutActor:
                 "num_workers": self.engine.num_workers(), "weight_version": self.engine.weight_version,
                 "node": ray.get_runtime_context().get_node_id()}
 
-    def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int | None = None, greedy: bool = False,
+    def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int, greedy: bool = False,
                  histories: Sequence[Sequence[dict[str, str]]] | None = None,
                  modes: Sequence[Mode] | None = None, seeds: Sequence[int] | None = None) -> list[Rollout]:
         with fault_window("generate", f"engine{self.engine_index}"):

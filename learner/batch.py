@@ -15,10 +15,9 @@ from typing import Sequence, TypeVar
 import torch
 
 from personadual.advantage import batch_advantages, token_advantages
+from personadual.estimators import NO_MODE
 from personadual.modes import Mode
 from personadual.records import Scored
-
-NO_MODE = -1
 
 
 @dataclass
@@ -68,8 +67,8 @@ def build_policy_batch(scored: Sequence[Scored], *, advantage: str = "dual", sca
     """The kept samples of a scored batch with their sequence advantages.
 
     Dropped samples (no reward) are left out before advantages are computed, so they shift
-    no group mean. Free-mode responses without a valid mode enter as mode -1 (centred on
-    their whole group by ``batch_advantages``).
+    no group mean. Free-mode responses without a valid mode enter as ``NO_MODE`` (centred on
+    their whole group by ``batch_advantages``). ``advantage`` and ``scale`` are ``algo``'s.
     """
     kept = [s for s in scored if s.status != "dropped"]
     if not kept:
@@ -206,13 +205,11 @@ def per_row(values: Sequence[float], batch: MicroBatch, dtype: torch.dtype = tor
 def micro_batch_advantages(samples: Sequence[PolicySample], batch: MicroBatch, *, prefix_tokens: int,
                            beta: float) -> torch.Tensor:
     """(B, K) per-token advantages of a micro-batch's rows: the sequence advantage on every
-    response token, the first ``prefix_tokens`` (the mode token) times beta. A response
-    without a valid mode has no mode token, so none of its tokens is weighted."""
+    response token, the first ``prefix_tokens`` (the mode token) times beta (none for a
+    response without a valid mode: ``token_advantages``)."""
     if not batch.indices:
         return torch.zeros_like(batch.response_mask)
     device = batch.response_mask.device
     seq = torch.tensor([samples[i].advantage for i in batch.indices], dtype=torch.float32, device=device)
-    has_mode = torch.tensor([samples[i].mode >= 0 for i in batch.indices], device=device)
-    weighted = token_advantages(seq, batch.response_mask, prefix_tokens=prefix_tokens, beta=beta)
-    plain = token_advantages(seq, batch.response_mask, prefix_tokens=0, beta=beta)
-    return torch.where(has_mode.unsqueeze(1), weighted, plain)
+    modes = torch.tensor([samples[i].mode for i in batch.indices], device=device)
+    return token_advantages(seq, batch.response_mask, prefix_tokens=prefix_tokens, beta=beta, modes=modes)

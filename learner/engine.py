@@ -5,9 +5,9 @@ it). Every public method except the metadata ones is a collective over the learn
 all ranks call it together, each with its own shard.
 
 One optimizer step = one call. Its loss is the SUM of per-token losses over the step's
-response tokens divided by their count across ALL ranks and micro-batches (DESIGN.md
-section 7); DeepSpeed averages gradients over ranks, so each rank's loss is scaled by the
-world size before backward. Micro-batches are sized by padded token count; ranks with fewer
+response tokens divided by their count across ALL ranks and micro-batches
+(docs/ARCHITECTURE.md, "Loss and weight-sync rules"); DeepSpeed averages gradients over
+ranks, so each rank's loss is scaled by the world size before backward. Micro-batches are sized by padded token count; ranks with fewer
 run empty ones so the ZeRO collectives inside forward/backward stay in lockstep.
 """
 
@@ -36,6 +36,7 @@ from learner.checkpoint import (LEARNER_DIR, publish, read_json, rng_state, set_
                                 weights_only_loads, write_json)
 from learner.config import LearnerConfig, OptimConfig
 from learner.losses import policy_loss, sft_loss, token_entropy, token_logprobs
+from personadual.algo_config import AlgoConfig
 from personadual.fault_hooks import fault_point
 from personadual.modes import Mode
 
@@ -71,9 +72,11 @@ def forward_logits(model: Any, batch: MicroBatch) -> torch.Tensor:
 
 
 class Learner:
-    def __init__(self, config: LearnerConfig, model_path: str | Path, *, rank: int = 0, world_size: int = 1,
-                 device: str = "cpu") -> None:
+    def __init__(self, config: LearnerConfig, model_path: str | Path, *, algo: AlgoConfig | None = None,
+                 rank: int = 0, world_size: int = 1, device: str = "cpu") -> None:
+        """``config``: how to train; ``algo``: the objective (its defaults when None)."""
         self.config = config
+        self.algo = algo if algo is not None else AlgoConfig()
         self.model_path = str(model_path)  # a local folder or a hub id
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
@@ -90,7 +93,7 @@ class Learner:
             raise RuntimeError(f"Learner: torch.distributed is rank {dist.get_rank()} of {dist.get_world_size()}, "
                                f"not rank {rank} of {world_size}")
         distributed.init_deepspeed_comm(backend, config.collective_timeout_s)
-        torch.manual_seed(config.seed)
+        torch.manual_seed(0 if config.seed is None else config.seed)
 
         self.zero3 = config.zero_stage == 3
         self._ds_config = self._deepspeed_config()
@@ -115,7 +118,7 @@ class Learner:
         zero: dict[str, Any] = {"stage": cfg.zero_stage}
         if self.zero3:
             # Without 0, parameters smaller than the threshold stay whole on every rank:
-            # with small models nothing would be partitioned (DESIGN.md section 5).
+            # with small models nothing would be partitioned (docs/ARCHITECTURE.md, "The real stack on CPU").
             zero["stage3_param_persistence_threshold"] = 0
         optim = cfg.optim
         return {
@@ -128,7 +131,8 @@ class Learner:
             "gradient_clipping": cfg.max_grad_norm,
             "zero_optimization": zero,
             "bf16": {"enabled": self.precision == "bf16"},
-            # torch's AdamW: DeepSpeed's FusedAdam costs a 139 s JIT build on CPU (DESIGN.md section 5).
+            # torch's AdamW: DeepSpeed's FusedAdam costs a 139 s JIT build on CPU
+            # (docs/ARCHITECTURE.md, "The real stack on CPU").
             "optimizer": {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
                                                       "weight_decay": optim.weight_decay, "torch_adam": True}},
             "steps_per_print": 1 << 30,
@@ -147,7 +151,7 @@ class Learner:
             return
         start = time.perf_counter()
         self._reset_optimizer(stage)
-        if stage == "rl" and self.config.kl_coef > 0:
+        if stage == "rl" and self.algo.kl_coef > 0:
             self._build_reference(None)
         self.stage = stage
         log.info("learner rank %d: %s stage from weight version %d (set-up %.1f s)", self.rank, stage,
@@ -289,11 +293,11 @@ class Learner:
         ``ppo_epochs`` passes. Old log-probabilities are this learner's own, before the
         update: with one step per batch they ARE the current ones (ratio 1, detached, the
         clipped objective's gradient still flows); otherwise a no-grad pass computes them."""
-        cfg = self.config
+        cfg, algo = self.config, self.algo
         self._enter_stage("rl")
         start = time.perf_counter()
         samples = batch.samples
-        chunks = split_even(list(range(len(samples))), cfg.mini_batches)
+        chunks = split_even(list(range(len(samples))), algo.mini_batches)
         plans = [self._plan([samples[i] for i in chunk]) for chunk in chunks]
         # micro-batch indices are relative to their chunk; make them index the shard.
         for chunk, plan in zip(chunks, plans):
@@ -302,7 +306,7 @@ class Learner:
         totals = self._lockstep(plans)
         if sum(totals) == 0:
             raise ValueError("policy step: the batch holds no response tokens")
-        advantages = [[micro_batch_advantages(samples, mb, prefix_tokens=cfg.prefix_tokens, beta=cfg.beta)
+        advantages = [[micro_batch_advantages(samples, mb, prefix_tokens=algo.prefix_tokens, beta=algo.beta)
                        for mb in plan] for plan in plans]
 
         ref_start = time.perf_counter()
@@ -327,7 +331,7 @@ class Learner:
                         mode_prob[mode, 0] += first[row]
                         mode_prob[mode, 1] += 1
 
-        single_pass = cfg.ppo_epochs == 1 and cfg.mini_batches == 1
+        single_pass = algo.ppo_epochs == 1 and algo.mini_batches == 1
         old_start = time.perf_counter()
         old: list[list[torch.Tensor]] = []
         if not single_pass:
@@ -347,7 +351,7 @@ class Learner:
         # FAULT INJECTION (tests only): rank 0's loss times NaN, so the other ranks learn of it
         # only through the all-reduced flag.
         poison = self.rank == 0 and self.steps["rl"] + 1 in cfg.fault_nan_loss_at_rl_steps
-        for epoch in range(cfg.ppo_epochs):
+        for epoch in range(algo.ppo_epochs):
             for index, plan in enumerate(plans):
                 lrs.append(self._lr())
                 loss_finite = True
@@ -358,7 +362,7 @@ class Learner:
                         observe(logits.detach(), logprobs.detach(), mb)
                     old_logprobs = logprobs.detach() if single_pass else old[index][position]
                     parts = policy_loss(logprobs, old_logprobs, reference[index][position], advantages[index][position],
-                                        mb.response_mask, clip_range=cfg.clip_range, kl_coef=cfg.kl_coef,
+                                        mb.response_mask, clip_range=algo.clip_range, kl_coef=algo.kl_coef,
                                         denominator=max(totals[index], 1))
                     del logits
                     if poison:
@@ -383,7 +387,7 @@ class Learner:
         reduced = distributed.all_reduce(torch.cat([torch.stack([sums[k] for k in keys]), mode_prob.flatten()]))
         values = dict(zip(keys, reduced[:len(keys)].tolist()))
         prob = reduced[len(keys):].view(2, 2).tolist()
-        updates = cfg.ppo_epochs * cfg.mini_batches
+        updates = algo.updates_per_step
         tokens = max(values["tokens"], 1.0)
         first_pass_tokens = float(sum(totals))
         metrics: dict[str, float] = {
@@ -493,7 +497,7 @@ class Learner:
                 "stage": self.stage, "weight_version": self.weight_version, "steps": self.steps,
                 "world_size": self.world_size, "zero_stage": self.config.zero_stage, "precision": self.precision,
                 "has_reference": self.reference is not None, "reference_dir": reference_link,
-                "config": asdict(self.config)})
+                "config": asdict(self.config), "algo": asdict(self.algo)})
             publish(staging, final)
         distributed.barrier()
 

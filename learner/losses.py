@@ -1,7 +1,7 @@
 """The learner's losses as pure functions of per-token tensors.
 
 Every loss is a SUM over masked tokens divided by ``denominator``: the response-token count
-of the whole optimizer step, across ranks and accumulation steps (DESIGN.md section 7).
+of the whole optimizer step, across ranks and accumulation steps (docs/ARCHITECTURE.md, "Loss and weight-sync rules").
 Summing the losses of any split of a batch then gives the loss of the whole batch, so the
 gradient does not depend on how the batch is sharded or micro-batched.
 """

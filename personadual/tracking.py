@@ -1,4 +1,4 @@
-"""The run folder (DESIGN.md section 4) and what is logged to it and to W&B.
+"""The run folder (docs/ARCHITECTURE.md, "The run folder") and what is logged to it and to W&B.
 
 Secrets never reach the run folder: configs carry only the NAME of the environment
 variable that holds a key, and every value written here is also scrubbed of the values

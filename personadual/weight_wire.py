@@ -3,7 +3,7 @@
 Sender and receivers derive the same bucket plan from the same metadata (names, dtypes,
 shapes and the bucket size), so one broadcast per bucket carries many parameters and no
 per-bucket header travels. Per-parameter broadcasts are a known bottleneck of older
-trainers (DESIGN.md section 7).
+trainers (docs/ARCHITECTURE.md, "Loss and weight-sync rules").
 """
 
 from __future__ import annotations

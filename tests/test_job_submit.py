@@ -1,6 +1,7 @@
 """`ray job submit` of the smoke run to a Ray head this test starts (127.0.0.1, token auth
 on, as Ray 2.60 has it): the job uploads the repository as its working dir, launch.py joins
-the cluster through RAY_ADDRESS, and the run folder holds what DESIGN.md section 4 lists.
+the cluster through RAY_ADDRESS, and the run folder holds what docs/ARCHITECTURE.md lists
+under "The run folder".
 
 The head is this test's own: it is stopped through its process group and the processes
 that name its temp dir, never with `ray stop` (which would end every Ray on the machine).

@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, SMOKE, run_launch
 
 
 def _launch(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **(env or {})})
+    return run_launch(*args, cwd=cwd, timeout=120, env={**os.environ, **(env or {})})
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
@@ -34,16 +32,17 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -
     ("data.world_sft_aligned_kinds=7", "data.world_sft_aligned_kinds"),
     ("reward.judge.failure_policy=ignore", "reward.judge.failure_policy"),
     ("nonsense=1", "nonsense"),
+    ("learner.kl_coef=0.1", "learner.kl_coef: moved to algo.kl_coef"),
 ])
 def test_bad_config_key_or_value_exits_2_naming_it(override, needle, tmp_path):
-    _assert_one_line_error(_launch("--config", str(ROOT / "configs/smoke.yaml"), override,
+    _assert_one_line_error(_launch("--config", str(SMOKE), override,
                                    f"run.out_dir={tmp_path}"), needle)
     assert not any(tmp_path.iterdir())  # nothing was started or written
 
 
 def test_missing_config_and_data_files_exit_2(tmp_path):
     _assert_one_line_error(_launch("--config", str(tmp_path / "absent.yaml")), "absent.yaml", "not found")
-    _assert_one_line_error(_launch("--config", str(ROOT / "configs/smoke.yaml"), "data.source=files",
+    _assert_one_line_error(_launch("--config", str(SMOKE), "data.source=files",
                                    f"data.train_files=[{tmp_path}/missing.jsonl]", f"run.out_dir={tmp_path}"),
                            "data.train_files[0]", "missing.jsonl", "not found")
 
@@ -70,7 +69,7 @@ def test_bad_data_exits_2_naming_file_line_and_field(case, tmp_path):
     train = tmp_path / "train.jsonl"
     train.write_bytes(b"".join(line + b"\n" for line in lines))
     out = tmp_path / "runs"
-    _assert_one_line_error(_launch("--config", str(ROOT / "configs/smoke.yaml"), "data.source=files",
+    _assert_one_line_error(_launch("--config", str(SMOKE), "data.source=files",
                                    f"data.train_files=[{train}]", f"data.skip_invalid={str(skip_invalid).lower()}",
                                    "sft.steps=0", f"run.out_dir={out}"), *needles)
     assert not out.exists()  # no run folder, no cluster: the data was read first
@@ -81,7 +80,7 @@ def test_bad_eval_and_sft_rows_name_their_file(tmp_path):
     train.write_bytes(GOOD + b"\n")
     evals.write_bytes(GOOD + b"\n" + json.dumps({**GOOD_ROW, "persona_setting": "maybe"}).encode() + b"\n")
     sft.write_bytes(json.dumps({"prompt": GOOD_ROW, "response": "Answer: red"}).encode() + b"\n")
-    common = ("--config", str(ROOT / "configs/smoke.yaml"), "data.source=files", f"data.train_files=[{train}]",
+    common = ("--config", str(SMOKE), "data.source=files", f"data.train_files=[{train}]",
               f"run.out_dir={tmp_path / 'runs'}")
     _assert_one_line_error(_launch(*common, f"data.eval_files=[{evals}]"), "eval.jsonl:2", "Prompt.persona_setting")
     _assert_one_line_error(_launch(*common, f"data.sft_files=[{sft}]"), "sft.jsonl:1", "response",
