@@ -87,6 +87,11 @@ class AlgoSection:
     kl_coef: float = 0.04
     clip_range: float = 0.2
     max_staleness: int = 0  # RL steps a rollout's weights may lag the learner (0 or 1)
+    # Importance correction by the learner/engine log-prob ratio of each sampled token
+    # (learner/losses.py): none | tis | mask; null: tis with max_staleness=1, else none.
+    rollout_correction: Optional[str] = None
+    rollout_correction_cap: float = 2.0  # tis: weights capped here; mask: ratios outside [1/cap, cap]
+    mismatch_threshold: float = 0.1  # |engine - learner| log-prob counted in mismatch/*/over_fraction
 
 
 @dataclass
@@ -136,13 +141,15 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "algo.advantage": ADVANTAGE_KINDS,
     "algo.scale": ("none", "group_std"),
     "algo.max_staleness": (0, 1),
+    "algo.rollout_correction": (None, "none", "tis", "mask"),
     "rollout.engine": ("vllm", "hf"),
     "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 _POSITIVE = ("sft.batch_size", "algo.prompts_per_step", "algo.n_per_mode", "cluster.reward_workers",
              "run.max_consecutive_failures")
 # A placement bundle may not be empty: each role's CPUs stay above zero.
-_POSITIVE_FLOATS = ("cluster.learner_cpus", "cluster.reward_cpus", "cluster.placement_timeout_s")
+_POSITIVE_FLOATS = ("cluster.learner_cpus", "cluster.reward_cpus", "cluster.placement_timeout_s",
+                    "algo.mismatch_threshold", "rollout.generate_timeout_s", "rollout.verify_tolerance")
 _RESOURCE_DICTS = ("cluster.learner_resources", "cluster.rollout_resources", "cluster.reward_resources")
 _NON_NEGATIVE = ("sft.steps", "algo.steps", "sft.epochs", "algo.epochs", "run.save_every", "run.eval_every",
                  "algo.kl_coef")
@@ -169,6 +176,10 @@ def _validate(cfg: DictConfig) -> None:
                                   f"cluster.learner_gpus, rollout.num_*_per_engine)")
             if amount <= 0:
                 raise ConfigError(f"{key}.{name}: must be > 0, got {amount!r}")
+    if cfg.algo.rollout_correction_cap <= 1:
+        raise ConfigError(f"algo.rollout_correction_cap: must be > 1, got {cfg.algo.rollout_correction_cap!r}")
+    if cfg.rollout.verify_every < 0:
+        raise ConfigError(f"rollout.verify_every: must be >= 0, got {cfg.rollout.verify_every!r}")
     kinds = cfg.data.world_sft_aligned_kinds
     if kinds is not None and not 0 <= kinds <= len(KINDS):
         raise ConfigError(f"data.world_sft_aligned_kinds: must be null or 0..{len(KINDS)}, got {kinds!r}")

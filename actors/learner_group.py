@@ -26,7 +26,17 @@ from personadual.records import Scored
 
 # Fields of the experiment's ``algo`` section that configure the learner's objective.
 ALGO_FIELDS = {"clip_range": "clip_range", "kl_coef": "kl_coef", "beta": "beta", "prefix_tokens": "prefix_tokens",
-               "advantage": "advantage", "scale": "advantage_scale"}
+               "advantage": "advantage", "scale": "advantage_scale", "rollout_correction": "rollout_correction",
+               "rollout_correction_cap": "rollout_correction_cap", "mismatch_threshold": "mismatch_threshold"}
+
+
+def resolved_rollout_correction(algo: Any) -> str:
+    """``algo.rollout_correction``, with null meaning: truncated importance weights when the
+    rollouts may be one update old (``algo.max_staleness=1``), none for on-policy runs."""
+    chosen = getattr(algo, "rollout_correction", None)
+    if chosen is not None:
+        return chosen
+    return "tis" if getattr(algo, "max_staleness", 0) >= 1 else "none"
 
 
 @ray.remote
@@ -139,7 +149,7 @@ def gather(refs: list[ray.ObjectRef]) -> list[Any]:
 
 
 def configure(config: LearnerConfig, *, algo: Any = None, total_sft_steps: int | None = None,
-              total_rl_steps: int | None = None) -> LearnerConfig:
+              total_rl_steps: int | None = None, rollout_temperature: float | None = None) -> LearnerConfig:
     """The learner config with the experiment's ``algo`` objective settings and the stages'
     lengths applied (each optimizer schedule spans its stage's optimizer steps)."""
     updates: dict[str, Any] = {}
@@ -147,6 +157,9 @@ def configure(config: LearnerConfig, *, algo: Any = None, total_sft_steps: int |
         for source, target in ALGO_FIELDS.items():
             if hasattr(algo, source):
                 updates[target] = getattr(algo, source)
+        updates["rollout_correction"] = resolved_rollout_correction(algo)
+    if rollout_temperature is not None and rollout_temperature > 0:
+        updates["rollout_temperature"] = float(rollout_temperature)
     config = dataclasses.replace(config, **updates)
     if total_sft_steps is not None:
         config.sft_optim = dataclasses.replace(config.sft_optim, total_steps=max(1, int(total_sft_steps)))
@@ -160,8 +173,10 @@ def configure(config: LearnerConfig, *, algo: Any = None, total_sft_steps: int |
 class LearnerGroup:
     def __init__(self, config: LearnerConfig, model_path: str | Path, *, algo: Any = None,
                  total_sft_steps: int | None = None, total_rl_steps: int | None = None,
-                 placement_group: Any = None, num_cpus_per_rank: float = 1.0, num_gpus_per_rank: float = 0.0) -> None:
-        self.config = configure(config, algo=algo, total_sft_steps=total_sft_steps, total_rl_steps=total_rl_steps)
+                 placement_group: Any = None, num_cpus_per_rank: float = 1.0, num_gpus_per_rank: float = 0.0,
+                 rollout_temperature: float | None = None) -> None:
+        self.config = configure(config, algo=algo, total_sft_steps=total_sft_steps, total_rl_steps=total_rl_steps,
+                                rollout_temperature=rollout_temperature)
         self.model_path = str(model_path)
         self.num_ranks = self.config.num_ranks
         self.device = "cuda" if num_gpus_per_rank > 0 else "cpu"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from learner.losses import ROLLOUT_CORRECTIONS
 from personadual.advantage import ADVANTAGE_KINDS
 
 SECTION = "learner"
@@ -71,6 +72,14 @@ class LearnerConfig:
     prefix_tokens: int = 1
     advantage: str = "dual"  # dual | grpo | dual_released
     advantage_scale: str = "none"  # none | group_std
+    # Importance correction for rollouts sampled by the engine rather than by this learner's
+    # policy (a one-update lag, engine numerics): none | tis | mask, learner/losses.py.
+    rollout_correction: str = "none"
+    rollout_correction_cap: float = 2.0
+    # The temperature the engines sampled at: their log-probs are of the tempered distribution.
+    rollout_temperature: float = 1.0
+    # |engine - learner| log-prob past which a sampled token counts in mismatch/*_over_fraction.
+    mismatch_threshold: float = 0.1
     ppo_epochs: int = 1  # passes over each batch; > 1 makes old and current policy differ
     mini_batches: int = 1  # optimizer steps per pass over a batch
     # Weight export / sync.
@@ -104,6 +113,13 @@ class LearnerConfig:
         _check(self.prefix_tokens >= 0, f"{key}.prefix_tokens", f"must be >= 0, got {self.prefix_tokens!r}")
         _one_of(f"{key}.advantage", self.advantage, ADVANTAGE_KINDS)
         _one_of(f"{key}.advantage_scale", self.advantage_scale, ADVANTAGE_SCALES)
+        _one_of(f"{key}.rollout_correction", self.rollout_correction, ROLLOUT_CORRECTIONS)
+        _check(self.rollout_correction_cap > 1, f"{key}.rollout_correction_cap",
+               f"must be > 1, got {self.rollout_correction_cap!r}")
+        _check(self.rollout_temperature > 0, f"{key}.rollout_temperature",
+               f"must be > 0, got {self.rollout_temperature!r}")
+        _check(self.mismatch_threshold > 0, f"{key}.mismatch_threshold",
+               f"must be > 0, got {self.mismatch_threshold!r}")
         _check(self.ppo_epochs >= 1, f"{key}.ppo_epochs", f"must be >= 1, got {self.ppo_epochs!r}")
         _check(self.mini_batches >= 1, f"{key}.mini_batches", f"must be >= 1, got {self.mini_batches!r}")
         _check(self.bucket_bytes > 0, f"{key}.bucket_bytes", f"must be > 0, got {self.bucket_bytes!r}")
