@@ -149,7 +149,7 @@ _POSITIVE = ("sft.batch_size", "algo.prompts_per_step", "algo.n_per_mode", "clus
              "run.max_consecutive_failures")
 # A placement bundle may not be empty: each role's CPUs stay above zero.
 _POSITIVE_FLOATS = ("cluster.learner_cpus", "cluster.reward_cpus", "cluster.placement_timeout_s",
-                    "algo.mismatch_threshold", "rollout.generate_timeout_s", "rollout.verify_tolerance")
+                    "algo.mismatch_threshold")
 _RESOURCE_DICTS = ("cluster.learner_resources", "cluster.rollout_resources", "cluster.reward_resources")
 _NON_NEGATIVE = ("sft.steps", "algo.steps", "sft.epochs", "algo.epochs", "run.save_every", "run.eval_every",
                  "algo.kl_coef")
@@ -178,8 +178,6 @@ def _validate(cfg: DictConfig) -> None:
                 raise ConfigError(f"{key}.{name}: must be > 0, got {amount!r}")
     if cfg.algo.rollout_correction_cap <= 1:
         raise ConfigError(f"algo.rollout_correction_cap: must be > 1, got {cfg.algo.rollout_correction_cap!r}")
-    if cfg.rollout.verify_every < 0:
-        raise ConfigError(f"rollout.verify_every: must be >= 0, got {cfg.rollout.verify_every!r}")
     kinds = cfg.data.world_sft_aligned_kinds
     if kinds is not None and not 0 <= kinds <= len(KINDS):
         raise ConfigError(f"data.world_sft_aligned_kinds: must be null or 0..{len(KINDS)}, got {kinds!r}")

@@ -114,12 +114,15 @@ class LearnerActor:
         from actors.weight_sync import EngineSyncClient
         from learner.transfer_sender import make_weight_sender
 
+        self.sync_client = EngineSyncClient(engines, timeout_s)
         self.weight_sender = make_weight_sender(
             self.learner, rank=self.rank, backend=backend, master_address=master_address,
             master_port=master_port, world_size=world_size, bucket_bytes=bucket_bytes, timeout_s=timeout_s,
-            client=EngineSyncClient(engines, timeout_s))
+            client=self.sync_client)
 
     def send_weights(self) -> dict[str, float]:
+        """Send the current weights; the engines take them live at this rank's weight version."""
+        self.sync_client.version = self.learner.weight_version
         self.weight_sender.send_weights()
         return dict(getattr(self.weight_sender, "last_round", {}))
 

@@ -458,6 +458,20 @@ class Learner:
         metrics.update(batch.stats)
         return metrics
 
+    @torch.no_grad()
+    def response_logprobs(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[list[float]]:
+        """log p(response token) under the current policy (temperature 1) for each (prompt ids,
+        response ids) pair: what an engine serving these weights reports for greedy answers.
+        A collective under ZeRO-3: every rank calls it with the same pairs."""
+        samples = [SftSample(list(prompt), list(response)) for prompt, response in pairs]
+        found: list[list[float]] = [[] for _ in samples]
+        self.engine.eval()
+        for batch in self._plan(samples):
+            logprobs = token_logprobs(forward_logits(self.engine, batch), batch.targets)
+            for row, index in enumerate(batch.indices):
+                found[index] = logprobs[row][batch.response_mask[row] > 0].tolist()
+        return found
+
     # ---- weights ------------------------------------------------------------------------
     def weight_metadata(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         """(name, dtype, full shape) of every exported tensor; no collective."""

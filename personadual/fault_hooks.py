@@ -6,7 +6,9 @@ generating, a reward worker scoring, a learner rank training or saving a checkpo
 the file ``DIR/<kind>.<label>.<pid>`` while it works, so a test can find that process and
 SIGKILL it mid-work. While ``DIR/hold.<kind>`` exists the work waits first (at most
 ``HOLD_LIMIT_S``): that is how a test hits a window that is otherwise milliseconds long, e.g.
-a checkpoint save after its files are written but before it is published.
+a checkpoint save after its files are written but before it is published. A file
+``DIR/<name>`` read by ``fault_text`` injects one fault of that name (a corrupted weight
+bucket, a tensor left unloaded).
 """
 
 from __future__ import annotations
@@ -45,3 +47,18 @@ def fault_point(kind: str, label: str) -> None:
     writing a checkpoint's files and publishing it."""
     with fault_window(kind, label):
         pass
+
+
+def fault_text(name: str) -> str | None:
+    """The text of ``DIR/<name>`` when a test left that file, consumed on the first read (one
+    injected fault per file); None in real runs."""
+    folder = os.environ.get(FAULT_DIR_ENV)
+    if not folder:
+        return None
+    path = Path(folder) / name
+    try:
+        text = path.read_text()
+        path.unlink()
+    except FileNotFoundError:
+        return None
+    return text.strip()
