@@ -42,7 +42,10 @@ class EngineSyncClient:
                 for i, engine in enumerate(self.engines)}
         _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.timeout_s)
         if pending:
-            stuck = sorted(refs[ref] for ref in pending)
+            # A frozen engine leaves the others stuck in the same collective: they come back
+            # with their own timeout error within one more timeout; the frozen one does not.
+            _, still = ray.wait(pending, num_returns=len(pending), timeout=self.timeout_s)
+            stuck = sorted(refs[ref] for ref in (still or pending))
             raise WeightSyncError(f"weight sync: rollout engine(s) {stuck} did not finish {method} "
                                   f"within {self.timeout_s:.0f} s")
         own_errors = []

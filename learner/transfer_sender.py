@@ -8,6 +8,7 @@ on CPU our "gloo" one below (the worker side is rollout/transfer_gloo.py). Both 
 
 from __future__ import annotations
 
+import inspect
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,9 +22,11 @@ from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactor
 from personadual.weight_wire import BucketBroadcastError, TensorMeta, open_transfer_group, send_buckets
 
 GLOO = "gloo"
-# After a bucket failed, how long to wait for the engines' side of the update to say which
-# engine failed it (their calls time out on their own clock, started just before ours).
-BLAME_GRACE_S = 15.0
+# After a bucket failed, how long (in collective timeouts, plus a margin) to wait for the
+# engines' side of the update to say which engine failed it (actors/weight_sync.py waits one
+# timeout, then one more for the engines stuck beside a frozen one).
+BLAME_TIMEOUTS = 2
+BLAME_MARGIN_S = 10.0
 
 
 class WeightSendError(RuntimeError):
@@ -113,13 +116,19 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                 sent_bytes = send_buckets(self.group, metas, _checked(source, metas), self.bucket_bytes,
                                           before_each=surface_worker_failure, checksums=checksums)
             except BucketBroadcastError as error:
-                raise _blame(error, future) from error
+                grace = BLAME_TIMEOUTS * getattr(self.client, "timeout_s", 0.0) + BLAME_MARGIN_S
+                raise _blame(error, future, grace) from error
             future.result()
         finally:
             # Never join a worker RPC stuck in a broken collective: let the error out.
             pool.shutdown(wait=False)
-        # The version (set on the client by the caller) and the checksums travel with the finish.
-        self.client.finish_weight_update(checksums=checksums)
+        # The version (set on the client by the caller) and the checksums travel with the finish,
+        # to clients that take them (actors/weight_sync.py); vLLM's own client protocol has none.
+        finish = self.client.finish_weight_update
+        if "checksums" in inspect.signature(finish).parameters:
+            finish(checksums=checksums)
+        else:
+            finish()
         self.last_round = {"seconds": time.perf_counter() - start, "bytes": float(sent_bytes),
                            "buckets": float(len(checksums))}
 
@@ -127,12 +136,12 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         self.group = None
 
 
-def _blame(error: BucketBroadcastError, engines_side: Any) -> Exception:
+def _blame(error: BucketBroadcastError, engines_side: Any, grace_s: float) -> Exception:
     """One error naming the bucket that failed and, from the engines' side of the update
     (which names a frozen, dead or failing engine), the engine: the gloo error alone names
     neither."""
     try:
-        engines_side.result(timeout=BLAME_GRACE_S)
+        engines_side.result(timeout=grace_s)
     except Exception as engine_error:  # noqa: BLE001  (its message is the point)
         first = str(engine_error).strip().splitlines()[0] if str(engine_error).strip() else type(engine_error).__name__
         return WeightSendError(f"{first.removeprefix('weight sync: ')}; {error}")

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from personadual.fault_hooks import fault_text
+from personadual.fault_hooks import fault_point, fault_text
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,8 @@ def receive_buckets(group: dist.ProcessGroup, metas: Sequence[TensorMeta], bucke
     if record is not None:
         record.checksums.clear(), record.loaded.clear(), record.buckets.clear()
     skip = fault_text("skip_tensor")  # FAULT INJECTION (tests only): a tensor silently not loaded
-    for bucket in plan_buckets(metas, bucket_bytes):
+    for number, bucket in enumerate(plan_buckets(metas, bucket_bytes), start=1):
+        fault_point("bucket", str(number))  # tests freeze or kill a receiver before bucket N
         bucket_metas = [metas[i] for i in bucket]
         buffer = torch.empty(bucket_nbytes(metas, bucket), dtype=torch.uint8)
         group.broadcast(buffer, 0).wait()
