@@ -256,7 +256,10 @@ def test_a_hung_engine_and_one_killed_mid_sync_are_replaced_in_place_and_the_run
     run = FaultRun(tmp_path / "faults", [*SMALL, f"run.out_dir={tmp_path / 'runs'}", "run.name=hangs",
                                          "algo.steps=3", "run.save_every=0", "algo.max_staleness=1",
                                          f"rollout.generate_timeout_s={generate_timeout_s}",
-                                         "rollout.verify_every=1", "learner.bucket_bytes=262144"],
+                                         "rollout.verify_every=1", "learner.bucket_bytes=262144",
+                                         # Rewards that vary, and updates that move the weights
+                                         # visibly, so a lag shows in the mismatch.
+                                         "sft.steps=30", "learner.optim.lr=1e-3"],
                    tmp_path / "hangs.log")
     stopped_pid, frozen_at = run.signal_mid("generate", "engine0", signal.SIGSTOP)
     try:

@@ -87,3 +87,26 @@ def test_mismatch_is_measured_per_mode_over_sampled_tokens_only():
     assert found.abs_sum.tolist() == pytest.approx([0.5, 0.05, 0.2])
     assert found.max.tolist() == pytest.approx([0.5, 0.05, 0.2])
     assert found.over.tolist() == [1, 0, 1]
+
+
+def test_correction_is_off_for_on_policy_runs_and_tis_with_a_one_update_lag_unless_chosen():
+    from actors.config import ConfigError, load_config
+    from actors.learner_group import configure
+    from learner.config import LearnerConfig
+
+    def learner_of(*overrides: str) -> LearnerConfig:
+        cfg = load_config(None, list(overrides))
+        return configure(LearnerConfig(), algo=cfg.algo, rollout_temperature=cfg.rollout.sampling.temperature)
+
+    assert learner_of().rollout_correction == "none"
+    assert learner_of("algo.max_staleness=1").rollout_correction == "tis"
+    assert learner_of("algo.max_staleness=1", "algo.rollout_correction=none").rollout_correction == "none"
+    chosen = learner_of("algo.rollout_correction=mask", "algo.rollout_correction_cap=3")
+    assert (chosen.rollout_correction, chosen.rollout_correction_cap) == ("mask", 3.0)
+    assert learner_of().rollout_temperature == 0.6  # the engines' sampling temperature
+    with pytest.raises(ConfigError, match=r"^algo.rollout_correction: expected one of"):
+        load_config(None, ["algo.rollout_correction=clip"])
+    with pytest.raises(ConfigError, match=r"^algo.rollout_correction_cap: must be > 1"):
+        load_config(None, ["algo.rollout_correction_cap=1"])
+    with pytest.raises(ConfigError, match=r"rollout.generate_timeout_s: must be > 0"):
+        load_config(None, ["rollout.generate_timeout_s=0"])
