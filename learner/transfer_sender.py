@@ -144,7 +144,7 @@ def _blame(error: BucketBroadcastError, engines_side: Any, grace_s: float) -> Ex
         engines_side.result(timeout=grace_s)
     except Exception as engine_error:  # noqa: BLE001  (its message is the point)
         first = str(engine_error).strip().splitlines()[0] if str(engine_error).strip() else type(engine_error).__name__
-        return WeightSendError(f"{first.removeprefix('weight sync: ')}; {error}")
+        return WeightSendError(f"weight sync: {first.removeprefix('weight sync: ')}; {error}")
     return WeightSendError(f"weight sync: {error}")
 
 
