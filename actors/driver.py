@@ -283,10 +283,12 @@ class Driver:
         chunk, kwargs = pending.calls[index]
         pending.submit(index, engine, chunk, kwargs)
 
-    def _overdue(self, pending: PendingGeneration, refs: list[Any]) -> tuple[list[Any], float | None]:
-        """The refs among ``refs`` past rollout.generate_timeout_s, and the seconds until the
-        next deadline of the others."""
+    def _overdue(self, pending: PendingGeneration) -> tuple[list[Any], float | None]:
+        """The calls still running past rollout.generate_timeout_s, and the seconds until the
+        next deadline of the others. A finished call is never late, however long ago it was
+        sent (a pipelined generation waits out the learner's step)."""
         limit = self.cfg.rollout.generate_timeout_s
+        _, refs = ray.wait(list(pending.refs), num_returns=len(pending.refs), timeout=0)
         now = time.monotonic()
         late = [ref for ref in refs if now - pending.started[ref] >= limit]
         rest = [pending.started[ref] + limit - now for ref in refs if ref not in late]
@@ -306,11 +308,11 @@ class Driver:
         """Wait until every engine's call is done (results left in place), replacing an engine
         that hangs past rollout.generate_timeout_s and rerunning its call."""
         while True:
-            waiting = list(pending.refs)
-            late, next_deadline = self._overdue(pending, waiting)
+            late, next_deadline = self._overdue(pending)
             if late:
                 self._replace_hung(pending, late)
                 continue
+            waiting = list(pending.refs)
             _, not_ready = ray.wait(waiting, num_returns=len(waiting), timeout=next_deadline)
             if not not_ready:
                 return
@@ -321,7 +323,7 @@ class Driver:
         wait_start = time.perf_counter()
         score_refs: dict[int, Any] = {}
         while pending.refs:
-            late, next_deadline = self._overdue(pending, list(pending.refs))
+            late, next_deadline = self._overdue(pending)
             if late:  # a hung engine: killed, replaced, its call run again (same seeds)
                 self._replace_hung(pending, late)
                 continue
