@@ -287,6 +287,8 @@ class Driver:
         """The calls still running past rollout.generate_timeout_s, and the seconds until the
         next deadline of the others. A finished call is never late, however long ago it was
         sent (a pipelined generation waits out the learner's step)."""
+        if not pending.refs:
+            return [], None
         limit = self.cfg.rollout.generate_timeout_s
         _, refs = ray.wait(list(pending.refs), num_returns=len(pending.refs), timeout=0)
         now = time.monotonic()
