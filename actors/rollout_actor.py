@@ -54,6 +54,11 @@ class RolloutActor:
             return self.engine.generate(prompts, forced=forced, n=n, greedy=greedy, histories=histories,
                                         modes=modes, seeds=seeds)
 
+    def probe(self, prompts: Sequence[Prompt]) -> list[Rollout]:
+        """Greedy answers with their log-probs, for the weight-sync check (actors/weight_sync.py);
+        not a rollout, so outside the generation fault window."""
+        return self.engine.generate(prompts, forced=False, n=1, greedy=True)
+
     def load_weights(self, named_tensors: NamedTensors, version: int | None = None) -> int:
         return self.engine.load_weights(named_tensors, version)
 

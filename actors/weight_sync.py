@@ -157,8 +157,17 @@ class WeightSync:
         learner; the largest |difference| of any token's log-prob over every engine. An engine
         past the tolerance fails the sync, named with the tensors it did not load."""
         prompts = self.verification.prompts
-        answers = ray.get([engine.generate.remote(prompts, forced=False, n=1, greedy=True)
-                           for engine in self.engines], timeout=self.timeout_s)
+        refs = {engine.probe.remote(prompts): index for index, engine in enumerate(self.engines)}
+        _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.timeout_s)
+        if pending:
+            raise WeightSyncError(f"weight sync check: rollout engine(s) {sorted(refs[r] for r in pending)} did "
+                                  f"not answer the probe within {self.timeout_s:.0f} s")
+        answers = []
+        for ref, index in refs.items():
+            try:
+                answers.append(ray.get(ref))
+            except ray.exceptions.RayActorError:
+                raise WeightSyncError(f"weight sync check: rollout engine {index} died during the probe") from None
         pairs = [(list(r.prompt_token_ids), list(r.response_token_ids)) for rollouts in answers for r in rollouts]
         learner = self.learner.call(_learner_response_logprobs, pairs)[0]
         worst, position = [], 0
