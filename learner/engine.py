@@ -317,7 +317,9 @@ class Learner:
         mode_prob = torch.zeros(2, 2, dtype=torch.float64, device=self.device)  # [mode] -> (sum, count)
 
         mismatch = torch.zeros(4, 3, dtype=torch.float64, device=self.device)  # abs sum, count, max, over
-        row_modes_of = lambda mb: torch.tensor([samples[i].mode for i in mb.indices] or [NO_ROW], device=self.device)
+
+        def row_modes_of(mb: MicroBatch) -> torch.Tensor:
+            return torch.tensor([samples[i].mode for i in mb.indices], dtype=torch.long, device=self.device)
 
         def behaviour(logits: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
             """The policy-before-update's log-probs of the tempered distribution the engine sampled
@@ -582,7 +584,6 @@ def _param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
 
 
 MISMATCH_SLOTS = ("general", "personalized", "none")
-NO_ROW = -1
 
 
 def _mismatch_metrics(found: MismatchSums) -> dict[str, float]:
