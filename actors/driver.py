@@ -120,6 +120,14 @@ def check_staleness(step: int, versions: Sequence[int], update_versions: Sequenc
     return staleness
 
 
+def verify_tolerance(cfg: DictConfig) -> float:
+    """rollout.verify_tolerance, or its default for the run's precisions (rollout/config.py)."""
+    if cfg.rollout.verify_tolerance is not None:
+        return float(cfg.rollout.verify_tolerance)
+    learner_fp32 = cfg.learner.precision == "fp32" or (cfg.learner.precision == "auto" and cfg.cluster.learner_gpus == 0)
+    return 0.01 if cfg.rollout.dtype == "float32" and learner_fp32 else 0.25
+
+
 def _rng_state(rng: random.Random) -> list[Any]:
     """The driver RNG's state as JSON-safe lists (checkpoints hold no pickles)."""
     version, internal, gauss = rng.getstate()
@@ -243,7 +251,7 @@ class Driver:
                                       bucket_bytes=cfg.learner.bucket_bytes,
                                       timeout_s=cfg.learner.collective_timeout_s,
                                       verification=SyncVerification(cfg.rollout.verify_every,
-                                                                    cfg.rollout.verify_tolerance, list(probe)))
+                                                                    verify_tolerance(cfg), list(probe)))
         self.supervisor = EngineSupervisor(self.engines, self.weight_sync, self._start_engine, self.faults)
 
     def _start_engine(self, index: int) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 ENGINES = ("vllm", "hf")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -48,7 +49,9 @@ class RolloutConfig:
     # Every verify_every weight syncs (0: never) the engines' log-probs of their greedy answers to
     # a fixed probe batch are compared with the learner's; past verify_tolerance the run stops.
     verify_every: int = 10
-    verify_tolerance: float = 0.02
+    # null: 0.01 when the engines and the learner both compute in fp32 (measured on CPU: ~1e-6),
+    # else 0.25 (bf16 log-probs of two different kernels drift apart; not measured here).
+    verify_tolerance: Optional[float] = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def validate(self, prefix: str = "rollout") -> None:
@@ -81,6 +84,6 @@ class RolloutConfig:
             raise ValueError(f"{prefix}.generate_timeout_s: must be > 0, got {self.generate_timeout_s}")
         if self.verify_every < 0:
             raise ValueError(f"{prefix}.verify_every: must be >= 0, got {self.verify_every}")
-        if self.verify_tolerance <= 0:
+        if self.verify_tolerance is not None and self.verify_tolerance <= 0:
             raise ValueError(f"{prefix}.verify_tolerance: must be > 0, got {self.verify_tolerance}")
         self.sampling.validate(f"{prefix}.sampling")
