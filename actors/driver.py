@@ -37,6 +37,7 @@ from personadual.report import method_label
 from personadual.seeds import step_seeds
 from personadual.tracking import RunTracker, read_metrics, write_json_atomic
 from personadual.world import two_turn_cases
+from rewards.judge import JudgeError
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -571,6 +572,13 @@ class Driver:
             write_plots(self.run_dir)
             return summary
         except (RunStopped, LearnerRankDied, WeightSyncError) as error:
+            raise self._stopped(error) from None
+        except JudgeError as error:
+            # Policy "fail" stops the run like any fault it cannot get past (one line, exit 3,
+            # a checkpoint of the last complete step); the failed step's scoring totals are kept.
+            step = self._last_done[1] + 1 if self._last_done is not None else 0
+            self.tracker.log(step, {"stage": "reward_failure", "error": str(error),
+                                    "reward_counts": error.counts})
             raise self._stopped(error) from None
         finally:
             self.tracker.finish()

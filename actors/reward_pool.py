@@ -179,22 +179,40 @@ class RewardPool:
     def collect(self, pending: PendingScores | Sequence[PendingScores],
                 timeout_s: float | None = None) -> tuple[list[Scored], dict[str, int]]:
         """Scored records of every submitted batch, batches in the order given and each in its
-        submitted order, and the counts summed. A worker's JudgeError (policy "fail") re-raises."""
+        submitted order, and the counts summed.
+
+        Under policy "fail" every worker's part of every batch is still gathered before
+        anything is raised: the JudgeError raised then names the first failed prompt and
+        carries the counts of all the batches together (failures by kind, requests, retries,
+        cache hits), not those of the one worker that happened to fail first.
+        """
         batches = [pending] if isinstance(pending, PendingScores) else list(pending)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         scored: list[Scored] = []
         counts: list[dict[str, int]] = []
+        judge_errors: list[JudgeError] = []
         for batch in batches:
             outcomes: list[Outcome | None] = [None] * len(batch.rollouts)
             for part in batch.parts:
-                results, part_counts = self._result(batch, part, deadline)
+                try:
+                    results, part_counts = self._result(batch, part, deadline)
+                except JudgeError as error:
+                    judge_errors.append(error)
+                    counts.append(error.counts)
+                    continue
                 counts.append(part_counts)
                 for index, outcome in zip(part.indices, results):
                     outcomes[index] = outcome
+            if judge_errors:
+                continue  # this step fails: the other batches are gathered only for their counts
             for rollout, outcome in zip(batch.rollouts, outcomes):
                 assert outcome is not None, "a worker returned fewer results than it was sent"
                 scored.append(outcome.attach(rollout))
-        return scored, merge_counts(counts)
+        totals = merge_counts(counts)
+        if judge_errors:
+            first = judge_errors[0]
+            raise JudgeError(first.prompt_id, first.kind, first.attempts, totals["judge/failures"], totals)
+        return scored, totals
 
     def score(self, rollouts: Sequence[Rollout]) -> tuple[list[Scored], dict[str, int]]:
         return self.collect(self.submit(rollouts))

@@ -50,6 +50,10 @@ class JudgeConfig:
     max_retries: int = 4  # retries after the first attempt, on 429/5xx/timeouts/connection errors
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 8.0
+    # A 429/5xx's Retry-After (seconds or HTTP-date) is waited for even beyond backoff_max_s,
+    # up to this many seconds; a longer one is cut to it, with a warning and a count
+    # (judge/retry_after_capped).
+    retry_after_max_s: float = 60.0
     failure_policy: str = "fallback_exact_match"  # fallback_exact_match | drop | fail
     cache: bool = True  # in-memory verdict cache keyed by (model, prompt, gold, response)
     cache_path: Optional[str] = None  # also persist verdicts as JSON lines here (shared across runs)
@@ -74,6 +78,7 @@ class JudgeConfig:
         _non_negative(f"{key}.max_retries", self.max_retries)
         _non_negative(f"{key}.backoff_initial_s", self.backoff_initial_s)
         _non_negative(f"{key}.backoff_max_s", self.backoff_max_s)
+        _non_negative(f"{key}.retry_after_max_s", self.retry_after_max_s)
         _positive(f"{key}.max_tokens", self.max_tokens)
         _non_negative(f"{key}.temperature", self.temperature)
         _positive(f"{key}.max_response_chars", self.max_response_chars)

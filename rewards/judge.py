@@ -16,11 +16,14 @@ failure kind and status code, never a server's text unscrubbed.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import hashlib
 import json
 import logging
+import math
 import os
-import re
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,7 @@ from personadual.prompts import format_question
 from personadual.records import Prompt
 from rewards.config import SECTION, JudgeConfig, RewardConfigError
 from rewards.normalize import clip
+from rewards.verdict import Verdict, VerdictError, parse_verdict
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +57,37 @@ SYSTEM_PROMPT = (
 )
 # Verdicts are only reusable under the same instructions: the cache key includes these.
 _PROMPT_VERSION = hashlib.sha256(SYSTEM_PROMPT.encode()).hexdigest()[:12]
-_MAX_VERDICT_CHARS = 20_000  # a verdict is short; never scan megabytes of garbage for one
-_MAX_JSON_STARTS = 64
 
 
 class JudgeError(RuntimeError):
-    """A judgement failed under ``failure_policy: fail``; names the prompt and the failure."""
+    """Judgements failed under ``failure_policy: fail``: names the first failed prompt and
+    its failure, and carries the counts of the whole batch it failed in (``counts``, the
+    batch scorer's keys: failures by kind, requests, retries, cache hits), so a step that
+    stops still reports what it cost and how it failed."""
 
-    def __init__(self, prompt_id: str, kind: str, attempts: int, failures: int = 1) -> None:
+    def __init__(self, prompt_id: str, kind: str, attempts: int, failures: int = 1,
+                 counts: dict[str, int] | None = None) -> None:
         self.prompt_id, self.kind, self.attempts, self.failures = prompt_id, kind, attempts, failures
-        others = f"; {failures} judgement(s) failed in this batch" if failures > 1 else ""
-        super().__init__(f"judge failed on prompt {prompt_id!r}: {kind} after "
-                         f"{attempts} attempt(s){others} ({SECTION}.judge.failure_policy=fail)")
+        self.counts = dict(counts or {})
+        super().__init__(f"judge failed on prompt {prompt_id!r}: {kind} after {attempts} attempt(s)"
+                         f"{_batch_summary(failures, self.counts)} ({SECTION}.judge.failure_policy=fail)")
 
     def __reduce__(self) -> tuple[Any, ...]:  # crosses process boundaries (Ray) intact
-        return (type(self), (self.prompt_id, self.kind, self.attempts, self.failures))
+        return (type(self), (self.prompt_id, self.kind, self.attempts, self.failures, self.counts))
+
+
+def _batch_summary(failures: int, counts: dict[str, int]) -> str:
+    parts = []
+    if failures > 1 or counts:
+        parts.append(f"{failures} judgement(s) failed in this batch")
+    kinds = {key.removeprefix("judge/error/"): n for key, n in sorted(counts.items())
+             if key.startswith("judge/error/") and n}
+    if kinds:
+        parts[-1] += " (" + ", ".join(f"{kind}: {n}" for kind, n in kinds.items()) + ")"
+    if counts:
+        parts.append(f"{counts.get('judge/requests', 0)} request(s), {counts.get('judge/retries', 0)} "
+                     f"retries, {counts.get('judge/cache_hits', 0)} cache hit(s)")
+    return "".join(f"; {part}" for part in parts)
 
 
 class ApiKey:
@@ -110,12 +130,6 @@ def api_key_from_env(config: JudgeConfig) -> ApiKey:
 
 
 @dataclass(frozen=True)
-class Verdict:
-    correct: bool
-    extracted: str
-
-
-@dataclass(frozen=True)
 class Judgement:
     """One response's judgement: a verdict, or the kind of failure that prevented one."""
 
@@ -124,50 +138,6 @@ class Judgement:
     attempts: int = 0  # HTTP requests made for it (0: served from the cache)
     cached: bool = False
     raw: str = ""  # the judge's reply text, scrubbed and clipped, for failures' details
-
-
-class VerdictError(ValueError):
-    """The judge's reply holds no verdict."""
-
-
-_FENCE = re.compile(r"```[a-zA-Z]*\s*(.*?)```", re.DOTALL)
-_TRUE = frozenset({"true", "yes", "correct", "1"})
-_FALSE = frozenset({"false", "no", "incorrect", "0"})
-
-
-def _verdict_from(obj: Any) -> Verdict | None:
-    if not isinstance(obj, dict) or "correct" not in obj:
-        return None
-    correct = obj["correct"]
-    if isinstance(correct, str) and correct.strip().lower() in _TRUE | _FALSE:
-        correct = correct.strip().lower() in _TRUE
-    if not isinstance(correct, bool):
-        return None
-    extracted = obj.get("extracted_answer", "")
-    return Verdict(correct, "" if extracted is None else str(extracted))
-
-
-def parse_verdict(content: str | None) -> Verdict:
-    """The first JSON object with a boolean ``correct`` in the reply; code fences and prose
-    around it are tolerated. Anything else raises ``VerdictError``."""
-    if not content or not content.strip():
-        raise VerdictError("empty reply")
-    content = content[:_MAX_VERDICT_CHARS]
-    decoder = json.JSONDecoder()
-    for text in [*_FENCE.findall(content), content]:
-        start = text.find("{")
-        tries = 0
-        while start != -1 and tries < _MAX_JSON_STARTS:
-            tries += 1
-            try:
-                obj, _ = decoder.raw_decode(text, start)
-            except json.JSONDecodeError:
-                obj = None
-            verdict = _verdict_from(obj)
-            if verdict is not None:
-                return verdict
-            start = text.find("{", start + 1)
-    raise VerdictError("no JSON object with a boolean 'correct'")
 
 
 def build_messages(prompt: Prompt, response: str, max_response_chars: int) -> list[dict[str, str]]:
@@ -232,11 +202,28 @@ class _Retryable(_AttemptFailed):
     pass
 
 
-def _retry_after(error: openai.APIStatusError) -> float | None:
-    try:
-        return float(error.response.headers.get("retry-after", ""))
-    except (TypeError, ValueError):
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delay-seconds ("3", "1.5") or an
+    HTTP-date ("Wed, 21 Oct 2026 07:28:00 GMT", RFC 9110 section 10.2.3). A date in the past
+    is 0; anything else unreadable is None (the backoff applies)."""
+    if value is None or not value.strip():
         return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # RFC 850 / asctime forms carry no zone: they are GMT
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _retry_after(error: openai.APIStatusError) -> float | None:
+    return parse_retry_after(error.response.headers.get("retry-after"))
 
 
 def _classify(error: BaseException) -> _AttemptFailed:
@@ -276,11 +263,13 @@ class JudgeClient:
         return self._api_key
 
     def _wait(self, state: RetryCallState) -> float:
-        delay = self._backoff(state)
+        """The backoff (at most ``backoff_max_s``), or longer when the server's Retry-After
+        asks for it, up to ``retry_after_max_s``."""
+        delay = min(self._backoff(state), self.config.backoff_max_s)
         error = state.outcome.exception() if state.outcome else None
         if isinstance(error, _AttemptFailed) and error.retry_after is not None:
-            delay = max(delay, error.retry_after)  # the server said how long; respect it, within bounds
-        return min(delay, self.config.backoff_max_s)
+            delay = max(delay, min(error.retry_after, self.config.retry_after_max_s))
+        return delay
 
     async def _ask(self, client: AsyncOpenAI, semaphore: asyncio.Semaphore,
                    messages: list[dict[str, str]], counts: Counter[str]) -> str:
@@ -305,8 +294,15 @@ class JudgeClient:
 
         def count_retry(state: RetryCallState) -> None:
             counts["judge/retries"] += 1
+            error = state.outcome.exception() if state.outcome else None
+            asked = getattr(error, "retry_after", None)
+            if asked is not None and asked > self.config.retry_after_max_s:
+                counts["judge/retry_after_capped"] += 1
+                log.warning("judge: the server asked to wait %.1fs (Retry-After) before retrying prompt %r; "
+                            "waiting %.1fs (%s.judge.retry_after_max_s)", asked, prompt.id,
+                            self.config.retry_after_max_s, SECTION)
             log.debug("judge: retrying prompt %r after %s (attempt %d)", prompt.id,
-                      getattr(state.outcome.exception(), "kind", "?"), state.attempt_number)
+                      getattr(error, "kind", "?"), state.attempt_number)
 
         retrying = AsyncRetrying(stop=stop_after_attempt(self.config.max_retries + 1), wait=self._wait,
                                  retry=retry_if_exception_type(_Retryable), before_sleep=count_retry,

@@ -1,18 +1,25 @@
 """Multiple choice: which option a free-text answer chose, compared with the gold letter.
 
 An answer may name its option by letter ("Answer: B", "(B)", "B.", "b") or by the option's
-text. Naming two different options ("A and B") chooses none: the answer is wrong.
+text. Option text is compared token by token: words case-insensitively, without articles
+and soft punctuation (quotes, commas, brackets, full stops, a hyphen between words), but
+numbers whole and with their sign, and symbols (``-`` ``+`` ``%`` ``/`` ``^``...) kept, so
+"-2" is not "2", "2" is not found inside "12" or "2.5", and "blue" is not found inside
+"light blue" when "light blue" is an option too. Naming two different options ("A and B") chooses none: the
+answer is wrong and counted as ambiguous.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from personadual.records import Prompt, option_letters
 from rewards.config import RewardConfig
 from rewards.format import compose
-from rewards.normalize import clip, extract_answer, normalize_answer
+from rewards.normalize import clip, extract_answer
 
 _LETTER = re.compile(r"(?<!\w)([A-Z])(?!\w)")
 _LONE_LETTER = re.compile(r"^\W*([A-Za-z])\W*$")
@@ -23,31 +30,74 @@ _LETTER_FOLLOWERS = frozenset({
     "and", "or", "nor", "vs", "versus", "is", "was", "seems", "looks", "would", "should",
     "fits", "matches", "because", "since", "as", "then",
 })
+# A number keeps a sign that starts it (not the minus of "x-2") and its decimal or
+# thousands parts; a word is a run of letters; any other non-space character is a token of
+# its own unless it is soft punctuation.
+_TOKEN = re.compile(r"(?<![\w.])[-+]?\d+(?:[.,]\d+)*|\d+(?:[.,]\d+)*|[^\W\d_]+|[^\w\s]")
+_SOFT = frozenset(".,;:!?'\"()[]{}`_*") | frozenset("\u2018\u2019\u201c\u201d\u00ab\u00bb\u2026")
+_ARTICLES = frozenset({"a", "an", "the"})
+_MINUS_SIGNS = str.maketrans({"\u2212": "-", "\u2012": "-", "\u2013": "-", "\ufe63": "-", "\uff0d": "-"})
 
 
-def _option_pattern(option: str) -> re.Pattern[str] | None:
-    """The option's words in order, any punctuation or spacing between them, case-insensitive."""
-    words = normalize_answer(option).split()
-    if not words:
-        return None
-    return re.compile(r"(?<!\w)" + r"\W+".join(re.escape(w) for w in words) + r"(?!\w)", re.IGNORECASE)
+@dataclass(frozen=True)
+class _Tokens:
+    values: list[str]
+    spans: list[tuple[int, int]]  # each token's start and end in the original text
+
+
+def _joins_words(text: str, index: int) -> bool:
+    """A hyphen between two letters ("light-blue") is spacing; elsewhere it is a sign."""
+    return 0 < index < len(text) - 1 and text[index - 1].isalpha() and text[index + 1].isalpha()
+
+
+def _tokens(text: str) -> _Tokens:
+    """Comparable tokens of ``text`` with their spans in it (NFKC, lower case)."""
+    normalized: list[str] = []
+    origin: list[int] = []  # original index of each normalized character
+    for index, char in enumerate(text):
+        for out in unicodedata.normalize("NFKC", char.translate(_MINUS_SIGNS)).lower():
+            normalized.append(out)
+            origin.append(index)
+    flat = "".join(normalized)
+    values, spans = [], []
+    for match in _TOKEN.finditer(flat):
+        token = match.group()
+        if token in _SOFT or token in _ARTICLES or (token == "-" and _joins_words(flat, match.start())):
+            continue
+        values.append(token)
+        spans.append((origin[match.start()], origin[match.end() - 1] + 1))
+    return _Tokens(values, spans)
+
+
+def _occurrences(answer: _Tokens, option: list[str], positions: dict[str, list[int]]) -> list[int]:
+    """Token indices in ``answer`` where the whole ``option`` token sequence starts."""
+    size = len(option)
+    return [start for start in positions.get(option[0], ())
+            if answer.values[start:start + size] == option]
 
 
 def chosen_options(answer: str, choices: Sequence[str]) -> set[str]:
     """Letters of every option the answer names, by text or by letter."""
     letters = option_letters(len(choices))
+    tokens = _tokens(answer)
+    positions: dict[str, list[int]] = {}
+    for index, value in enumerate(tokens.values):
+        positions.setdefault(value, []).append(index)
     chosen: set[str] = set()
-    covered = bytearray(len(answer))  # 1 where a matched option's text lies (linear on long text)
+    covered_tokens = bytearray(len(tokens.values))
+    covered = bytearray(len(answer))  # 1 where a matched option's text lies
     # Longest options first, so "light blue" is not also read as "blue".
-    by_length = sorted(zip(letters, choices), key=lambda pair: -len(normalize_answer(pair[1])))
-    for letter, option in by_length:
-        pattern = _option_pattern(option)
-        if pattern is None:
+    options = [(letter, _tokens(option).values) for letter, option in zip(letters, choices)]
+    for letter, option in sorted(options, key=lambda pair: -len(pair[1])):
+        if not option:
             continue
-        for match in pattern.finditer(answer):
-            if covered.find(1, match.start(), match.end()) != -1:
+        for start in _occurrences(tokens, option, positions):
+            end = start + len(option)
+            if covered_tokens.find(1, start, end) != -1:
                 continue
-            covered[match.start():match.end()] = b"\x01" * (match.end() - match.start())
+            covered_tokens[start:end] = b"\x01" * (end - start)
+            first, last = tokens.spans[start][0], tokens.spans[end - 1][1]
+            covered[first:last] = b"\x01" * (last - first)
             chosen.add(letter)
     for match in _LETTER.finditer(answer):
         letter = match.group(1)
@@ -79,6 +129,6 @@ class MultipleChoiceScorer:
         chosen = chosen_options(extraction.answer, prompt.choices)
         correct = len(chosen) == 1 and next(iter(chosen)) in prompt.gold
         detail: dict[str, Any] = {"scorer": self.name, "extracted": clip(extraction.answer),
-                                  "chosen": sorted(chosen)}
+                                  "chosen": sorted(chosen), "ambiguous": len(chosen) > 1}
         return compose(self.config, correct=correct, extraction=extraction,
                        answer_ok=len(chosen) == 1, detail=detail)

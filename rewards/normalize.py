@@ -32,11 +32,38 @@ def _is_punctuation(char: str) -> bool:
     return unicodedata.category(char)[0] in "PS"
 
 
+_MINUS_SIGNS = str.maketrans({"\u2212": "-", "\u2013": "-", "\ufe63": "-", "\uff0d": "-"})
+
+
+def _keeps_number_apart(text: str, index: int) -> str | None:
+    """What punctuation at ``index`` becomes when it is part of a number, else None: a
+    decimal point between digits stays ("2.5" is not "25"), a thousands comma between digits
+    goes ("1,000" is "1000", "1,2" stays two numbers), a minus sign starting a number stays ("-5" is not "5")."""
+    char = text[index]
+    before = text[index - 1] if index else ""
+    after = text[index + 1] if index + 1 < len(text) else ""
+    if char == "." and before.isdigit() and after.isdigit():
+        return "."
+    if char == "," and before.isdigit() and re.match(r"\d{3}(?!\d)", text[index + 1:index + 5]):
+        return ""
+    if char == "-" and after.isdigit() and not before.isalnum():
+        return "-"
+    return None
+
+
 def normalize_answer(text: str) -> str:
-    """Lower case, no punctuation, no articles (a/an/the), single spaces (TriviaQA / SQuAD)."""
-    text = unicodedata.normalize("NFKC", text).lower().replace("_", " ")
-    text = "".join(" " if _is_punctuation(char) else char for char in text)
-    text = _ARTICLES.sub(" ", text)
+    """Lower case, no punctuation, no articles (a/an/the), single spaces (TriviaQA / SQuAD),
+    except that numbers keep their sign and decimal point (TriviaQA's own script would read
+    "-5" as "5" and "2.5" as "25")."""
+    text = unicodedata.normalize("NFKC", text.translate(_MINUS_SIGNS)).lower().replace("_", " ")
+    kept = []
+    for index, char in enumerate(text):
+        if _is_punctuation(char):
+            number_part = _keeps_number_apart(text, index)
+            kept.append(" " if number_part is None else number_part)
+        else:
+            kept.append(char)
+    text = _ARTICLES.sub(" ", "".join(kept))
     return " ".join(text.split())
 
 

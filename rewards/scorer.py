@@ -3,7 +3,8 @@ failure policy, so one batch can mix exact match, multiple choice, math and judg
 
 A failed judgement is never a silent 0: under ``fallback_exact_match`` it is scored by exact
 match (status "fallback"), under ``drop`` it leaves the batch (status "dropped", no reward),
-under ``fail`` the batch raises ``JudgeError``. Every outcome is counted.
+under ``fail`` the batch raises ``JudgeError`` carrying the batch's counts. Every outcome is
+counted.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 
 # Present in every counts dict, so metrics keep the same keys from step to step.
 BASE_COUNT_KEYS = ("total", *SCORE_STATUSES, "judge/requests", "judge/retries",
-                   "judge/cache_hits", "judge/failures")
+                   "judge/cache_hits", "judge/failures", "judge/retry_after_capped",
+                   "multiple_choice/ambiguous")
 
 
 class Scorer(Protocol):
@@ -127,6 +129,8 @@ class BatchScorer:
                 reward, detail = self.local[prompt.scorer].score(prompt, text)
                 if "math_error" in detail:
                     counts[f"math/error/{detail['math_error']}"] += 1
+                if detail.get("ambiguous"):
+                    counts["multiple_choice/ambiguous"] += 1
                 outcomes[index] = Outcome(reward, detail["correct"], "ok", detail)
                 await asyncio.sleep(0)  # let in-flight judge requests progress
             judgements, judge_counts = await judge_task
@@ -136,12 +140,12 @@ class BatchScorer:
                 await asyncio.gather(judge_task, return_exceptions=True)
         counts.update(judge_counts)
         failures = [(i, j) for i, j in zip(judged, judgements) if j.verdict is None]
-        if failures and self.config.judge.failure_policy == "fail":
-            index, first = failures[0]
-            raise JudgeError(items[index][0].id, first.error or "unknown", first.attempts, len(failures))
+        failing = bool(failures) and self.config.judge.failure_policy == "fail"
         for index, judgement in zip(judged, judgements):
             prompt, text = items[index]
             if judgement.verdict is None:
+                if failing:
+                    continue
                 outcomes[index] = self._after_failure(prompt, text, judgement)
             else:
                 reward, detail = self.judge.reward(prompt, text, judgement)
@@ -152,8 +156,13 @@ class BatchScorer:
                         ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items())),
                         self.config.judge.failure_policy)
         for outcome in outcomes:
-            assert outcome is not None
-            counts[outcome.status] += 1
+            if outcome is not None:  # None: a failed judgement under "fail"
+                counts[outcome.status] += 1
+        if failing:
+            # The batch's counts travel with the error: the step that stops still reports them.
+            index, first = failures[0]
+            raise JudgeError(items[index][0].id, first.error or "unknown", first.attempts, len(failures),
+                             dict(counts))
         return outcomes, dict(counts)  # type: ignore[arg-type]
 
     def score_texts(self, items: Sequence[tuple[Prompt, str]]) -> tuple[list[Outcome], dict[str, int]]:

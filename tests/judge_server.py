@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.utils
 import json
 import re
 import socket
@@ -42,6 +43,7 @@ class Reply:
     fenced: bool = False  # verdict wrapped in a ```json code fence with prose around it
     status: int = 200
     retry_after: float | None = None
+    retry_after_as_date: bool = False  # send Retry-After as an HTTP-date that many seconds ahead
     text: str = ""
     echo_authorization: bool = False  # garbage that quotes the request's Authorization header
 
@@ -54,8 +56,9 @@ class Reply:
         return cls("verdict", delay_s=delay_s, correct=correct)
 
     @classmethod
-    def error(cls, status: int, *, retry_after: float | None = None, delay_s: float = 0.0) -> "Reply":
-        return cls("status", delay_s=delay_s, status=status, retry_after=retry_after)
+    def error(cls, status: int, *, retry_after: float | None = None, as_date: bool = False,
+              delay_s: float = 0.0) -> "Reply":
+        return cls("status", delay_s=delay_s, status=status, retry_after=retry_after, retry_after_as_date=as_date)
 
     @classmethod
     def garbage(cls, text: str = "The answer looks right to me!", *, echo_authorization: bool = False) -> "Reply":
@@ -259,7 +262,11 @@ class JudgeServer:
                 if release.is_set():
                     return web.json_response({"error": {"message": "server resetting"}}, status=503)
             if reply.kind == "status":
-                headers = {"Retry-After": str(reply.retry_after)} if reply.retry_after is not None else {}
+                headers = {}
+                if reply.retry_after is not None and reply.retry_after_as_date:
+                    headers["Retry-After"] = email.utils.formatdate(time.time() + reply.retry_after, usegmt=True)
+                elif reply.retry_after is not None:
+                    headers["Retry-After"] = str(reply.retry_after)
                 return web.json_response({"error": {"message": f"status {reply.status}", "code": reply.status}},
                                          status=reply.status, headers=headers)
             if reply.kind == "invalid_body":

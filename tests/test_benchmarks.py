@@ -77,8 +77,9 @@ def test_triviaqa_accepts_every_alias(cache_dir: str) -> None:
 
 
 @pytest.mark.parametrize("name, source, ids, golds, counts", [
-    ("mmlu_pro", "mmlu_pro_test.jsonl", ["mmlu_pro-70-none", "mmlu_pro-71-none", "mmlu_pro-72-none"],
-     [("D",), ("B",), ("C",)], [4, 3, 10]),
+    ("mmlu_pro", "mmlu_pro_test.jsonl", ["mmlu_pro-70-none", "mmlu_pro-71-none", "mmlu_pro-72-none",
+                                         "mmlu_pro-73-none"],
+     [("D",), ("B",), ("C",), ("B",)], [4, 3, 10, 5]),  # row 73's five "N/A" options are dropped
     ("supergpqa", "supergpqa.jsonl", ["supergpqa-df22a8a2f4e24d45a3e5a5b0b1b8b0d2-none",
                                       "supergpqa-0b1c9f0e8c5b4a7d9e6f3a2b1c0d9e8f-none"],
      [("C",), ("C",)], [5, 6]),
@@ -193,8 +194,8 @@ def test_unaligned_personas_are_seeded_per_row(cache_dir: str, pool: PersonaPool
 def test_one_setting_per_row_for_training_mixes(cache_dir: str, pool: PersonaPool) -> None:
     prompts = load("mmlu_pro", "mmlu_pro_test.jsonl", cache_dir, persona_settings=("none", "unaligned"),
                    persona_assignment="one", personas=pool)
-    assert len(prompts) == 3
-    assert [p.id.rsplit("-", 1)[0] for p in prompts] == ["mmlu_pro-70", "mmlu_pro-71", "mmlu_pro-72"]
+    assert len(prompts) == 4
+    assert [p.id.rsplit("-", 1)[0] for p in prompts] == ["mmlu_pro-70", "mmlu_pro-71", "mmlu_pro-72", "mmlu_pro-73"]
     again = load("mmlu_pro", "mmlu_pro_test.jsonl", cache_dir, persona_settings=("none", "unaligned"),
                  persona_assignment="one", personas=pool)
     assert [p.id for p in again] == [p.id for p in prompts]
@@ -339,8 +340,9 @@ def test_aligned_personas_come_from_the_model_once_then_from_the_cache(
     prompts = load("mmlu_pro", "mmlu_pro_test.jsonl", cache_dir, persona_settings=("none", "aligned"),
                    aligned=generator)
     aligned = [p for p in prompts if p.persona_setting == "aligned"]
-    assert [p.id for p in aligned] == ["mmlu_pro-70-aligned", "mmlu_pro-71-aligned", "mmlu_pro-72-aligned"]
-    assert generator.calls == 3 and len(chat_server.requests) == 3
+    assert [p.id for p in aligned] == ["mmlu_pro-70-aligned", "mmlu_pro-71-aligned", "mmlu_pro-72-aligned",
+                                       "mmlu_pro-73-aligned"]
+    assert generator.calls == 4 and len(chat_server.requests) == 4
     assert {r["authorization"] for r in chat_server.requests} == {f"Bearer {API_KEY}"}
     sent = {r["body"]["messages"][-1]["content"] for r in chat_server.requests}
     first = prompts[0]
@@ -352,20 +354,20 @@ def test_aligned_personas_come_from_the_model_once_then_from_the_cache(
     assert aligned[0].persona.startswith("A quiz-league veteran who knows:")  # quotes, "Persona:" cut
 
     entries = [json.loads(line) for line in cache.read_text().splitlines()]
-    assert sorted(e["question_id"] for e in entries) == ["mmlu_pro-70", "mmlu_pro-71", "mmlu_pro-72"]
+    assert sorted(e["question_id"] for e in entries) == ["mmlu_pro-70", "mmlu_pro-71", "mmlu_pro-72", "mmlu_pro-73"]
     assert {e["model"] for e in entries} == {"persona-writer-1"}
     assert API_KEY not in cache.read_text() and API_KEY not in caplog.text
 
     # A rerun reads the cache: the same personas and not one request more.
     again = AlignedPersonaGenerator(aligned_config(chat_server, cache))
     reloaded = load("mmlu_pro", "mmlu_pro_test.jsonl", cache_dir, persona_settings=("aligned",), aligned=again)
-    assert again.calls == 0 and len(chat_server.requests) == 3
+    assert again.calls == 0 and len(chat_server.requests) == 4
     assert [p.persona for p in reloaded] == [p.persona for p in aligned]
 
     # The cache is keyed by model too: another model writes its own personas.
     other = AlignedPersonaGenerator(aligned_config(chat_server, cache, model="persona-writer-2"))
     load("mmlu_pro", "mmlu_pro_test.jsonl", cache_dir, persona_settings=("aligned",), aligned=other, limit=1)
-    assert other.calls == 1 and len(chat_server.requests) == 4
+    assert other.calls == 1 and len(chat_server.requests) == 5
 
 
 @pytest.mark.timeout(120)

@@ -13,7 +13,7 @@ import pytest
 
 from personadual.modes import Mode
 from rewards.config import JudgeConfig, RewardConfig, RewardConfigError
-from rewards.judge import JudgeError
+from rewards.judge import JudgeError, parse_retry_after
 from rewards.scorer import BatchScorer
 from tests.judge_server import FaultSchedule, JudgeServer, Reply, make_prompt, make_rollout
 
@@ -142,6 +142,61 @@ def test_retry_after_is_respected(server):
     scored, counts = BatchScorer(config(server, backoff_max_s=1.0)).score_many(rollouts("ra Answer: teal"))
     first, second = server.requests_for("ra")
     assert scored[0].status == "ok" and second.started - first.finished >= 0.29
+
+
+def test_retry_after_as_an_http_date_is_respected(server):
+    # An HTTP-date has whole seconds: "2 s from now" is between 1 and 2 s after the reply.
+    server.when("rad", Reply.error(503, retry_after=2.0, as_date=True))
+    scored, counts = BatchScorer(config(server, backoff_max_s=0.05)).score_many(rollouts("rad Answer: teal"))
+    first, second = server.requests_for("rad")
+    assert scored[0].status == "ok" and counts["judge/retries"] == 1
+    assert second.started - first.finished >= 0.9  # far beyond the 0.05 s backoff
+    assert counts["judge/retry_after_capped"] == 0
+
+
+def test_retry_after_above_the_cap_is_cut_to_it_and_says_so(server, caplog):
+    server.when("long-wait", Reply.error(429, retry_after=30.0))
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="rewards.judge"):
+        scored, counts = BatchScorer(config(server, retry_after_max_s=0.3)).score_many(
+            rollouts("long-wait Answer: teal"))
+    first, second = server.requests_for("long-wait")
+    assert scored[0].status == "ok" and 0.29 <= second.started - first.finished < 5
+    assert time.monotonic() - started < 10
+    assert counts["judge/retry_after_capped"] == 1
+    assert "Retry-After" in caplog.text and "reward.judge.retry_after_max_s" in caplog.text
+
+
+NOW = 1_000_000_000.0  # 2001-09-09T01:46:40Z
+
+
+@pytest.mark.parametrize("header, seconds", [
+    ("3", 3.0), ("1.5", 1.5), ("0", 0.0), ("-4", 0.0),
+    ("Sun, 06 Nov 1994 08:49:37 GMT", 0.0),  # a date in the past: retry now
+    ("Thu, 01 Jan 2099 00:00:00 GMT", 4070908800.0 - NOW),  # RFC 9110's preferred form
+    ("Thursday, 01-Jan-99 00:00:00 GMT", 0.0),  # RFC 850: a two-digit year is 1999, past
+    ("Thu Jan  1 00:00:00 2099", 4070908800.0 - NOW),  # asctime, no zone: GMT
+    ("soon", None), ("", None), (None, None), ("nan", None), ("inf", None),
+])
+def test_retry_after_header_forms(header, seconds):
+    assert parse_retry_after(header, now=NOW) == seconds
+
+
+def test_fail_policy_error_carries_the_whole_batch_counts(server):
+    server.when("garbled", Reply.garbage(), Reply.garbage())
+    server.when("broken", *(Reply.error(500),) * (MAX_RETRIES + 1))
+    server.when("flaky", Reply.error(500))  # fails once, then answers
+    batch = rollouts("garbled Answer: teal", "fine Answer: teal", "broken Answer: teal",
+                     "flaky Answer: teal", "garbled again Answer: teal")
+    with pytest.raises(JudgeError) as info:
+        BatchScorer(config(server, failure_policy="fail")).score_many(batch)
+    error = info.value
+    assert error.failures == 3 and error.counts["judge/failures"] == 3
+    assert error.counts["judge/error/parse"] == 2 and error.counts["judge/error/server_error"] == 1
+    assert error.counts["judge/requests"] == len(server.requests) == 1 + 1 + (MAX_RETRIES + 1) + 2 + 1
+    assert error.counts["judge/retries"] == MAX_RETRIES + 1 and error.counts["ok"] == 2
+    assert "3 judgement(s) failed in this batch (parse: 2, server_error: 1)" in str(error)
+    assert f"{len(server.requests)} request(s), {MAX_RETRIES + 1} retries" in str(error)
 
 
 def test_cache_hits_on_repeats_within_and_across_batches(server, tmp_path):

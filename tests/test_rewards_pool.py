@@ -137,3 +137,79 @@ def test_empty_batch_needs_no_worker_call(ray_cluster, server):
         assert scored == [] and counts["total"] == 0 and counts["judge/requests"] == 0
     finally:
         pool.shutdown()
+
+
+# ---- judge failures in both workers' chunks of two engine batches ------------------------------
+FAILING = {1: "garbage", 4: "garbage", 7: "garbage", 2: "server_error", 8: "server_error"}
+KIND = {"garbage": "parse", "status": "server_error"}
+
+
+def failing_batch(server: JudgeServer, tag: str, attempts: int):
+    """Ten judge items (five failing for good, one failing once), a repeat of the first (a
+    cache hit) and an exact-match item; the server's rules keyed by each item's own text."""
+    batch = []
+    for j in range(10):
+        text = f"{G} {tag} item{j}. Answer: {'teal' if j % 2 else 'red'}"
+        fault = FAILING.get(j)
+        if fault == "garbage":
+            server.when(f"{tag} item{j}.", Reply.garbage())
+        elif fault == "server_error":
+            server.when(f"{tag} item{j}.", *(Reply.error(500),) * attempts)
+        elif j == 5:
+            server.when(f"{tag} item{j}.", Reply.error(500))  # fails once, then answers
+        batch.append(make_rollout(make_prompt(f"{tag}-{j}", scorer="judge"), text))
+    batch.append(make_rollout(batch[0].prompt, batch[0].text, sample_index=1))
+    batch.append(make_rollout(make_prompt(f"{tag}-e", scorer="exact_match"), f"{G} Answer: teal"))
+    return batch
+
+
+def server_totals(server: JudgeServer) -> dict[str, int]:
+    """What the counts must say, from the server's own request log alone."""
+    by_judgement: dict[str, list] = {}
+    for request in server.requests:
+        by_judgement.setdefault(request.response, []).append(request)
+    failed = {response: requests[-1].reply.kind for response, requests in by_judgement.items()
+              if requests[-1].reply.kind != "verdict"}
+    totals = {"judge/requests": len(server.requests), "judge/failures": len(failed),
+              "judge/retries": sum(len(requests) - 1 for requests in by_judgement.values())}
+    for kind in failed.values():
+        totals[f"judge/error/{KIND[kind]}"] = totals.get(f"judge/error/{KIND[kind]}", 0) + 1
+    return totals
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("policy", ["fail", "drop", "fallback_exact_match"])
+def test_failures_in_both_workers_and_both_batches_are_all_counted(ray_cluster, server, monkeypatch, policy):
+    monkeypatch.setenv(KEY_ENV, CANARY)
+    server.reset(Reply.verdict())
+    config = reward_config(server, failure_policy=policy, max_concurrency=4)
+    attempts = config.judge.max_retries + 1
+    batches = [failing_batch(server, f"{policy}-b{i}", attempts) for i in range(2)]
+    for batch in batches:  # the premise: each worker's chunk of each batch holds failures
+        chunks = plan_chunks([(r.prompt, r.text) for r in batch], 2, MODEL)
+        assert all(any(int(batch[i].prompt.id.rsplit("-", 1)[1]) in FAILING
+                       for i in chunk if batch[i].prompt.scorer == "judge") for chunk in chunks)
+    pool = RewardPool(config, num_workers=2, num_cpus=0.1)
+    try:
+        pending = [pool.submit(batch) for batch in batches]  # two engines' batches of one step
+        if policy == "fail":
+            with pytest.raises(JudgeError) as info:
+                pool.collect(pending)
+            counts = info.value.counts
+            assert info.value.failures == 2 * len(FAILING) and CANARY not in str(info.value)
+            assert f"{2 * len(FAILING)} judgement(s) failed in this batch (parse: 6, server_error: 4)" in str(info.value)
+        else:
+            scored, counts = pool.collect(pending)
+            failed_status = "dropped" if policy == "drop" else "fallback"
+            assert [s.status == failed_status for s in scored] == [
+                int(r.prompt.id.rsplit("-", 1)[1]) in FAILING if r.prompt.scorer == "judge" and r.sample_index == 0
+                else False for batch in batches for r in batch]
+            assert counts[failed_status] == 2 * len(FAILING)
+        expected = server_totals(server)
+        assert expected["judge/failures"] == 2 * len(FAILING)
+        assert {key: counts.get(key, 0) for key in expected} == expected
+        assert counts["judge/cache_hits"] == 2 and counts["total"] == 2 * 12
+        assert counts["judge/error/server_error"] == 4 and counts["judge/error/parse"] == 6
+    finally:
+        pool.shutdown()

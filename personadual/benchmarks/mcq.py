@@ -2,7 +2,8 @@
 
 MMLU-Pro ``TIGER-Lab/MMLU-Pro``, split ``test`` (``validation`` holds the few-shot examples):
 ``question_id`` int, ``question`` str, ``options`` [str] (up to 10), ``answer`` letter,
-``answer_index`` int, ``cot_content`` str, ``category`` str, ``src`` str.
+``answer_index`` int, ``cot_content`` str, ``category`` str, ``src`` str. Questions with fewer
+than ten options are padded with "N/A" options, which are not shown to the model.
 
 SuperGPQA ``m-a-p/SuperGPQA``, split ``train`` (the only one; JSONL ``SuperGPQA-all.jsonl``):
 ``uuid`` str, ``question`` str, ``options`` [str], ``answer`` str (the option text),
@@ -21,6 +22,8 @@ from personadual.records import option_letters
 
 MMLU_PRO_COLUMNS = ("question_id", "question", "options", "answer", "answer_index")
 SUPERGPQA_COLUMNS = ("uuid", "question", "options", "answer_letter")
+# MMLU-Pro pads questions with fewer than ten options with this text; it is no option.
+MMLU_PRO_PADDING = "N/A"
 
 
 def _options(row: dict[str, Any], origin: str, index: int) -> tuple[str, ...]:
@@ -31,14 +34,24 @@ def _options(row: dict[str, Any], origin: str, index: int) -> tuple[str, ...]:
 
 
 def mmlu_pro_item(row: dict[str, Any], index: int, origin: str, scorer: str) -> ObjectiveItem:
-    options = _options(row, origin, index)
-    answer_index = field(row, "answer_index", origin, index)
-    letter = letter_of(int(answer_index), len(options), origin, index, "answer_index")
+    """Options as published minus the "N/A" padding, lettered A, B, ... in their order; the gold
+    letter is the answer's position among the options kept."""
+    published = _options(row, origin, index)
+    answer_index = int(field(row, "answer_index", origin, index))
+    letter = letter_of(answer_index, len(published), origin, index, "answer_index")
     if text(row, "answer", origin, index) != letter:
         raise DataError(f"{origin}: row {index}: answer {row['answer']!r} disagrees with "
                         f"answer_index {answer_index} ({letter})")
+    if published[answer_index] == MMLU_PRO_PADDING:
+        raise DataError(f"{origin}: row {index}: answer_index {answer_index} points at an "
+                        f"{MMLU_PRO_PADDING!r} padding option")
+    kept = [position for position, option in enumerate(published) if option != MMLU_PRO_PADDING]
+    if len(kept) < 2:
+        raise DataError(f"{origin}: row {index}: fewer than two options besides {MMLU_PRO_PADDING!r}")
+    options = tuple(published[position] for position in kept)
+    gold = option_letters(len(options))[kept.index(answer_index)]
     return ObjectiveItem(str(field(row, "question_id", origin, index)), text(row, "question", origin, index),
-                         (letter,), scorer, options, options[int(answer_index)])
+                         (gold,), scorer, options, published[answer_index])
 
 
 def supergpqa_item(row: dict[str, Any], index: int, origin: str, scorer: str) -> ObjectiveItem:

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import openai
 
-from personadual.benchmarks.source import is_local, load_rows, text
+from personadual.benchmarks.source import load_rows, text
 from personadual.data import DataError
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class PersonaPool:
 
     @classmethod
     def load(cls, config: PersonaHubConfig, cache_dir: str | None = None) -> "PersonaPool":
-        rows = load_rows(config.source, subset=None if is_local(config.source) else config.subset,
+        rows = load_rows(config.source, subset=config.subset,
                          split=config.split, limit=config.limit, required=("persona",),
                          cache_dir=cache_dir, benchmark="personahub")
         return cls([text(row, "persona", rows.origin, i) for i, row in enumerate(rows.data)])

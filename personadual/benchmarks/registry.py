@@ -14,16 +14,17 @@ asks the query itself with the preferred response as the judge's reference.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from personadual.benchmarks import mcq, medical, preference, qa
 from personadual.benchmarks.items import ObjectiveItem
 from personadual.benchmarks.math500 import MATH500_COLUMNS, math500_item
 from personadual.benchmarks.personas import (AlignedPersonaConfig, AlignedPersonaGenerator,
                                              PersonaHubConfig, PersonaPool, PersonaRequest)
-from personadual.benchmarks.source import is_local, load_rows
+from personadual.benchmarks.source import load_rows
 from personadual.data import DataError
 from personadual.prompts import format_question
 from personadual.records import PERSONA_SETTINGS, Prompt
@@ -124,11 +125,10 @@ def load_benchmark(name: str, source: str | None = None, *, split: str | None = 
         # Muennighoff/flan has no configs: one JSONL per task and split (hub repo or local copy).
         data_files, subset = f"{split or spec.split}/{subset}_{split or spec.split}.jsonl", None
     rows = load_rows(source, split=split or spec.split,
-                     subset=None if is_local(source) else (subset or spec.subset),
-                     data_files=data_files, limit=limit, required=spec.columns, cache_dir=cache_dir,
+                     subset=subset or spec.subset, data_files=data_files, limit=limit, required=spec.columns, cache_dir=cache_dir,
                      benchmark=name)
     mapper = OBJECTIVE_MAPPERS[name]
-    items = [mapper(row, index, rows.origin, scorer) for index, row in enumerate(rows.data)]
+    items = [mapper(row, index, rows.origin, scorer) for index, row in zip(_row_numbers(name, rows.data), rows.data)]
     _check_unique([item.row_id for item in items], rows.origin, "row id")
     return _with_personas(name, items, settings, persona_assignment, personas, aligned, seed)
 
@@ -202,13 +202,27 @@ def _personalized(spec: BenchmarkSpec, source: str, *, split: str | None, subset
         items = preference.personafeedback_items(source, subset=subset, limit=limit, cache_dir=cache_dir)
     else:
         rows = load_rows(source, split=split or spec.split,
-                         subset=None if is_local(source) else (subset or spec.subset), limit=limit,
+                         subset=subset or spec.subset, limit=limit,
                          required=spec.columns, cache_dir=cache_dir, benchmark=spec.name)
         items = list(preference.alignx_items(rows) if spec.name == "alignx" else preference.fspo_items(rows))
     fmt = "choice" if scorer == "multiple_choice" else "open"
     prompts = [preference.pairwise_prompt(spec.name, item, fmt, seed) for item in items]
     _check_unique([p.id for p in prompts], spec.name, "prompt id")
     return prompts
+
+
+def _row_numbers(name: str, rows: Iterable[dict]) -> list[int]:
+    """Each row's number in its own file. FLAN rows have no id of their own: numbered per task
+    file, one task's prompt ids stay the same whether it is loaded alone or with others."""
+    if name != "flan":
+        return list(range(len(rows)))  # type: ignore[arg-type]
+    seen: Counter[str] = Counter()
+    numbers = []
+    for row in rows:
+        task = str(row.get("task"))
+        numbers.append(seen[task])
+        seen[task] += 1
+    return numbers
 
 
 def _check_unique(ids: list[str], origin: str, what: str) -> None:

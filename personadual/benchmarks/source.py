@@ -38,6 +38,8 @@ def load_rows(source: str, *, split: str, subset: str | None = None,
               benchmark: str = "dataset") -> Rows:
     """Rows of ``source`` (a hub id, a local file or a local folder).
 
+    ``subset`` names the hub config; a local snapshot folder is read by the same name (its
+    dataset card's ``configs:``), a single local file is that one config whatever the name.
     ``data_files`` selects files inside a hub repo or a local folder (e.g. one FLAN task).
     A file that lacks one of ``required`` columns fails with a one-line ``DataError``.
     """
@@ -90,7 +92,24 @@ def _load(source: str, *, split: str, subset: str | None, data_files: str | Sequ
             raise DataError(f"{resolved[0]}: unknown data format")
         return _single(datasets.load_dataset(builder, data_files=resolved, split="train",
                                              cache_dir=cache_dir))
-    return _single(datasets.load_dataset(str(path), subset, split=split, cache_dir=cache_dir))
+    return _single(datasets.load_dataset(str(path), _local_config(path, subset), split=split,
+                                         cache_dir=cache_dir))
+
+
+def _local_config(folder: Path, subset: str | None) -> str | None:
+    """The config to read from a local snapshot folder, as ``datasets`` would from the hub.
+
+    A folder whose dataset card lists several configs (PubMedQA, TriviaQA, PersonaHub) needs
+    one named; a folder without a card, or with one config, is read whole. A subset the folder
+    does not have fails naming the ones it has, unless the folder has only its default config
+    (then the subset is a hub config name that a plain copy of the files need not carry).
+    """
+    names = datasets.get_dataset_config_names(str(folder))
+    if subset is None or subset in names:
+        return subset
+    if names == ["default"]:
+        return None
+    raise DataError(f"{folder}: no subset {subset!r} (its dataset card lists: {', '.join(names)})")
 
 
 def _single(loaded: Any) -> datasets.Dataset:
