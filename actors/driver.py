@@ -27,8 +27,8 @@ from actors.learner_group import LearnerGroup, LearnerRankDied
 from actors.placement import Placement, check_fits, cluster_shape, plan_groups
 from actors.reward_pool import RewardPool
 from actors.rollout_actor import create_rollout_actors, start_rollout_actor
-from actors.supervision import EngineSupervisor, FaultLog, RunStopped, one_line
-from actors.weight_sync import WeightSync, WeightSyncError
+from actors.supervision import EngineHung, EngineSupervisor, FaultLog, RunStopped, one_line
+from actors.weight_sync import SyncVerification, WeightSync, WeightSyncError
 from learner.batch import SftSample
 from personadual.data import load_run_data, resolve_model
 from personadual.evaluation import forced_mode_summary, mode_alignment, summarize
@@ -46,6 +46,7 @@ CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 REFERENCE_DIR = "reference"  # checkpoints/reference: the frozen KL reference, written once per run
 SFT_LINE_EVERY = 10  # without a terminal, SFT steps (fast, many) print one line per ten
+PROBE_PROMPTS = 4  # the fixed batch a weight-sync check asks every engine (rollout.verify_every)
 
 
 @dataclass
@@ -92,6 +93,13 @@ class PendingGeneration:
     # Per engine index: the engine and its call, to generate again on a replacement if it dies.
     engines: dict[int, Any] = field(default_factory=dict)
     calls: dict[int, tuple[list[Prompt], dict[str, Any]]] = field(default_factory=dict)
+    started: dict[Any, float] = field(default_factory=dict)  # each ObjectRef's submission (monotonic)
+
+    def submit(self, index: int, engine: Any, chunk: list[Prompt], kwargs: dict[str, Any]) -> None:
+        ref = engine.generate.remote(chunk, **kwargs)
+        self.refs[ref] = index
+        self.started[ref] = time.monotonic()
+        self.engines[index], self.calls[index] = engine, (chunk, kwargs)
 
 
 class StaleRolloutsError(RuntimeError):
@@ -115,6 +123,15 @@ def check_staleness(step: int, versions: Sequence[int], update_versions: Sequenc
                                  f"updates old (weight version {min(versions)}, learner at "
                                  f"{update_versions[-1]}); algo.max_staleness={max_staleness}")
     return staleness
+
+
+def verify_tolerance(cfg: DictConfig) -> float:
+    """rollout.verify_tolerance, or its default for the run's precisions (rollout/config.py)."""
+    if cfg.rollout.verify_tolerance is not None:
+        return float(cfg.rollout.verify_tolerance)
+    learner_fp32 = cfg.learner.precision == "fp32" or (cfg.learner.precision == "auto"
+                                                        and cfg.learner.num_gpus_per_rank == 0)
+    return 0.01 if cfg.rollout.dtype == "float32" and learner_fp32 else 0.25
 
 
 def _rng_state(rng: random.Random) -> list[Any]:
@@ -185,7 +202,8 @@ class Driver:
         self.learner = LearnerGroup(section(cfg, "learner"), self.model_path,
                                     algo=section(cfg, "algo"), total_sft_steps=max(self.sft_steps, 1),
                                     total_rl_steps=max(self.rl_steps, 1),
-                                    placement_group=self.placement.learner)
+                                    placement_group=self.placement.learner,
+                                    rollout_temperature=cfg.rollout.sampling.temperature)
         self.engines = create_rollout_actors(self.model_path, section(cfg, "rollout"),
                                              placement_groups=self.placement.engines())
         self.rewards = RewardPool(section(cfg, "reward"), num_workers=cfg.reward.num_workers,
@@ -195,9 +213,12 @@ class Driver:
         if len(backends) != 1 or None in backends:
             raise RuntimeError(f"rollout engines report weight-transfer backends {sorted(map(str, backends))}; "
                                f"set rollout.weight_transfer_backend")
+        probe = (self.data.eval or self.data.train)[:PROBE_PROMPTS]
         self.weight_sync = WeightSync(self.learner, self.engines, backend=backends.pop(),
                                       bucket_bytes=cfg.learner.bucket_bytes,
-                                      timeout_s=cfg.learner.collective_timeout_s)
+                                      timeout_s=cfg.learner.collective_timeout_s,
+                                      verification=SyncVerification(cfg.rollout.verify_every,
+                                                                    verify_tolerance(cfg), list(probe)))
         self.supervisor = EngineSupervisor(self.engines, self.weight_sync, self._start_engine, self.faults)
 
     def _start_engine(self, index: int) -> Any:
@@ -227,27 +248,75 @@ class Driver:
                 kwargs = dict(forced=forced, n=n, greedy=greedy, modes=modes,
                               histories=histories[i::engines] if histories else None,
                               seeds=seeds[i::engines] if seeds is not None else None)
-                pending.refs[engine.generate.remote(chunk, **kwargs)] = i
-                pending.engines[i], pending.calls[i] = engine, (chunk, kwargs)
+                pending.submit(i, engine, chunk, kwargs)
         return pending
+
+    def _rerun(self, pending: PendingGeneration, ref: Any, error: BaseException) -> None:
+        """Engine ``pending.refs[ref]`` died or hung: replace it (actors/supervision.py) and send
+        its replacement the same call, same seeds, so the samples are the ones it would have made."""
+        index = pending.refs.pop(ref)
+        pending.started.pop(ref, None)
+        engine = self.supervisor.replace(index, pending.engines[index], error)
+        chunk, kwargs = pending.calls[index]
+        pending.submit(index, engine, chunk, kwargs)
+
+    def _overdue(self, pending: PendingGeneration) -> tuple[list[Any], float | None]:
+        """The calls still running past rollout.generate_timeout_s, and the seconds until the
+        next deadline of the others. A finished call is never late, however long ago it was
+        sent (a pipelined generation waits out the learner's step)."""
+        if not pending.refs:
+            return [], None
+        limit = self.cfg.rollout.generate_timeout_s
+        _, refs = ray.wait(list(pending.refs), num_returns=len(pending.refs), timeout=0)
+        now = time.monotonic()
+        late = [ref for ref in refs if now - pending.started[ref] >= limit]
+        rest = [pending.started[ref] + limit - now for ref in refs if ref not in late]
+        return late, (max(0.0, min(rest)) if rest else None)
+
+    def _replace_hung(self, pending: PendingGeneration, late: list[Any]) -> None:
+        limit = self.cfg.rollout.generate_timeout_s
+        for ref in late:
+            index = pending.refs[ref]
+            self.faults.event("generate_timeouts")
+            log.warning("rollout engine %d: no answer within rollout.generate_timeout_s=%g s; replacing it",
+                        index, limit)
+            self._rerun(pending, ref, EngineHung(f"rollout engine {index} generated for more than "
+                                                 f"rollout.generate_timeout_s={limit:g} s"))
+
+    def _wait_generation(self, pending: PendingGeneration) -> None:
+        """Wait until every engine's call is done (results left in place), replacing an engine
+        that hangs past rollout.generate_timeout_s and rerunning its call."""
+        while True:
+            late, next_deadline = self._overdue(pending)
+            if late:
+                self._replace_hung(pending, late)
+                continue
+            waiting = list(pending.refs)
+            _, not_ready = ray.wait(waiting, num_returns=len(waiting), timeout=next_deadline)
+            if not not_ready:
+                return
 
     def _finish_generation(self, pending: "PendingGeneration",
                            ) -> tuple[list[Scored], dict[str, float], dict[str, int]]:
         """Score each engine's output as soon as it arrives; the scored rollouts in engine order."""
-        waiting = dict(pending.refs)
         wait_start = time.perf_counter()
         score_refs: dict[int, Any] = {}
-        while waiting:
-            done, _ = ray.wait(list(waiting), num_returns=1)
-            index = waiting.pop(done[0])
+        while pending.refs:
+            late, next_deadline = self._overdue(pending)
+            if late:  # a hung engine: killed, replaced, its call run again (same seeds)
+                self._replace_hung(pending, late)
+                continue
+            done, _ = ray.wait(list(pending.refs), num_returns=1, timeout=next_deadline)
+            if not done:
+                continue
             try:
                 rollouts: list[Rollout] = ray.get(done[0])
             except ray.exceptions.RayActorError as error:
                 # A dead engine is replaced (actors/supervision.py) and its prompts generated again.
-                engine = pending.engines[index] = self.supervisor.replace(index, pending.engines[index], error)
-                chunk, kwargs = pending.calls[index]
-                waiting[engine.generate.remote(chunk, **kwargs)] = index
+                self._rerun(pending, done[0], error)
                 continue
+            index = pending.refs.pop(done[0])
+            pending.started.pop(done[0], None)
             score_refs[index] = self.rewards.submit(rollouts)
         generated = time.perf_counter()
         # Engine order, not arrival order: the learner's batch must not depend on timing.
@@ -337,7 +406,7 @@ class Driver:
         if self._next_generation is not None:
             # The engines finish the next rollouts before they take the new weights.
             wait_start = time.perf_counter()
-            ray.wait(list(self._next_generation.refs), num_returns=len(self._next_generation.refs))
+            self._wait_generation(self._next_generation)
             times["generate_next"] = time.perf_counter() - wait_start
         sync = self.supervisor.sync()
         times["sync"] = sync["seconds"]

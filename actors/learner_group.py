@@ -102,12 +102,15 @@ class LearnerActor:
         from actors.weight_sync import EngineSyncClient
         from learner.transfer_sender import make_weight_sender
 
+        self.sync_client = EngineSyncClient(engines, timeout_s)
         self.weight_sender = make_weight_sender(
             self.learner, rank=self.rank, backend=backend, master_address=master_address,
             master_port=master_port, world_size=world_size, bucket_bytes=bucket_bytes, timeout_s=timeout_s,
-            client=EngineSyncClient(engines, timeout_s))
+            client=self.sync_client)
 
     def send_weights(self) -> dict[str, float]:
+        """Send the current weights; the engines take them live at this rank's weight version."""
+        self.sync_client.version = self.learner.weight_version
         self.weight_sender.send_weights()
         return dict(getattr(self.weight_sender, "last_round", {}))
 
@@ -153,10 +156,12 @@ def configure(config: LearnerConfig, algo: AlgoConfig, *, total_sft_steps: int |
 class LearnerGroup:
     def __init__(self, config: LearnerConfig, model_path: str | Path, *, algo: AlgoConfig | None = None,
                  total_sft_steps: int | None = None, total_rl_steps: int | None = None,
-                 placement_group: Any = None) -> None:
+                 placement_group: Any = None, rollout_temperature: float = 1.0) -> None:
         """``config``: how to train (ranks, their resources, ...); ``algo``: the objective (its
-        defaults when None)."""
+        defaults when None); ``rollout_temperature``: what the engines sample at, so the
+        learner compares its log-probs with theirs under the same tempered distribution."""
         self.algo = algo if algo is not None else AlgoConfig()
+        self.rollout_temperature = rollout_temperature
         self.config = configure(config, self.algo, total_sft_steps=total_sft_steps, total_rl_steps=total_rl_steps)
         self.model_path = str(model_path)
         self.num_ranks = self.config.num_ranks
@@ -207,7 +212,8 @@ class LearnerGroup:
         return results[0]
 
     def build_batch(self, scored: Sequence[Scored]) -> PolicyBatch:
-        return build_policy_batch(scored, advantage=self.algo.advantage, scale=self.algo.scale)
+        return build_policy_batch(scored, advantage=self.algo.advantage, scale=self.algo.scale,
+                                  sampling_temperature=self.rollout_temperature)
 
     def policy_step(self, scored: Sequence[Scored]) -> dict[str, float]:
         batch = self.build_batch(scored)

@@ -57,6 +57,11 @@ class RolloutActor:
             return self.engine.generate(prompts, forced=forced, n=n, greedy=greedy, histories=histories,
                                         modes=modes, seeds=seeds)
 
+    def probe(self, prompts: Sequence[Prompt]) -> list[Rollout]:
+        """Greedy answers with their log-probs, for the weight-sync check (actors/weight_sync.py);
+        not a rollout, so outside the generation fault window."""
+        return self.engine.generate(prompts, forced=False, n=1, greedy=True)
+
     def load_weights(self, named_tensors: NamedTensors, version: int | None = None) -> int:
         return self.engine.load_weights(named_tensors, version)
 
@@ -81,10 +86,18 @@ class RolloutActor:
 
     def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]] | WeightTransferUpdateRequest,
                        ) -> None:
-        self.engine.update_weights(getattr(update_info, "update_info", update_info))
+        with fault_window("sync", f"engine{self.engine_index}"):
+            self.engine.update_weights(getattr(update_info, "update_info", update_info))
 
-    def finish_weight_update(self, weight_version: str | int | None = None) -> None:
-        self.engine.finish_weight_update(weight_version)
+    def finish_weight_update(self, weight_version: str | int | None = None,
+                             checksums: list[int | None] | None = None) -> int:
+        """The update goes live at ``weight_version``, after the received buckets were checked
+        against the sender's ``checksums``; returns the engine's version."""
+        self.engine.finish_weight_update(weight_version, checksums)
+        return self.engine.weight_version
+
+    def loaded_tensors(self) -> list[str]:
+        return self.engine.loaded_tensors()
 
     def shutdown_weight_transfer_engine(self) -> None:
         self.engine.shutdown_weight_transfer_engine()

@@ -35,7 +35,8 @@ from learner.batch import (MicroBatch, PolicyBatch, PolicySample, SftSample, mic
 from learner.checkpoint import (LEARNER_DIR, publish, read_json, rng_state, set_rng_state, staging_dir,
                                 weights_only_loads, write_json)
 from learner.config import LearnerConfig, OptimConfig
-from learner.losses import policy_loss, sft_loss, token_entropy, token_logprobs
+from learner.losses import (MismatchSums, logprob_mismatch, policy_loss, rollout_correction_weights, sft_loss,
+                            token_entropy, token_logprobs)
 from personadual.algo_config import AlgoConfig
 from personadual.fault_hooks import fault_point
 from personadual.modes import Mode
@@ -316,8 +317,35 @@ class Learner:
 
         # Metric sums, reduced across ranks at the end.
         sums = {key: torch.zeros((), dtype=torch.float64, device=self.device) for key in
-                ("loss", "pg", "kl", "clipped", "ratio", "tokens", "entropy", "padded")}
+                ("loss", "pg", "kl", "clipped", "ratio", "tokens", "entropy", "padded", "correction", "corrected",
+                 "sampled")}
         mode_prob = torch.zeros(2, 2, dtype=torch.float64, device=self.device)  # [mode] -> (sum, count)
+
+        mismatch = torch.zeros(4, 3, dtype=torch.float64, device=self.device)  # abs sum, count, max, over
+
+        def row_modes_of(mb: MicroBatch) -> torch.Tensor:
+            return torch.tensor([samples[i].mode for i in mb.indices], dtype=torch.long, device=self.device)
+
+        def behaviour(logits: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+            """The policy-before-update's log-probs of the tempered distribution the engine sampled
+            from, beside the engine's own; their gap, per mode, is a metric, and their ratio the
+            rollout correction's weight. Unknown engine log-probs: sampled_mask is 0 there."""
+            tempered = token_logprobs(logits.detach() / batch.sampling_temperature, mb.targets)
+            if mb.engine_logprobs is None or not mb.indices:
+                return tempered, torch.zeros_like(tempered)
+            found = logprob_mismatch(tempered, mb.engine_logprobs, mb.sampled_mask, row_modes_of(mb),
+                                     threshold=algo.mismatch_threshold)
+            mismatch[0] += found.abs_sum
+            mismatch[1] += found.count
+            mismatch[2] = torch.maximum(mismatch[2], found.max)
+            mismatch[3] += found.over
+            return tempered, mb.sampled_mask
+
+        def correction_of(tempered: torch.Tensor, sampled: torch.Tensor, mb: MicroBatch) -> torch.Tensor | None:
+            if algo.correction == "none" or mb.engine_logprobs is None:
+                return None
+            return rollout_correction_weights(tempered, mb.engine_logprobs, sampled, kind=algo.correction,
+                                              cap=algo.rollout_correction_cap)
 
         def observe(logits: torch.Tensor, logprobs: torch.Tensor, mb: MicroBatch) -> None:
             """Entropy and mode-token probability of the policy before the update."""
@@ -334,15 +362,18 @@ class Learner:
         single_pass = algo.ppo_epochs == 1 and algo.mini_batches == 1
         old_start = time.perf_counter()
         old: list[list[torch.Tensor]] = []
+        corrections: list[list[torch.Tensor | None]] = []
         if not single_pass:
             with torch.no_grad():
                 for plan in plans:
                     old.append([])
+                    corrections.append([])
                     for mb in plan:
                         logits = forward_logits(self.engine, mb)
                         logprobs = token_logprobs(logits, mb.targets)
                         observe(logits, logprobs, mb)
                         old[-1].append(logprobs)
+                        corrections[-1].append(correction_of(*behaviour(logits, mb), mb))
         old_time = time.perf_counter() - old_start
 
         self.engine.train()
@@ -360,10 +391,17 @@ class Learner:
                     logprobs = token_logprobs(logits, mb.targets)
                     if single_pass:
                         observe(logits.detach(), logprobs.detach(), mb)
+                        correction = correction_of(*behaviour(logits, mb), mb)
+                    else:
+                        correction = corrections[index][position]
                     old_logprobs = logprobs.detach() if single_pass else old[index][position]
                     parts = policy_loss(logprobs, old_logprobs, reference[index][position], advantages[index][position],
                                         mb.response_mask, clip_range=algo.clip_range, kl_coef=algo.kl_coef,
-                                        denominator=max(totals[index], 1))
+                                        denominator=max(totals[index], 1), correction=correction)
+                    if correction is not None:
+                        sums["correction"] += (correction * mb.sampled_mask).sum().double()
+                        sums["corrected"] += ((correction != 1.0).float() * mb.sampled_mask).sum().double()
+                        sums["sampled"] += mb.sampled_mask.sum().double()
                     del logits
                     if poison:
                         parts.loss = parts.loss * float("nan")
@@ -384,9 +422,12 @@ class Learner:
         train_time = time.perf_counter() - start - reference_time
 
         keys = list(sums)
-        reduced = distributed.all_reduce(torch.cat([torch.stack([sums[k] for k in keys]), mode_prob.flatten()]))
+        reduced = distributed.all_reduce(torch.cat([torch.stack([sums[k] for k in keys]), mode_prob.flatten(),
+                                                    mismatch[[0, 1, 3]].flatten()]))
         values = dict(zip(keys, reduced[:len(keys)].tolist()))
-        prob = reduced[len(keys):].view(2, 2).tolist()
+        prob = reduced[len(keys):len(keys) + 4].view(2, 2).tolist()
+        mismatch_sums = reduced[len(keys) + 4:].view(3, 3).tolist()
+        mismatch_max = distributed.all_reduce(mismatch[2].clone(), dist.ReduceOp.MAX).tolist()
         updates = algo.updates_per_step
         tokens = max(values["tokens"], 1.0)
         first_pass_tokens = float(sum(totals))
@@ -416,8 +457,27 @@ class Learner:
         for mode in Mode:
             if prob[mode][1]:
                 metrics[f"mode_token_prob/{mode.name.lower()}"] = prob[mode][0] / prob[mode][1]
+        metrics.update(_mismatch_metrics(MismatchSums(*(torch.tensor(v) for v in mismatch_sums[:2]),
+                                                      torch.tensor(mismatch_max), torch.tensor(mismatch_sums[2]))))
+        if algo.correction != "none" and values["sampled"]:
+            metrics["rollout_correction/weight_mean"] = values["correction"] / values["sampled"]
+            metrics["rollout_correction/corrected_fraction"] = values["corrected"] / values["sampled"]
         metrics.update(batch.stats)
         return metrics
+
+    @torch.no_grad()
+    def response_logprobs(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[list[float]]:
+        """log p(response token) under the current policy (temperature 1) for each (prompt ids,
+        response ids) pair: what an engine serving these weights reports for greedy answers.
+        A collective under ZeRO-3: every rank calls it with the same pairs."""
+        samples = [SftSample(list(prompt), list(response)) for prompt, response in pairs]
+        found: list[list[float]] = [[] for _ in samples]
+        self.engine.eval()
+        for batch in self._plan(samples):
+            logprobs = token_logprobs(forward_logits(self.engine, batch), batch.targets)
+            for row, index in enumerate(batch.indices):
+                found[index] = logprobs[row][batch.response_mask[row] > 0].tolist()
+        return found
 
     # ---- weights ------------------------------------------------------------------------
     def weight_metadata(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -547,6 +607,27 @@ def _param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
     if rest:
         groups.append({"params": rest, "decay": False, "weight_decay": 0.0})
     return groups
+
+
+MISMATCH_SLOTS = ("general", "personalized", "none")
+
+
+def _mismatch_metrics(found: MismatchSums) -> dict[str, float]:
+    """mismatch/<mode>/{mean,max,over_fraction} over the engine-sampled tokens of each mode
+    (a mode without sampled tokens is left out, not NaN), and the same over all modes."""
+    metrics: dict[str, float] = {}
+    for index, name in enumerate(MISMATCH_SLOTS):
+        count = float(found.count[index])
+        if count:
+            metrics[f"mismatch/{name}/mean"] = float(found.abs_sum[index]) / count
+            metrics[f"mismatch/{name}/max"] = float(found.max[index])
+            metrics[f"mismatch/{name}/over_fraction"] = float(found.over[index]) / count
+    total = float(found.count.sum())
+    if total:
+        metrics["mismatch/mean"] = float(found.abs_sum.sum()) / total
+        metrics["mismatch/max"] = float(found.max.max())
+        metrics["mismatch/over_fraction"] = float(found.over.sum()) / total
+    return metrics
 
 
 def _first_response_logprob(logprobs: torch.Tensor, batch: MicroBatch) -> torch.Tensor:

@@ -12,10 +12,14 @@ as an argument and reads the objective fields. Torch-free: config validation imp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from personadual.estimators import ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES
 
 SECTION = "algo"
+# How the policy-gradient term treats tokens the engine sampled from other weights or numerics
+# than the learner's (learner/losses.py): none, truncated importance weights, or masking.
+ROLLOUT_CORRECTIONS = ("none", "tis", "mask")
 
 
 class AlgoConfigError(ValueError):
@@ -45,6 +49,11 @@ class AlgoConfig:
     clip_range: float = 0.2
     ppo_epochs: int = 1  # passes over each batch; > 1 makes old and current policy differ
     mini_batches: int = 1  # optimizer steps per pass over a batch
+    # Importance correction by each sampled token's learner/engine probability ratio: none | tis |
+    # mask; null: tis when rollouts may be one update old (max_staleness=1), else none.
+    rollout_correction: Optional[str] = None
+    rollout_correction_cap: float = 2.0  # tis: weights capped here; mask: ratios outside [1/cap, cap]
+    mismatch_threshold: float = 0.1  # |engine - learner| log-prob counted in mismatch/*/over_fraction
 
     def __post_init__(self) -> None:
         self.validate()
@@ -59,6 +68,19 @@ class AlgoConfig:
                f"expected one of {list(ADVANTAGE_ESTIMATORS)}, got {self.advantage!r}")
         _check(self.scale in ADVANTAGE_SCALES, "scale", f"expected one of {list(ADVANTAGE_SCALES)}, got {self.scale!r}")
         _check(0 < self.clip_range < 1, "clip_range", f"must be in (0, 1), got {self.clip_range!r}")
+        _check(self.rollout_correction is None or self.rollout_correction in ROLLOUT_CORRECTIONS,
+               "rollout_correction", f"expected one of {[None, *ROLLOUT_CORRECTIONS]}, got {self.rollout_correction!r}")
+        _check(self.rollout_correction_cap > 1, "rollout_correction_cap",
+               f"must be > 1, got {self.rollout_correction_cap!r}")
+        _check(self.mismatch_threshold > 0, "mismatch_threshold", f"must be > 0, got {self.mismatch_threshold!r}")
+
+    @property
+    def correction(self) -> str:
+        """``rollout_correction`` with null resolved: truncated importance weights when the
+        rollouts may be one update old, none for on-policy runs."""
+        if self.rollout_correction is not None:
+            return self.rollout_correction
+        return "tis" if self.max_staleness >= 1 else "none"
 
     @property
     def updates_per_step(self) -> int:

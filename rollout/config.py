@@ -48,6 +48,15 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool = True
     weight_transfer_backend: str = "auto"  # auto | gloo | nccl | none
+    # An engine whose generation call runs longer is taken for hung: killed, replaced, resynced,
+    # and its prompts generated again with the same seeds (actors/driver.py).
+    generate_timeout_s: float = 1800.0
+    # Every verify_every weight syncs (0: never) the engines' log-probs of their greedy answers to
+    # a fixed probe batch are compared with the learner's; past verify_tolerance the run stops.
+    verify_every: int = 10
+    # null: 0.01 when the engines and the learner both compute in fp32 (measured on CPU: ~1e-6),
+    # else 0.25 (bf16 log-probs of two different kernels drift apart; not measured here).
+    verify_tolerance: Optional[float] = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def validate(self, prefix: str = "rollout") -> None:
@@ -76,4 +85,10 @@ class RolloutConfig:
         if self.max_model_len <= self.sampling.max_response_tokens:
             raise ValueError(f"{prefix}.max_model_len: {self.max_model_len} leaves no room for a prompt "
                              f"beside {self.sampling.max_response_tokens} response tokens")
+        if self.generate_timeout_s <= 0:
+            raise ValueError(f"{prefix}.generate_timeout_s: must be > 0, got {self.generate_timeout_s}")
+        if self.verify_every < 0:
+            raise ValueError(f"{prefix}.verify_every: must be >= 0, got {self.verify_every}")
+        if self.verify_tolerance is not None and self.verify_tolerance <= 0:
+            raise ValueError(f"{prefix}.verify_tolerance: must be > 0, got {self.verify_tolerance}")
         self.sampling.validate(f"{prefix}.sampling")

@@ -22,9 +22,10 @@ from transformers import AutoTokenizer
 
 from personadual.modes import Mode
 from personadual.records import Prompt, Rollout
+from personadual.weight_wire import ReceivedUpdate
 from rollout import transfer_gloo
 from rollout.config import RolloutConfig
-from rollout.engine import parse_version
+from rollout.engine import check_received, parse_version
 from rollout.requests import GenerationRequest, PromptCodec, Sample
 from rollout.weights import NamedTensors, as_list, check_names, checkpoint_names, tied_word_embeddings, to_bytes
 
@@ -53,6 +54,7 @@ class VllmEngine:
         self.model_path = Path(model_path)
         self.weight_version = 0
         self._backend = resolve_weight_transfer_backend(config)
+        self._updating = False  # between start_weight_update and finish_weight_update
         tp = config.tensor_parallel_size
         transfer_gloo.register()  # an in-process worker builds its transfer engine here
         kwargs: dict[str, Any] = dict(
@@ -146,19 +148,41 @@ class VllmEngine:
         return self._backend
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        if self._updating:
+            # A new group after a sync that failed mid-way (another engine died): close the
+            # layerwise reload it left open; the full update that follows overwrites every tensor.
+            self._updating = False
+            try:
+                self.llm.finish_weight_update()
+            except Exception as error:  # noqa: BLE001  (the resync decides whether this engine serves)
+                log.warning("closing the weight update a failed sync left open: %s", error)
         self.llm.init_weight_transfer_engine({"init_info": init_info})
 
     def start_weight_update(self) -> None:
         self.llm.start_weight_update()
+        self._updating = True
 
     def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
         self.llm.update_weights({"update_info": update_info})
 
-    def finish_weight_update(self, weight_version: str | int | None = None) -> None:
+    def finish_weight_update(self, weight_version: str | int | None = None,
+                             checksums: Sequence[int | None] | None = None) -> None:
         self.llm.finish_weight_update()
+        self._updating = False
         self._reset_prefix_cache()
+        if checksums is not None:
+            for worker in self._received_updates():
+                check_received(worker, checksums)
         if weight_version is not None:
             self.update_weight_version(weight_version)
+
+    def _received_updates(self) -> list[ReceivedUpdate]:
+        return [ReceivedUpdate(r["checksums"], r["loaded"], r["buckets"])
+                for r in self.llm.collective_rpc("personadual_received_update")]
+
+    def loaded_tensors(self) -> list[str]:
+        """What worker 0 loaded in the last update (every worker receives the full tensors)."""
+        return self._received_updates()[0].loaded
 
     def shutdown_weight_transfer_engine(self) -> None:
         self.llm.shutdown_weight_transfer_engine()

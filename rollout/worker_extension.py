@@ -37,6 +37,15 @@ class RolloutWorkerExtension:
         repack_cpu_lm_head(self.model_runner.get_model())
         return len(named)
 
+    def personadual_received_update(self) -> dict[str, Any]:
+        """The last transfer-engine update as this worker received it: each bucket's checksum
+        and tensor names, and the tensors it loaded."""
+        received = getattr(self.weight_transfer_engine, "received", None)
+        if received is None:
+            return {"checksums": [], "buckets": [], "loaded": []}
+        return {"checksums": list(received.checksums), "buckets": [list(b) for b in received.buckets],
+                "loaded": list(received.loaded)}
+
     def personadual_worker_info(self) -> dict[str, Any]:
         """Where this worker runs; the weight-sync group sizes itself from these."""
         parallel = self.vllm_config.parallel_config

@@ -45,14 +45,17 @@ def test_fault_log_stops_at_the_limit_and_a_completed_step_resets_the_count():
     faults = FaultLog(max_consecutive=2)
     faults.failure("rollout engine 0", RuntimeError("gone"))
     faults.restarted("rollout", 1.5)
+    faults.event("generate_timeouts")
     assert faults.step_done() == {"faults/rollout_restarts": 1, "faults/reward_restarts": 0,
+                                  "faults/generate_timeouts": 1, "faults/sync_deaths": 0,
                                   "faults/recovery_s": 1.5}
     faults.failure("reward worker 0", RuntimeError("gone"))  # one in a row again: goes on
     faults.restarted("reward", 0.5)
     with pytest.raises(RunStopped, match=r"reward worker 1 failed \(RuntimeError: again\), 2 failures in a row "
                                          r"\(run.max_consecutive_failures=2\)"):
         faults.failure("reward worker 1", RuntimeError("again\nsecond line"))
-    assert faults.totals() == {"rollout_restarts": 1, "reward_restarts": 1, "recovery_s": 2.0}
+    assert faults.totals() == {"rollout_restarts": 1, "reward_restarts": 1, "generate_timeouts": 1,
+                               "sync_deaths": 0, "recovery_s": 2.0}
 
 
 def _pid(engine) -> int:
