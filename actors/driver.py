@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from actors.config import ConfigError, section, to_container
 from actors.console import StageProgress
-from actors.step_metrics import RunClock, duration, eval_line, rollout_metrics, sample_row
+from actors.step_metrics import RunClock, duration, eval_line, mode_prob_name, rollout_metrics, sample_row
 from actors.learner_group import LearnerGroup, LearnerRankDied
 from actors.placement import Placement, check_fits, cluster_shape, plan_groups
 from actors.reward_pool import RewardPool
@@ -418,7 +418,7 @@ class Driver:
         generated = sum(len(s.rollout.response_token_ids) for s in scored)
         perf = {"tokens_per_s": generated / max(times["generate"], 1e-9),
                 "train_tokens_per_s": float(learner_metrics.get("tokens", 0.0)) / max(times["train"], 1e-9)}
-        mode_probs = {f"token_prob{key[len('mode_token_prob'):].replace('/', '_')}": learner_metrics[key]
+        mode_probs = {mode_prob_name(key): learner_metrics[key]
                       for key in learner_metrics if key.startswith("mode_token_prob")}
         return {"stage": "rl", **rollout_metrics(scored), **{f"mode/{k}": v for k, v in mode_probs.items()},
                 "reward_counts": counts, "learner": learner_metrics, "sync": sync, "timing_s": times, "perf": perf,

@@ -68,6 +68,14 @@ def rollout_metrics(scored: list[Scored]) -> dict[str, Any]:
     return metrics
 
 
+def mode_prob_name(learner_key: str) -> str:
+    """The ``mode/*`` name of a learner's ``mode_token_prob[/SETTING][/MODE]`` metric:
+    ``token_prob``, ``token_prob_general``, ``aligned/token_prob_personalized``."""
+    parts = learner_key.split("/")[1:]
+    mode = f"_{parts[-1]}" if parts else ""
+    return "/".join([*parts[:-1], f"token_prob{mode}"])
+
+
 def sample_row(item: Scored) -> dict[str, Any]:
     """A sample table row: what was asked, under which persona, what came back, and its score."""
     prompt = item.rollout.prompt

@@ -16,6 +16,7 @@ import torch
 
 from personadual.advantage import batch_advantages, token_advantages
 from personadual.estimators import NO_MODE
+from personadual.evaluation import EVAL_SETTINGS, setting_of
 from personadual.modes import Mode
 from personadual.records import Scored
 
@@ -47,6 +48,7 @@ class PolicySample:
     # first response token (the mode token) was forced rather than sampled.
     engine_logprobs: list[float] = field(default_factory=list)
     forced: bool = False
+    setting: int = -1  # index in personadual.evaluation.EVAL_SETTINGS of the prompt's setting; -1: unknown
 
     def __post_init__(self) -> None:
         if self.engine_logprobs and len(self.engine_logprobs) != len(self.response_token_ids):
@@ -96,7 +98,7 @@ def build_policy_batch(scored: Sequence[Scored], *, advantage: str = "dual", sca
     advantages = batch_advantages(advantage, rewards, modes, groups, scale=scale)
     samples = [PolicySample(list(s.rollout.prompt_token_ids), list(s.rollout.response_token_ids),
                             float(a), int(m), float(s.reward), engine_logprobs=list(s.rollout.response_logprobs),
-                            forced=bool(s.rollout.forced))
+                            forced=bool(s.rollout.forced), setting=EVAL_SETTINGS.index(setting_of(s.rollout.prompt)))
                for s, a, m in zip(kept, advantages.tolist(), modes.tolist())]
     stats: dict[str, float] = {"samples": float(len(samples)), "dropped": float(len(scored) - len(kept)),
                                "reward/mean": float(rewards.mean()),

@@ -38,6 +38,7 @@ from learner.config import LearnerConfig, OptimConfig
 from learner.losses import (MismatchSums, logprob_mismatch, policy_loss, rollout_correction_weights, sft_loss,
                             token_entropy, token_logprobs)
 from personadual.algo_config import AlgoConfig
+from personadual.evaluation import EVAL_SETTINGS
 from personadual.fault_hooks import fault_point
 from personadual.modes import Mode
 
@@ -319,7 +320,9 @@ class Learner:
         sums = {key: torch.zeros((), dtype=torch.float64, device=self.device) for key in
                 ("loss", "pg", "kl", "clipped", "ratio", "tokens", "entropy", "padded", "correction", "corrected",
                  "sampled")}
-        mode_prob = torch.zeros(2, 2, dtype=torch.float64, device=self.device)  # [mode] -> (sum, count)
+        # [setting, mode] -> (sum, count) of the mode token's probability; the last setting row
+        # collects samples of unknown setting, so rows summed give the whole batch's.
+        mode_prob = torch.zeros(len(EVAL_SETTINGS) + 1, 2, 2, dtype=torch.float64, device=self.device)
 
         mismatch = torch.zeros(4, 3, dtype=torch.float64, device=self.device)  # abs sum, count, max, over
 
@@ -354,10 +357,10 @@ class Learner:
             if mb.indices:
                 first = _first_response_logprob(logprobs, mb).exp().double()
                 for row, index in enumerate(mb.indices):
-                    mode = samples[index].mode
+                    mode, setting = samples[index].mode, samples[index].setting
                     if mode >= 0:
-                        mode_prob[mode, 0] += first[row]
-                        mode_prob[mode, 1] += 1
+                        mode_prob[setting, mode, 0] += first[row]
+                        mode_prob[setting, mode, 1] += 1
 
         single_pass = algo.ppo_epochs == 1 and algo.mini_batches == 1
         old_start = time.perf_counter()
@@ -425,8 +428,10 @@ class Learner:
         reduced = distributed.all_reduce(torch.cat([torch.stack([sums[k] for k in keys]), mode_prob.flatten(),
                                                     mismatch[[0, 1, 3]].flatten()]))
         values = dict(zip(keys, reduced[:len(keys)].tolist()))
-        prob = reduced[len(keys):len(keys) + 4].view(2, 2).tolist()
-        mismatch_sums = reduced[len(keys) + 4:].view(3, 3).tolist()
+        prob_cells = mode_prob.numel()
+        per_setting = reduced[len(keys):len(keys) + prob_cells].view_as(mode_prob)
+        prob = per_setting.sum(0).tolist()
+        mismatch_sums = reduced[len(keys) + prob_cells:].view(3, 3).tolist()
         mismatch_max = distributed.all_reduce(mismatch[2].clone(), dist.ReduceOp.MAX).tolist()
         updates = algo.updates_per_step
         tokens = max(values["tokens"], 1.0)
@@ -457,6 +462,10 @@ class Learner:
         for mode in Mode:
             if prob[mode][1]:
                 metrics[f"mode_token_prob/{mode.name.lower()}"] = prob[mode][0] / prob[mode][1]
+            for setting, name in enumerate(EVAL_SETTINGS):  # which mode each persona setting leans to
+                total, count = per_setting[setting, mode].tolist()
+                if count:
+                    metrics[f"mode_token_prob/{name}/{mode.name.lower()}"] = total / count
         metrics.update(_mismatch_metrics(MismatchSums(*(torch.tensor(v) for v in mismatch_sums[:2]),
                                                       torch.tensor(mismatch_max), torch.tensor(mismatch_sums[2]))))
         if algo.correction != "none" and values["sampled"]:

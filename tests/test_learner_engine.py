@@ -95,6 +95,10 @@ def test_positive_advantage_gains_probability_and_negative_loses(tiny_model_dir,
         assert metrics["ratio_mean"] == pytest.approx(1.0) and metrics["kl"] == pytest.approx(0.0, abs=1e-9)
         assert metrics["reward/general"] == 0.5 and metrics["tokens"] == len(good) + len(bad)
         assert 0 < metrics["mode_token_prob/general"] < 1 and metrics["grad_norm"] > 0
+        # Both samples are no-persona prompts: that setting's probability is the whole batch's,
+        # and no other setting reports one.
+        assert metrics["mode_token_prob/no_persona/general"] == metrics["mode_token_prob/general"]
+        assert not [k for k in metrics if k.startswith(("mode_token_prob/aligned", "mode_token_prob/unaligned"))]
         assert metrics["time/reference"] > 0 and metrics["time/train"] > 0
     finally:
         learner.close()

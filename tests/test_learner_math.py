@@ -18,9 +18,10 @@ from learner.config import LearnerConfig, LearnerConfigError, OptimConfig
 from learner.engine import forward_logits, lr_lambda
 from learner.losses import k3_kl, policy_loss, sft_loss, token_logprobs
 from personadual.advantage import batch_advantages
+from personadual.evaluation import EVAL_SETTINGS
 from personadual.modes import Mode
 from personadual.records import Scored
-from tests.helpers import make_scored
+from tests.helpers import make_prompt, make_scored
 
 
 # ---- the DualGRPO loss by hand --------------------------------------------------------------
@@ -206,6 +207,14 @@ def test_policy_batch_groups_by_prompt_id_and_leaves_dropped_samples_out():
     assert [s.advantage for s in shuffled.samples] == pytest.approx([expected[i].item() for i in order])
     with pytest.raises(ValueError, match="dropped"):
         build_policy_batch([items[-1]])
+
+
+def test_policy_samples_carry_their_prompts_persona_setting_for_the_per_setting_mode_metrics():
+    prompts = [make_prompt("n"), make_prompt("u", setting="unaligned", persona="p"),
+               make_prompt("a", setting="aligned", persona="p"),
+               make_prompt("q", setting="aligned", task_type="personalized", persona="p")]
+    batch = build_policy_batch([make_scored(p, Mode.GENERAL, 1.0) for p in prompts])
+    assert [EVAL_SETTINGS[s.setting] for s in batch.samples] == ["no_persona", "unaligned", "aligned", "personalized"]
 
 
 def test_shards_partition_the_batch_balanced_by_tokens():
