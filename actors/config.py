@@ -172,7 +172,8 @@ def _validate(cfg: DictConfig) -> None:
     kinds = cfg.data.world_sft_aligned_kinds
     if kinds is not None and not 0 <= kinds <= len(KINDS):
         raise ConfigError(f"data.world_sft_aligned_kinds: must be null or 0..{len(KINDS)}, got {kinds!r}")
-    if cfg.data.source == "files" and not cfg.data.train_files:
+    rl_stage = cfg.algo.steps > 0 or cfg.algo.epochs > 0
+    if cfg.data.source == "files" and rl_stage and not cfg.data.train_files:
         raise ConfigError("data.train_files: data.source=files needs at least one training file")
     if cfg.data.source == "files":
         for key in ("train_files", "eval_files", "sft_files"):
@@ -185,6 +186,30 @@ def _one_line(error: OmegaConfBaseException) -> str:
     key = getattr(error, "full_key", None) or ""
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return f"{key}: {message}" if key else message
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    if not isinstance(node, dict):
+        return [prefix]
+    keys = []
+    for name, child in node.items():
+        keys.extend(_dotted_keys(child, f"{prefix}.{name}" if prefix else str(name)))
+    return keys
+
+
+def _check_required(from_file: Any, overrides: list[str] | tuple[str, ...]) -> None:
+    """A config file marks what only the user can supply (a model path, data files) as ``???``;
+    the first one the overrides leave unset is a one-line error naming the key. Checked on the
+    file and overrides alone: merged onto the schema's defaults, ``???`` would silently keep
+    the default (``model.path: null`` builds the tiny model)."""
+    given = OmegaConf.merge(from_file, OmegaConf.from_dotlist(list(overrides)))
+    unset = OmegaConf.missing_keys(given)
+    # In the file's order, so the first named is the first a reader of the file meets.
+    missing = [key for key in _dotted_keys(OmegaConf.to_container(given)) if key in unset]
+    if missing:
+        more = f" (also unset: {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise ConfigError(f"{missing[0]}: required, set it on the command line "
+                          f"({missing[0]}=...){more}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -201,6 +226,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         cfg = OmegaConf.merge(schema, from_file, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as error:
         raise ConfigError(f"config {_one_line(error)}") from None
+    _check_required(from_file, overrides)
     _validate(cfg)
     try:  # each room's dataclass checks its own values (on construction or validate()), naming the key
         experiment = OmegaConf.to_object(cfg)

@@ -103,5 +103,9 @@ def test_every_shipped_config_loads(tmp_path):
     paths = sorted((ROOT / "configs").glob("*.yaml"))
     assert {p.name for p in paths} >= {"default.yaml", "smoke.yaml", "qwen3_8b_sft.yaml", "qwen3_8b_dualgrpo.yaml"}
     for path in paths:
-        needs_files = OmegaConf.load(path).get("data", {}).get("source") == "files"
-        load_config(path, [f"data.train_files=[{data}]"] if needs_files else [])
+        from_file = OmegaConf.load(path)
+        needs_files = from_file.get("data", {}).get("source") == "files"
+        # What a config marks required (`???`) is given as the user would: a folder or files.
+        required = [f"{key}=[{data}]" if key.startswith("data.") else f"{key}={tmp_path}"
+                    for key in sorted(OmegaConf.missing_keys(from_file))]
+        load_config(path, ([f"data.train_files=[{data}]"] if needs_files else []) + required)
