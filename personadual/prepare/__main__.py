@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             from personadual.prepare.data import prepare_data
             from personadual.prepare.recipe import load_recipe
 
+            if args.no_progress:
+                import datasets
+
+                datasets.disable_progress_bars()
             recipe = load_recipe(args.recipe, args.overrides)
             manifests = prepare_data(recipe, teacher_scorer(recipe.reward, recipe.cache) if recipe.sft else None,
                                      progress=not args.no_progress)
