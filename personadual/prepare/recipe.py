@@ -54,6 +54,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             raise DataError(f"{path}: {unset[0]}: required, set it in the recipe or as {unset[0]}=...")
         merged = OmegaConf.merge(OmegaConf.structured(RecipeConfig), given)
         recipe: RecipeConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except DataError:
+        raise
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
