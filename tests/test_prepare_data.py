@@ -190,3 +190,24 @@ def test_bad_rows_and_missing_settings_exit_2_with_one_line(server, tmp_path):
         assert result.returncode == 2, (name, result.stderr[-2000:])
         line = result.stderr.strip()
         assert len(line.splitlines()) == 1 and all(n in line for n in needles), (name, line)
+
+
+def test_a_teacher_failing_for_good_exits_3_and_the_rerun_continues_from_the_cache(server, tmp_path):
+    server.reset()
+    script_server(server)
+    server.reset()  # rules in order: personalized mode fails with 500s, the rest answers
+    server.when(PERSONAL_MARK, *[Reply.error(500)] * MANY)
+    server.when(GENERAL_MARK, *[Reply.garbage("Recalling the facts. Answer: A")] * MANY)
+    server.when(PERSONA_MARK, *[Reply.garbage("A clinician who reads trial reports daily.")] * MANY)
+    failed = prepare(tmp_path / "data", server, "teacher.max_retries=0")
+    assert failed.returncode == 3, failed.stderr[-2000:]
+    line = failed.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: teacher:") and "run the command again" in line
+    cached = len((tmp_path / "data" / "cache" / "teacher_calls.jsonl").read_text().splitlines())
+    server.reset()
+    script_server(server)
+    result = prepare(tmp_path / "data", server)
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((tmp_path / "data" / "teacher.manifest.json").read_text())
+    assert manifest["endpoint"]["teacher"]["cache_hits"] == cached > 0
+    assert len(server.requests_for(GENERAL_MARK)) + len(server.requests_for(PERSONAL_MARK)) == manifest["rows"] - cached

@@ -39,6 +39,7 @@ def teacher_scorer(reward: object, cache_dir: object):
     judge verdicts are cached on disk with the other endpoint calls unless the recipe says
     where."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from rewards.config import RewardConfig
     from rewards.scorer import BatchScorer
@@ -47,13 +48,14 @@ def teacher_scorer(reward: object, cache_dir: object):
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RewardConfig), reward))
         if config.judge.cache_path is None:
             config.judge.cache_path = str(Path(str(cache_dir)) / "judge_verdicts.jsonl")
-    except Exception as error:  # omegaconf's own errors name the key
-        raise DataError(f"reward: {(str(error).splitlines() or ['invalid'])[0]}") from None
-    scorer = BatchScorer(config)
+        scorer = BatchScorer(config)
+    except (OmegaConfBaseException, ValueError) as error:  # each names its key
+        key = getattr(error, "full_key", None)
+        raise DataError(f"reward.{key + ': ' if key else ' '}{(str(error).splitlines() or ['invalid'])[0]}") from None
 
     def score(items):
-        outcomes, _ = scorer.score_texts(list(items))
-        return [bool(o.correct) and o.status != "dropped" for o in outcomes]
+        outcomes, counts = scorer.score_texts(list(items))
+        return [bool(o.correct) and o.status != "dropped" for o in outcomes], counts
 
     return score
 
@@ -84,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except Exception as error:
         from personadual.benchmarks.personas import AlignedPersonaError
+        from personadual.prepare.calls import EndpointError
+        from rewards.config import RewardConfigError
         from rewards.judge import JudgeError
 
-        from rewards.config import RewardConfigError
-
-        if isinstance(error, RewardConfigError):
+        if isinstance(error, RewardConfigError):  # the judge's key variable, checked at first use
             print(f"error: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        if not isinstance(error, (AlignedPersonaError, JudgeError)):
+        if not isinstance(error, (AlignedPersonaError, EndpointError, JudgeError)):
             raise
         # An endpoint that failed for good: what it answered is cached, a re-run continues.
         print(f"error: {error}; finished calls are cached, run the command again to continue",

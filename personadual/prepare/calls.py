@@ -46,6 +46,10 @@ class ChatRequest:
         return [{"role": role, "content": content} for role, content in self.messages]
 
 
+class EndpointError(RuntimeError):
+    """An endpoint call that failed after the client's retries; one line naming the endpoint."""
+
+
 @dataclass
 class CallStats:
     requests: int = 0  # calls sent to the endpoint
@@ -101,7 +105,7 @@ class CachedChat:
                 max_tokens=self.config.max_tokens, seed=request.seed)
         except openai.OpenAIError as error:
             first = (str(error).strip().splitlines() or ["no message"])[0]
-            raise DataError(f"{self.name}: {self.config.model} at {self.config.base_url}: "
+            raise EndpointError(f"{self.name}: {self.config.model} at {self.config.base_url}: "
                             f"{type(error).__name__}: {first}") from None
         finally:
             with self._lock:

@@ -73,9 +73,11 @@ def prepare_data(recipe: RecipeConfig, score: Score | None, *, progress: bool = 
             raise ValueError("prepare_data: the SFT set needs a scorer for the teacher's trajectories")
         prompts = prep.prompts(recipe.sft)
         chat = CachedChat(recipe.teacher, recipe.cache / "teacher_calls.jsonl", name="teacher")
-        rows = teacher_rows(prompts, chat, score, samples_per_mode=recipe.samples_per_mode, progress=progress)
+        rows, scoring = teacher_rows(prompts, chat, score, samples_per_mode=recipe.samples_per_mode,
+                                     progress=progress)
         teacher_counts = {"by_mode": dict(Counter(r.mode.name.lower() for r in rows)),
-                          "correct_by_mode": dict(Counter(r.mode.name.lower() for r in rows if r.correct))}
+                          "correct_by_mode": dict(Counter(r.mode.name.lower() for r in rows if r.correct)),
+                          "scoring": {k: v for k, v in sorted(scoring.items()) if v}}
         manifests["teacher"] = _write(out, "teacher", [_teacher_dict(r) for r in rows], teacher_counts, {},
                                       recipe.sft, endpoint={"teacher": chat.stats.as_dict()})
         stats: dict[str, int] = {}

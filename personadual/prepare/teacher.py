@@ -27,7 +27,9 @@ MODE_INSTRUCTIONS = {
                        "you about them where it helps. " + ANSWER_LINE,
 }
 
-Score = Callable[[Sequence[tuple[Prompt, str]]], list[bool]]
+# (prompt, response) pairs -> whether each is correct, and the scorers' counts (judge requests,
+# fallbacks, failures by kind...) for the manifest.
+Score = Callable[[Sequence[tuple[Prompt, str]]], tuple[list[bool], dict[str, int]]]
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,13 @@ def plan_asks(prompts: Sequence[Prompt], samples_per_mode: int) -> list[TeacherA
 
 
 def teacher_rows(prompts: Sequence[Prompt], chat: CachedChat, score: Score, *,
-                 samples_per_mode: int = 1, progress: bool = True) -> list[TeacherRow]:
-    """Scored teacher trajectories, in prompt, mode, sample order (empty replies count as wrong)."""
+                 samples_per_mode: int = 1, progress: bool = True) -> tuple[list[TeacherRow], dict[str, int]]:
+    """Scored teacher trajectories, in prompt, mode, sample order (empty replies count as
+    wrong), and the scorers' counts."""
     asks = plan_asks(prompts, samples_per_mode)
     replies = chat.replies([a.request() for a in asks], progress=progress)
     responses = [f"{ask.mode.token} {reply}" for ask, reply in zip(asks, replies)]
-    correct = score([(ask.prompt, response) for ask, response in zip(asks, responses)])
+    correct, counts = score([(ask.prompt, response) for ask, response in zip(asks, responses)])
     return [TeacherRow(ask.prompt.question.strip(), ask.prompt.persona, ask.mode, response,
                        bool(ok) and bool(reply.strip()), ask.prompt.id)
-            for ask, reply, response, ok in zip(asks, replies, responses, correct)]
+            for ask, reply, response, ok in zip(asks, replies, responses, correct)], counts
