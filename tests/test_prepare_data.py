@@ -43,7 +43,9 @@ def script_server(server: JudgeServer, *, teacher_delay_s: float = 0.0) -> None:
 
 
 def prepare(out: Path, server: JudgeServer, *extra: str, wait: bool = True):
-    command = [sys.executable, "-m", "personadual.prepare", "data", "--recipe", str(RECIPE), "--no-progress",
+    flags = [arg for arg in extra if arg.startswith("--")]
+    extra = tuple(arg for arg in extra if not arg.startswith("--"))
+    command = [sys.executable, "-m", "personadual.prepare", "data", "--recipe", str(RECIPE), "--no-progress", *flags,
                f"out_dir={out}", f"teacher.base_url={server.base_url}",
                f"persona_writer.base_url={server.base_url}", f"reward.judge.base_url={server.base_url}",
                "teacher.concurrency=1", *extra]
@@ -211,3 +213,16 @@ def test_a_teacher_failing_for_good_exits_3_and_the_rerun_continues_from_the_cac
     manifest = json.loads((tmp_path / "data" / "teacher.manifest.json").read_text())
     assert manifest["endpoint"]["teacher"]["cache_hits"] == cached > 0
     assert len(server.requests_for(GENERAL_MARK)) + len(server.requests_for(PERSONAL_MARK)) == manifest["rows"] - cached
+
+
+def test_with_skip_invalid_a_bad_row_is_skipped_and_counted_in_the_manifest(server, tmp_path):
+    broken = tmp_path / "triviaqa.jsonl"
+    source = rows(ROOT / "tests/fixtures/benchmarks/triviaqa_rc_nocontext.jsonl")
+    source[1]["question"] = ""
+    broken.write_text("".join(json.dumps(r) + "\n" for r in source))
+    result = prepare(tmp_path / "data", server, "--skip-invalid", f"eval=[{{name: triviaqa, source: {broken}}}]",
+                     "sft=[]", "rl=[]")
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((tmp_path / "data" / "eval.manifest.json").read_text())
+    assert manifest["rows"] == len(source) - 1
+    assert manifest["dropped"] == {"invalid row: 'question' must be a non-empty string": 1}

@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data = commands.add_parser("data", help="write a run's SFT, RL and eval files from a recipe")
     data.add_argument("--recipe", required=True, help="recipe YAML (configs/recipe_tiny.yaml, recipe_paper.yaml)")
     data.add_argument("--no-progress", action="store_true", help="no progress bars")
+    data.add_argument("--skip-invalid", action="store_true",
+                      help="skip and count invalid rows of objective datasets instead of exiting 2")
     data.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. out_dir=/data/run1")
     return parser.parse_args(argv)
 
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 import datasets
 
                 datasets.disable_progress_bars()
-            recipe = load_recipe(args.recipe, args.overrides)
+            recipe = load_recipe(args.recipe, [*args.overrides, *(["skip_invalid=true"] if args.skip_invalid else [])])
             manifests = prepare_data(recipe, teacher_scorer(recipe.reward, recipe.cache) if recipe.sft else None,
                                      progress=not args.no_progress)
             for manifest in manifests.values():

@@ -47,14 +47,14 @@ class Preparation:
         writer = replace(recipe.persona_writer, cache_path=str(recipe.cache / "aligned_personas.jsonl"))
         self.writer = AlignedPersonaGenerator(writer) if "aligned" in settings else None
 
-    def prompts(self, configs: Sequence[BenchmarkConfig]) -> list[Prompt]:
+    def prompts(self, configs: Sequence[BenchmarkConfig], skipped: Counter[str]) -> list[Prompt]:
         prompts: list[Prompt] = []
         for config in configs:
             prompts.extend(load_benchmark(
                 config.name, config.source, split=config.split, subset=config.subset, limit=config.limit,
                 persona_settings=config.persona_settings, persona_assignment=config.persona_assignment,
                 scorer=config.scorer, personas=self.pool, aligned=self.writer, seed=config.seed,
-                cache_dir=self.recipe.hub_cache_dir))
+                cache_dir=self.recipe.hub_cache_dir, skipped=skipped if self.recipe.skip_invalid else None))
         return prompts
 
 
@@ -66,12 +66,15 @@ def prepare_data(recipe: RecipeConfig, score: Score | None, *, progress: bool = 
     manifests: dict[str, dict[str, Any]] = {}
     for name, configs in (("rl", recipe.rl), ("eval", recipe.eval)):
         if configs:
-            prompts = prep.prompts(configs)
-            manifests[name] = _write(out, name, [p.to_dict() for p in prompts], _counts(prompts), {}, configs)
+            skipped: Counter[str] = Counter()
+            prompts = prep.prompts(configs, skipped)
+            manifests[name] = _write(out, name, [p.to_dict() for p in prompts], _counts(prompts), dict(skipped),
+                                     configs)
     if recipe.sft:
         if score is None:
             raise ValueError("prepare_data: the SFT set needs a scorer for the teacher's trajectories")
-        prompts = prep.prompts(recipe.sft)
+        skipped = Counter()
+        prompts = prep.prompts(recipe.sft, skipped)
         chat = CachedChat(recipe.teacher, recipe.cache / "teacher_calls.jsonl", name="teacher")
         rows, scoring = teacher_rows(prompts, chat, score, samples_per_mode=recipe.samples_per_mode,
                                      progress=progress)
@@ -85,7 +88,7 @@ def prepare_data(recipe: RecipeConfig, score: Score | None, *, progress: bool = 
         counts = _counts([p for p, _ in selected])
         counts["by_mode"] = {"personalized": stats["personalized"], "general": stats["general"]}
         manifests["sft"] = _write(out, "sft", [{"prompt": p.to_dict(), "response": r} for p, r in selected],
-                                  counts, {"no_correct_teacher_trajectory": stats["dropped"]}, recipe.sft,
+                                  counts, {"no_correct_teacher_trajectory": stats["dropped"], **skipped}, recipe.sft,
                                   endpoint={"teacher": chat.stats.as_dict()})
     if prep.writer is not None:
         for manifest in manifests.values():
