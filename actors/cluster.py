@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -32,7 +33,8 @@ def connect(num_cpus: int | None = None, *, address: str | None = None,
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": env}
     if address:
-        context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=True,
+                           logging_level=logging.WARNING)
     else:
         context = ray.init(
             # "local": a cluster of our own. Left out, Ray joins the last `ray start`ed cluster
@@ -43,6 +45,7 @@ def connect(num_cpus: int | None = None, *, address: str | None = None,
             _node_ip_address=LOOPBACK,
             runtime_env=runtime_env,
             log_to_driver=True,
+            logging_level=logging.WARNING,  # Ray's own start-up lines; warnings still show
         )
         exposed = sorted({node["NodeManagerAddress"] for node in ray.nodes()} - {LOOPBACK})
         if exposed:

@@ -2,7 +2,13 @@
 
 ``load_config`` merges the schema's defaults, a YAML file and command-line dotlist
 overrides, and turns every unknown or ill-typed key into a one-line ``ConfigError``
-naming the key, which ``launch.py`` reports with exit code 2.
+naming the key, which ``launch.py`` reports with exit code 2. A key that moved to another
+section names its new home (``learner.kl_coef: moved to algo.kl_coef``).
+
+One home per thing (docs/ARCHITECTURE.md, "The config map"): the objective is ``algo``'s;
+each role's count, CPUs/GPUs and extra Ray resources are its own section's (``learner``,
+``rollout``, ``reward``); ``cluster`` holds only what concerns the whole cluster. Seeds left
+null (``data.world_seed``, ``learner.seed``, ``rollout.sampling.seed``) are ``run.seed``.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from learner.config import LearnerConfig
-from personadual.advantage import ADVANTAGE_KINDS
+from personadual.algo_config import AlgoConfig
 from personadual.world import KINDS
 from rewards.config import RewardConfig
 from rollout.config import RolloutConfig
@@ -33,12 +39,24 @@ class RunSection:
     out_dir: str = "runs"
     seed: int = 0
     save_every: int = 0  # RL steps between checkpoints; 0: only the final one
+    keep_last: int = 0  # RL checkpoints kept (oldest deleted first); 0: all
+    hf_export: bool = False  # also write each RL checkpoint's policy as an HF folder (checkpoints/*/hf)
     eval_every: int = 0  # RL steps between free-mode evals; 0: only after SFT and at the end
-    wandb_mode: str = "offline"  # offline | online | disabled
-    wandb_project: str = "personadual"
+    log_samples_every: int = 5  # RL steps between training-rollout sample tables; 0: never
+    samples_per_log: int = 8  # rollouts in each of those tables
     # Rollout engines and reward workers that die are replaced; this many failures in a row
     # (no step completing in between) stop the run after a checkpoint (actors/supervision.py).
     max_consecutive_failures: int = 3
+
+
+@dataclass
+class WandbSection:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "personadual"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    name: Optional[str] = None  # default: the run folder's name
 
 
 @dataclass
@@ -50,7 +68,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     source: str = "world"  # world | files
-    world_seed: int = 0
+    world_seed: Optional[int] = None  # the synthetic world's questions and personas; null: run.seed
     # How many of the world's kinds have their aligned-persona questions demonstrated in SFT
     # (the others' are RL prompts only, so RL has a mode choice left to learn); null: all.
     world_sft_aligned_kinds: Optional[int] = 3
@@ -74,22 +92,6 @@ class SftSection:
 
 
 @dataclass
-class AlgoSection:
-    steps: int = 20  # 0 with epochs > 0: as many steps as `epochs` passes over the prompts take
-    epochs: float = 0.0
-    prompts_per_step: int = 16
-    n_per_mode: int = 4  # forced-prefix: n per mode (2n per prompt); free mode: 2n per prompt
-    forced_prefix: bool = True
-    advantage: str = "dual"  # dual | grpo | dual_released
-    scale: str = "none"  # none | group_std
-    beta: float = 2.0  # weight of the mode-prefix token's advantage
-    prefix_tokens: int = 1
-    kl_coef: float = 0.04
-    clip_range: float = 0.2
-    max_staleness: int = 0  # RL steps a rollout's weights may lag the learner (0 or 1)
-
-
-@dataclass
 class EvalSection:
     at_start: bool = True  # evaluate the SFT checkpoint before RL
     greedy: bool = True
@@ -100,29 +102,23 @@ class EvalSection:
 
 @dataclass
 class ClusterSection:
+    """The whole cluster; each role's count and resources are in its own section."""
+
     num_cpus: Optional[int] = None  # local Ray only; None: what the machine has
-    reward_workers: int = 1
-    reward_cpus: float = 0.1
-    learner_cpus: float = 1.0
-    learner_gpus: float = 0.0
     # Placement groups (actors/placement.py): one for the learner ranks, one per rollout
     # engine, one for the reward workers, each placed with this strategy.
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     placement_timeout_s: float = 300.0  # a group not placed by then fails the run, naming it
-    # Extra Ray resources every bundle of a role asks for, e.g. {node_b: 1} (a custom resource
-    # of one node, `ray start --resources`) or {"node:10.0.0.7": 0.01}: pins a role to nodes.
-    learner_resources: dict[str, float] = field(default_factory=dict)
-    rollout_resources: dict[str, float] = field(default_factory=dict)
-    reward_resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class ExperimentConfig:
     run: RunSection = field(default_factory=RunSection)
+    wandb: WandbSection = field(default_factory=WandbSection)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     sft: SftSection = field(default_factory=SftSection)
-    algo: AlgoSection = field(default_factory=AlgoSection)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
     eval: EvalSection = field(default_factory=EvalSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -131,21 +127,49 @@ class ExperimentConfig:
 
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
-    "run.wandb_mode": ("offline", "online", "disabled"),
+    "wandb.mode": ("offline", "online", "disabled"),
     "data.source": ("world", "files"),
-    "algo.advantage": ADVANTAGE_KINDS,
-    "algo.scale": ("none", "group_std"),
-    "algo.max_staleness": (0, 1),
     "rollout.engine": ("vllm", "hf"),
     "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
-_POSITIVE = ("sft.batch_size", "algo.prompts_per_step", "algo.n_per_mode", "cluster.reward_workers",
-             "run.max_consecutive_failures")
-# A placement bundle may not be empty: each role's CPUs stay above zero.
-_POSITIVE_FLOATS = ("cluster.learner_cpus", "cluster.reward_cpus", "cluster.placement_timeout_s")
-_RESOURCE_DICTS = ("cluster.learner_resources", "cluster.rollout_resources", "cluster.reward_resources")
-_NON_NEGATIVE = ("sft.steps", "algo.steps", "sft.epochs", "algo.epochs", "run.save_every", "run.eval_every",
-                 "algo.kl_coef")
+_POSITIVE = ("sft.batch_size", "run.max_consecutive_failures", "cluster.placement_timeout_s")
+_NON_NEGATIVE = ("sft.steps", "sft.epochs", "run.save_every", "run.eval_every", "run.keep_last",
+                 "run.log_samples_every", "run.samples_per_log")
+# Each role's extra Ray resources, and the keys that hold its CPUs and GPUs instead.
+_RESOURCE_DICTS = {"learner.resources": "learner.num_cpus_per_rank, learner.num_gpus_per_rank",
+                   "rollout.resources": "rollout.num_cpus_per_engine, rollout.num_gpus_per_engine",
+                   "reward.resources": "reward.num_cpus_per_worker"}
+# Seeds that default to run.seed.
+DERIVED_SEEDS = ("data.world_seed", "learner.seed", "rollout.sampling.seed")
+# Keys that moved: old -> new (an old key in a file or override exits 2 naming the new one).
+MOVED_KEYS = {
+    **{f"learner.{name}": f"algo.{name}" for name in
+       ("clip_range", "kl_coef", "beta", "prefix_tokens", "advantage", "ppo_epochs", "mini_batches")},
+    "learner.advantage_scale": "algo.scale",
+    "rollout.sampling.n_per_mode": "algo.n_per_mode",
+    "cluster.learner_cpus": "learner.num_cpus_per_rank",
+    "cluster.learner_gpus": "learner.num_gpus_per_rank",
+    "cluster.learner_resources": "learner.resources",
+    "cluster.rollout_resources": "rollout.resources",
+    "cluster.reward_workers": "reward.num_workers",
+    "cluster.reward_cpus": "reward.num_cpus_per_worker",
+    "cluster.reward_resources": "reward.resources",
+}
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    if not isinstance(node, dict):
+        return [prefix] if prefix else []
+    keys = [prefix] if prefix else []
+    for name, value in node.items():
+        keys += _dotted_keys(value, f"{prefix}.{name}" if prefix else str(name))
+    return keys
+
+
+def _refuse_moved_keys(config: DictConfig, where: str) -> None:
+    for key in _dotted_keys(OmegaConf.to_container(config)):
+        if key in MOVED_KEYS:
+            raise ConfigError(f"{key}: moved to {MOVED_KEYS[key]}{where}")
 
 
 def _validate(cfg: DictConfig) -> None:
@@ -159,14 +183,10 @@ def _validate(cfg: DictConfig) -> None:
     for key in _NON_NEGATIVE:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {OmegaConf.select(cfg, key)!r}")
-    for key in _POSITIVE_FLOATS:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {OmegaConf.select(cfg, key)!r}")
-    for key in _RESOURCE_DICTS:
+    for key, own_keys in _RESOURCE_DICTS.items():
         for name, amount in OmegaConf.select(cfg, key).items():
             if name in ("CPU", "GPU"):
-                raise ConfigError(f"{key}.{name}: CPUs and GPUs have their own keys (cluster.*_cpus, "
-                                  f"cluster.learner_gpus, rollout.num_*_per_engine)")
+                raise ConfigError(f"{key}.{name}: CPUs and GPUs have their own keys ({own_keys})")
             if amount <= 0:
                 raise ConfigError(f"{key}.{name}: must be > 0, got {amount!r}")
     kinds = cfg.data.world_sft_aligned_kinds
@@ -185,24 +205,61 @@ def _validate(cfg: DictConfig) -> None:
 def _one_line(error: OmegaConfBaseException) -> str:
     key = getattr(error, "full_key", None) or ""
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "is not a ListConfig" in message:  # OmegaConf's words for a scalar given to a list key
+        message = f"expected a list, e.g. {key}=[a.jsonl,b.jsonl] on the command line or [a.jsonl] in YAML"
     return f"{key}: {message}" if key else message
 
 
-def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
-    if not isinstance(node, dict):
-        return [prefix]
-    keys = []
-    for name, child in node.items():
-        keys.extend(_dotted_keys(child, f"{prefix}.{name}" if prefix else str(name)))
-    return keys
+def _yaml_error(path: Path, error: Exception) -> str:
+    """``file:line:column: problem`` for a YAML syntax error (PyYAML marks are 0-based)."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return f"{path}: {problem}"
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: {problem}"
 
 
-def _check_required(from_file: Any, overrides: list[str] | tuple[str, ...]) -> None:
+def _key_line(path: Path, dotted: str) -> int | None:
+    """The 1-based line of ``dotted`` (e.g. ``algo.steps``) in the YAML file, if it is there."""
+    import yaml
+
+    try:
+        node = yaml.compose(path.read_text())
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in dotted.replace("[", ".").replace("]", "").split("."):
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == part]
+            if not match:
+                return line
+            key_node, node = match[0]
+            line = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _merge_error(path: Path, from_file: DictConfig, error: OmegaConfBaseException) -> str:
+    """A merge error, located at its line when the bad key came from the YAML file."""
+    key = getattr(error, "full_key", None) or ""
+    message = _one_line(error)
+    if key and OmegaConf.select(from_file, key, default="__absent__") != "__absent__":
+        line = _key_line(path, key)
+        if line is not None:
+            return f"{path}:{line}: {message}"
+    return f"config {message}"
+
+
+def _check_required(from_file: DictConfig, from_argv: DictConfig) -> None:
     """A config file marks what only the user can supply (a model path, data files) as ``???``;
     the first one the overrides leave unset is a one-line error naming the key. Checked on the
     file and overrides alone: merged onto the schema's defaults, ``???`` would silently keep
     the default (``model.path: null`` builds the tiny model)."""
-    given = OmegaConf.merge(from_file, OmegaConf.from_dotlist(list(overrides)))
+    given = OmegaConf.merge(from_file, from_argv)
     unset = OmegaConf.missing_keys(given)
     # In the file's order, so the first named is the first a reader of the file meets.
     missing = [key for key in _dotted_keys(OmegaConf.to_container(given)) if key in unset]
@@ -221,16 +278,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         from_file = OmegaConf.load(path)
     except Exception as error:  # YAML syntax errors carry their own line numbers
-        raise ConfigError(f"{path}: {str(error).splitlines()[0]}") from None
+        raise ConfigError(_yaml_error(path, error)) from None
+    if not isinstance(from_file, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of config sections, got {type(from_file).__name__}")
     try:
-        cfg = OmegaConf.merge(schema, from_file, OmegaConf.from_dotlist(list(overrides)))
+        from_argv = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as error:
         raise ConfigError(f"config {_one_line(error)}") from None
-    _check_required(from_file, overrides)
+    _refuse_moved_keys(from_file, f" (in {path})")
+    _refuse_moved_keys(from_argv, "")
+    _check_required(from_file, from_argv)
+    try:
+        cfg = OmegaConf.merge(schema, from_file)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_merge_error(path, from_file, error)) from None
+    try:
+        cfg = OmegaConf.merge(cfg, from_argv)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"config {_one_line(error)}") from None
+    for key in DERIVED_SEEDS:
+        if OmegaConf.select(cfg, key) is None:
+            OmegaConf.update(cfg, key, cfg.run.seed)
     _validate(cfg)
     try:  # each room's dataclass checks its own values (on construction or validate()), naming the key
         experiment = OmegaConf.to_object(cfg)
-        for name in ("rollout", "learner", "reward"):
+        for name in ("algo", "rollout", "learner", "reward"):
             validate = getattr(getattr(experiment, name), "validate", None)
             if callable(validate):
                 validate()
@@ -240,6 +312,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(str(error).splitlines()[0]) from None
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def describe_sections() -> str:
+    """Every config section with its keys and defaults, for ``launch.py --help``."""
+    schema = OmegaConf.structured(ExperimentConfig)
+    lines = []
+    for name in schema:
+        flat = _leaves(OmegaConf.to_container(schema[name]))
+        lines.append(f"  {name}: " + ", ".join(f"{key}={value}" for key, value in flat.items()))
+    return "\n".join(lines)
+
+
+def _leaves(container: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(container, dict):
+        return {prefix: container}
+    flat: dict[str, Any] = {}
+    for key, value in container.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        flat.update(_leaves(value, name) if isinstance(value, dict) and value else {name: value})
+    return flat
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The driver loop: SFT stage -> DualGRPO stage -> eval, on Ray actors.
 
-One RL step (DESIGN.md section 2): rollout actors generate forced-prefix groups, reward
+One RL step (docs/ARCHITECTURE.md, "One RL step"): rollout actors generate forced-prefix groups, reward
 workers score each engine's rollouts as soon as that engine finishes, the learner group
 computes DualGRPO advantages and takes a step, and the new weights go to every engine.
 """
@@ -21,12 +21,14 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 
 from actors.config import ConfigError, section, to_container
+from actors.console import StageProgress
+from actors.step_metrics import RunClock, duration, eval_line, rollout_metrics, sample_row
 from actors.learner_group import LearnerGroup, LearnerRankDied
 from actors.placement import Placement, check_fits, cluster_shape, plan_groups
 from actors.reward_pool import RewardPool
 from actors.rollout_actor import create_rollout_actors, start_rollout_actor
-from actors.supervision import EngineSupervisor, FaultLog, RunStopped, one_line
-from actors.weight_sync import WeightSync, WeightSyncError
+from actors.supervision import EngineHung, EngineSupervisor, FaultLog, RunStopped, one_line
+from actors.weight_sync import SyncVerification, WeightSync, WeightSyncError
 from learner.batch import SftSample
 from personadual.data import load_run_data, resolve_model
 from personadual.evaluation import forced_mode_summary, mode_alignment, summarize
@@ -35,13 +37,16 @@ from personadual.prompts import format_question
 from personadual.records import Prompt, Rollout, Scored
 from personadual.report import method_label
 from personadual.seeds import step_seeds
-from personadual.tracking import RunTracker, read_metrics, write_json_atomic
+from personadual.tracking import RunTracker, WandbSettings, read_metrics, write_json_atomic
 from personadual.world import two_turn_cases
 from rewards.judge import JudgeError
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
+REFERENCE_DIR = "reference"  # checkpoints/reference: the frozen KL reference, written once per run
+SFT_LINE_EVERY = 10  # without a terminal, SFT steps (fast, many) print one line per ten
+PROBE_PROMPTS = 4  # the fixed batch a weight-sync check asks every engine (rollout.verify_every)
 
 
 @dataclass
@@ -88,6 +93,13 @@ class PendingGeneration:
     # Per engine index: the engine and its call, to generate again on a replacement if it dies.
     engines: dict[int, Any] = field(default_factory=dict)
     calls: dict[int, tuple[list[Prompt], dict[str, Any]]] = field(default_factory=dict)
+    started: dict[Any, float] = field(default_factory=dict)  # each ObjectRef's submission (monotonic)
+
+    def submit(self, index: int, engine: Any, chunk: list[Prompt], kwargs: dict[str, Any]) -> None:
+        ref = engine.generate.remote(chunk, **kwargs)
+        self.refs[ref] = index
+        self.started[ref] = time.monotonic()
+        self.engines[index], self.calls[index] = engine, (chunk, kwargs)
 
 
 class StaleRolloutsError(RuntimeError):
@@ -113,6 +125,15 @@ def check_staleness(step: int, versions: Sequence[int], update_versions: Sequenc
     return staleness
 
 
+def verify_tolerance(cfg: DictConfig) -> float:
+    """rollout.verify_tolerance, or its default for the run's precisions (rollout/config.py)."""
+    if cfg.rollout.verify_tolerance is not None:
+        return float(cfg.rollout.verify_tolerance)
+    learner_fp32 = cfg.learner.precision == "fp32" or (cfg.learner.precision == "auto"
+                                                        and cfg.learner.num_gpus_per_rank == 0)
+    return 0.01 if cfg.rollout.dtype == "float32" and learner_fp32 else 0.25
+
+
 def _rng_state(rng: random.Random) -> list[Any]:
     """The driver RNG's state as JSON-safe lists (checkpoints hold no pickles)."""
     version, internal, gauss = rng.getstate()
@@ -135,44 +156,6 @@ def _progress_key(record: dict[str, Any]) -> tuple[int, int]:
     return (2, record["step"])
 
 
-def zero_variance_fraction(scored: list[Scored]) -> dict[str, float]:
-    """Fraction of groups (and of each mode's sub-groups) whose rewards are all equal:
-    they carry no signal for the policy gradient."""
-    by_group: dict[str, list[float]] = {}
-    by_mode: dict[tuple[str, int], list[float]] = {}
-    for item in scored:
-        if item.reward is None:
-            continue
-        by_group.setdefault(item.rollout.group_id, []).append(item.reward)
-        if item.rollout.mode is not None:
-            by_mode.setdefault((item.rollout.group_id, int(item.rollout.mode)), []).append(item.reward)
-
-    def flat(groups: dict[Any, list[float]]) -> float:
-        if not groups:
-            return 0.0
-        return sum(max(v) - min(v) < 1e-9 for v in groups.values()) / len(groups)
-
-    return {"group": flat(by_group), "mode_group": flat(by_mode)}
-
-
-def rollout_metrics(scored: list[Scored]) -> dict[str, Any]:
-    kept = [s for s in scored if s.status != "dropped"]
-    metrics: dict[str, Any] = {"samples": len(scored), "kept": len(kept)}
-    for mode in Mode:
-        rewards = [s.reward for s in kept if s.rollout.mode is mode]
-        name = mode.name.lower()
-        metrics[f"reward/{name}"] = sum(rewards) / len(rewards) if rewards else None
-        metrics[f"mode_rate/{name}"] = sum(s.rollout.mode is mode for s in scored) / max(len(scored), 1)
-    metrics["reward/mean"] = sum(s.reward for s in kept) / len(kept) if kept else None
-    metrics["accuracy"] = sum(s.correct for s in kept) / len(kept) if kept else None
-    metrics["mode_rate/none"] = sum(s.rollout.mode is None for s in scored) / max(len(scored), 1)
-    metrics["response_tokens/mean"] = (
-        sum(len(s.rollout.response_token_ids) for s in scored) / max(len(scored), 1))
-    metrics["truncated_fraction"] = sum(s.rollout.finish_reason == "length" for s in scored) / max(len(scored), 1)
-    metrics["zero_variance"] = zero_variance_fraction(kept)
-    return metrics
-
-
 class Driver:
     def __init__(self, cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> None:
         self.cfg = cfg
@@ -185,6 +168,7 @@ class Driver:
         self._rl_versions: list[int] = []  # the learner's weight version after each RL step of this process
         self.faults = FaultLog(cfg.run.max_consecutive_failures)
         self._last_done: tuple[str, int, int] | None = None  # (stage, step, weight version) completed last
+        self.started = False  # the actors are up: a failure now is the run's, not the input's
 
     # ---- set-up -------------------------------------------------------------------------
     def _build(self) -> None:
@@ -219,20 +203,22 @@ class Driver:
                                     algo=section(cfg, "algo"), total_sft_steps=max(self.sft_steps, 1),
                                     total_rl_steps=max(self.rl_steps, 1),
                                     placement_group=self.placement.learner,
-                                    num_cpus_per_rank=cfg.cluster.learner_cpus,
-                                    num_gpus_per_rank=cfg.cluster.learner_gpus)
+                                    rollout_temperature=cfg.rollout.sampling.temperature)
         self.engines = create_rollout_actors(self.model_path, section(cfg, "rollout"),
                                              placement_groups=self.placement.engines())
-        self.rewards = RewardPool(section(cfg, "reward"), num_workers=cfg.cluster.reward_workers,
-                                  num_cpus=cfg.cluster.reward_cpus, placement_group=self.placement.reward,
+        self.rewards = RewardPool(section(cfg, "reward"), num_workers=cfg.reward.num_workers,
+                                  num_cpus=cfg.reward.num_cpus_per_worker, placement_group=self.placement.reward,
                                   faults=self.faults)
         backends = set(ray.get([engine.weight_transfer_backend.remote() for engine in self.engines]))
         if len(backends) != 1 or None in backends:
             raise RuntimeError(f"rollout engines report weight-transfer backends {sorted(map(str, backends))}; "
                                f"set rollout.weight_transfer_backend")
+        probe = (self.data.eval or self.data.train)[:PROBE_PROMPTS]
         self.weight_sync = WeightSync(self.learner, self.engines, backend=backends.pop(),
                                       bucket_bytes=cfg.learner.bucket_bytes,
-                                      timeout_s=cfg.learner.collective_timeout_s)
+                                      timeout_s=cfg.learner.collective_timeout_s,
+                                      verification=SyncVerification(cfg.rollout.verify_every,
+                                                                    verify_tolerance(cfg), list(probe)))
         self.supervisor = EngineSupervisor(self.engines, self.weight_sync, self._start_engine, self.faults)
 
     def _start_engine(self, index: int) -> Any:
@@ -244,9 +230,11 @@ class Driver:
     def _sft_step(self, step: int) -> dict[str, Any]:
         batch = [self.data.sft[i] for i in self.sft_cursor.take(self.cfg.sft.batch_size)]
         start = time.perf_counter()
-        metrics = self.learner.sft_step([SftSample(e.prompt_token_ids, e.response_token_ids) for e in batch])
-        metrics["time/train"] = time.perf_counter() - start
-        return metrics
+        learner = self.learner.sft_step([SftSample(e.prompt_token_ids, e.response_token_ids) for e in batch])
+        seconds = time.perf_counter() - start
+        learner.pop("time/train", None)
+        return {"stage": "sft", "sft": learner, "timing_s": {"train": seconds, "step": seconds},
+                "perf": {"train_tokens_per_s": float(learner.get("tokens", 0.0)) / max(seconds, 1e-9)}}
 
     def _start_generation(self, prompts: list[Prompt], *, forced: bool, n: int, greedy: bool = False,
                           modes: list[Mode] | None = None, histories: list[list[dict[str, str]]] | None = None,
@@ -260,27 +248,75 @@ class Driver:
                 kwargs = dict(forced=forced, n=n, greedy=greedy, modes=modes,
                               histories=histories[i::engines] if histories else None,
                               seeds=seeds[i::engines] if seeds is not None else None)
-                pending.refs[engine.generate.remote(chunk, **kwargs)] = i
-                pending.engines[i], pending.calls[i] = engine, (chunk, kwargs)
+                pending.submit(i, engine, chunk, kwargs)
         return pending
+
+    def _rerun(self, pending: PendingGeneration, ref: Any, error: BaseException) -> None:
+        """Engine ``pending.refs[ref]`` died or hung: replace it (actors/supervision.py) and send
+        its replacement the same call, same seeds, so the samples are the ones it would have made."""
+        index = pending.refs.pop(ref)
+        pending.started.pop(ref, None)
+        engine = self.supervisor.replace(index, pending.engines[index], error)
+        chunk, kwargs = pending.calls[index]
+        pending.submit(index, engine, chunk, kwargs)
+
+    def _overdue(self, pending: PendingGeneration) -> tuple[list[Any], float | None]:
+        """The calls still running past rollout.generate_timeout_s, and the seconds until the
+        next deadline of the others. A finished call is never late, however long ago it was
+        sent (a pipelined generation waits out the learner's step)."""
+        if not pending.refs:
+            return [], None
+        limit = self.cfg.rollout.generate_timeout_s
+        _, refs = ray.wait(list(pending.refs), num_returns=len(pending.refs), timeout=0)
+        now = time.monotonic()
+        late = [ref for ref in refs if now - pending.started[ref] >= limit]
+        rest = [pending.started[ref] + limit - now for ref in refs if ref not in late]
+        return late, (max(0.0, min(rest)) if rest else None)
+
+    def _replace_hung(self, pending: PendingGeneration, late: list[Any]) -> None:
+        limit = self.cfg.rollout.generate_timeout_s
+        for ref in late:
+            index = pending.refs[ref]
+            self.faults.event("generate_timeouts")
+            log.warning("rollout engine %d: no answer within rollout.generate_timeout_s=%g s; replacing it",
+                        index, limit)
+            self._rerun(pending, ref, EngineHung(f"rollout engine {index} generated for more than "
+                                                 f"rollout.generate_timeout_s={limit:g} s"))
+
+    def _wait_generation(self, pending: PendingGeneration) -> None:
+        """Wait until every engine's call is done (results left in place), replacing an engine
+        that hangs past rollout.generate_timeout_s and rerunning its call."""
+        while True:
+            late, next_deadline = self._overdue(pending)
+            if late:
+                self._replace_hung(pending, late)
+                continue
+            waiting = list(pending.refs)
+            _, not_ready = ray.wait(waiting, num_returns=len(waiting), timeout=next_deadline)
+            if not not_ready:
+                return
 
     def _finish_generation(self, pending: "PendingGeneration",
                            ) -> tuple[list[Scored], dict[str, float], dict[str, int]]:
         """Score each engine's output as soon as it arrives; the scored rollouts in engine order."""
-        waiting = dict(pending.refs)
         wait_start = time.perf_counter()
         score_refs: dict[int, Any] = {}
-        while waiting:
-            done, _ = ray.wait(list(waiting), num_returns=1)
-            index = waiting.pop(done[0])
+        while pending.refs:
+            late, next_deadline = self._overdue(pending)
+            if late:  # a hung engine: killed, replaced, its call run again (same seeds)
+                self._replace_hung(pending, late)
+                continue
+            done, _ = ray.wait(list(pending.refs), num_returns=1, timeout=next_deadline)
+            if not done:
+                continue
             try:
                 rollouts: list[Rollout] = ray.get(done[0])
             except ray.exceptions.RayActorError as error:
                 # A dead engine is replaced (actors/supervision.py) and its prompts generated again.
-                engine = pending.engines[index] = self.supervisor.replace(index, pending.engines[index], error)
-                chunk, kwargs = pending.calls[index]
-                waiting[engine.generate.remote(chunk, **kwargs)] = index
+                self._rerun(pending, done[0], error)
                 continue
+            index = pending.refs.pop(done[0])
+            pending.started.pop(done[0], None)
             score_refs[index] = self.rewards.submit(rollouts)
         generated = time.perf_counter()
         # Engine order, not arrival order: the learner's batch must not depend on timing.
@@ -332,14 +368,11 @@ class Driver:
             result["baselines"] = forced_mode_summary(forced)
             if self.data.world is not None and self.cfg.eval.two_turn_cases:
                 result["two_turn_alignment"] = self._two_turn_alignment(step, tag)
-        result["time"] = time.perf_counter() - start
+        result["timing_s"] = time.perf_counter() - start
         if self.tracker is not None:
             shown = self.rng.sample(scored, min(self.cfg.eval.samples_logged, len(scored)))
-            self.tracker.log_samples(step, [{
-                "tag": tag, "prompt_id": s.rollout.prompt.id, "persona": s.rollout.prompt.persona or "",
-                "question": s.rollout.prompt.question, "response": s.rollout.text,
-                "mode": s.rollout.mode.name if s.rollout.mode is not None else "none",
-                "reward": s.reward, "correct": s.correct} for s in shown])
+            self.tracker.log_samples(self._global_step("eval", step), "eval/samples",
+                                     [{"tag": tag, **sample_row(s)} for s in shown])
         return result
 
     def _start_rl_generation(self, step: int) -> PendingGeneration:
@@ -373,19 +406,40 @@ class Driver:
         if self._next_generation is not None:
             # The engines finish the next rollouts before they take the new weights.
             wait_start = time.perf_counter()
-            ray.wait(list(self._next_generation.refs), num_returns=len(self._next_generation.refs))
+            self._wait_generation(self._next_generation)
             times["generate_next"] = time.perf_counter() - wait_start
         sync = self.supervisor.sync()
         times["sync"] = sync["seconds"]
         total = time.perf_counter() - step_start
         times["idle"] = max(0.0, total - sum(times.values()))
         times["step"] = total
-        return {"stage": "rl", **rollout_metrics(scored), "reward_counts": counts,
-                "learner": learner_metrics, "sync": sync, "time": times,
+        times["train_old_logprob"] = learner_metrics.pop("time/old_logprob", 0.0)  # part of train
+        self._log_training_samples(step, scored)
+        generated = sum(len(s.rollout.response_token_ids) for s in scored)
+        perf = {"tokens_per_s": generated / max(times["generate"], 1e-9),
+                "train_tokens_per_s": float(learner_metrics.get("tokens", 0.0)) / max(times["train"], 1e-9)}
+        mode_probs = {f"token_prob{key[len('mode_token_prob'):].replace('/', '_')}": learner_metrics[key]
+                      for key in learner_metrics if key.startswith("mode_token_prob")}
+        return {"stage": "rl", **rollout_metrics(scored), **{f"mode/{k}": v for k, v in mode_probs.items()},
+                "reward_counts": counts, "learner": learner_metrics, "sync": sync, "timing_s": times, "perf": perf,
                 "weight_version": self.learner.weight_version,
                 "staleness": {"max": max(staleness, default=0),
                               "mean": sum(staleness) / len(staleness) if staleness else 0.0,
                               "rollout_weight_version": min((s.rollout.weight_version for s in scored), default=0)}}
+
+    def _log_training_samples(self, step: int, scored: list[Scored]) -> None:
+        every = self.cfg.run.log_samples_every
+        if self.tracker is None or not every or step % every or not scored:
+            return
+        # Its own generator: which samples are shown changes nothing else the run draws.
+        shown = random.Random(f"{self.cfg.run.seed}/samples/{step}").sample(
+            scored, min(self.cfg.run.samples_per_log, len(scored)))
+        self.tracker.log_samples(self._global_step("rl", step), "rollout/samples",
+                                 [{"rl_step": step, **sample_row(s)} for s in shown])
+
+    def _global_step(self, stage: str, step: int) -> int:
+        """The one monotonic step W&B logs at: SFT steps, then RL steps after the last SFT step."""
+        return step if stage == "sft" else self.sft_steps + step
 
     # ---- checkpoints --------------------------------------------------------------------
     def _client_state(self, stage: str, step: int) -> dict[str, Any]:
@@ -402,12 +456,30 @@ class Driver:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         state = self._client_state(stage, step)
-        self.learner.save_checkpoint(staging, state)
+        self.learner.save_checkpoint(staging, state, reference_dir=root / REFERENCE_DIR)
+        if stage == "rl" and self.cfg.run.hf_export:
+            self.learner.save_hf(staging / "hf")
         write_json_atomic(staging / "driver_state.json", state)
         (staging / COMPLETE_MARKER).write_text("")
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)  # the step folder appears only complete
+        if stage == "rl":
+            self._drop_old_checkpoints()
         return final
+
+    def _drop_old_checkpoints(self) -> None:
+        """Keep the newest ``run.keep_last`` complete RL checkpoints (the SFT one and the
+        shared reference stay: a resume into RL needs neither, but they are the stage's result)."""
+        keep = self.cfg.run.keep_last
+        root = self.run_dir / CHECKPOINTS
+        if not keep:
+            return
+        steps = sorted((int(p.name.split("_")[-1]), p) for p in root.glob("step_*")
+                       if (p / COMPLETE_MARKER).exists())
+        for _, path in steps[:-keep]:
+            # The marker goes first: a folder half deleted is never taken for a checkpoint.
+            (path / COMPLETE_MARKER).unlink()
+            shutil.rmtree(path, ignore_errors=True)
 
     def latest_checkpoint(self) -> Path | None:
         root = self.run_dir / CHECKPOINTS
@@ -431,7 +503,7 @@ class Driver:
         version, internal, gauss = state["driver_rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self._truncate_metrics(state["stage"], state["step"])
-        log.info("resumed from %s", checkpoint)
+        print(f"resumed from {checkpoint}", flush=True)
         return state["stage"], state["step"]
 
     def _truncate_metrics(self, stage: str, step: int) -> None:
@@ -449,10 +521,11 @@ class Driver:
 
         cfg = self.cfg
         self._build()
+        self.started = True
         self.tracker = RunTracker(self.run_dir, config=to_container(cfg),
                                   secret_env=[cfg.reward.judge.api_key_env],
-                                  wandb_mode=cfg.run.wandb_mode, wandb_project=cfg.run.wandb_project,
-                                  resume=self.resume)
+                                  wandb=WandbSettings(**OmegaConf.to_container(cfg.wandb)), resume=self.resume)
+        print(self.tracker.describe(), flush=True)
         summary: dict[str, Any] = {"run": self.run_dir.name, "eval": {}, "eval_history": [],
                                    "data_skipped": dict(self.data.skipped)}
         stage, done_step = self._restore() if self.resume else ("start", 0)
@@ -460,17 +533,17 @@ class Driver:
             self._last_done = (stage, done_step, self.learner.weight_version)
         sft_start = done_step if stage == "sft" else (self.sft_steps if stage == "rl" else 0)
         rl_start = done_step if stage == "rl" else 0
+        clock = RunClock(self.sft_steps - sft_start, self.rl_steps - rl_start)
         try:
-            from tqdm import tqdm
-
-            with tqdm(total=self.sft_steps, initial=sft_start, desc="SFT", disable=self.sft_steps == 0) as bar:
+            with StageProgress("SFT", self.sft_steps, sft_start, every=SFT_LINE_EVERY) as progress:
                 for step in range(sft_start + 1, self.sft_steps + 1):
                     metrics = self._sft_step(step)
                     self._last_done = ("sft", step, self.learner.weight_version)
-                    self.tracker.log(step, {"stage": "sft", **metrics})
-                    self._stop_if_diverged("sft", step, metrics)
-                    bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
-                    bar.update(1)
+                    metrics["perf"].update(clock.step_done("sft", metrics["timing_s"]["step"]))
+                    self.tracker.log(self._global_step("sft", step), {"step": step, **metrics})
+                    self._stop_if_diverged("sft", step, metrics["sft"])
+                    progress.update(loss=float(metrics["sft"].get("loss", float("nan"))),
+                                    stage_eta=duration(metrics["perf"]["stage_eta_s"]))
             if stage != "rl" and self.sft_steps > 0:
                 self.save("sft", self.sft_steps)
                 self._last_done = ("sft", self.sft_steps, self.learner.weight_version)
@@ -478,22 +551,29 @@ class Driver:
             if cfg.eval.at_start and rl_start == 0:
                 result = self.evaluate(0, "sft")
                 summary["eval_sft"] = result
-                self.tracker.log(0, {"stage": "eval", "tag": "sft", "eval": result})
-            with tqdm(total=self.rl_steps, initial=rl_start, desc=method_label(to_container(cfg))) as bar:
+                self.tracker.log(self._global_step("rl", 0), {"stage": "eval", "tag": "sft", "step": 0,
+                                                              "eval": result})
+                print(eval_line("sft", 0, result), flush=True)
+            with StageProgress(method_label(to_container(cfg)), self.rl_steps, rl_start) as progress:
                 for step in range(rl_start + 1, self.rl_steps + 1):
                     metrics = {**self._rl_step(step), **self.faults.step_done()}
                     self._last_done = ("rl", step, self.learner.weight_version)
+                    metrics["perf"].update(clock.step_done("rl", metrics["timing_s"]["step"]))
                     if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != self.rl_steps:
                         metrics["eval"] = self.evaluate(step, f"step_{step}")
-                    self.tracker.log(step, metrics)
+                        progress.write(eval_line(f"step_{step}", step, metrics["eval"]))
+                    self.tracker.log(self._global_step("rl", step), {"step": step, "rl_step": step, **metrics})
                     self._stop_if_diverged("rl", step, metrics["learner"])
-                    bar.set_postfix(reward=f"{metrics['reward/mean'] or 0:.3f}",
-                                    step_s=f"{metrics['time']['step']:.1f}")
-                    bar.update(1)
+                    progress.update(reward=metrics["reward/mean"] or 0.0,
+                                    kl=float(metrics["learner"].get("kl", 0.0)),
+                                    step_s=metrics["timing_s"]["step"],
+                                    stage_eta=duration(metrics["perf"]["stage_eta_s"]))
                     if cfg.run.save_every and step % cfg.run.save_every == 0:
                         self.save("rl", step)
             final = self.evaluate(self.rl_steps, "final")
-            self.tracker.log(self.rl_steps, {"stage": "eval", "tag": "final", "eval": final})
+            self.tracker.log(self._global_step("rl", self.rl_steps),
+                             {"stage": "eval", "tag": "final", "step": self.rl_steps, "eval": final})
+            print(eval_line("final", self.rl_steps, final), flush=True)
             summary["eval"] = final
             self.save("rl", self.rl_steps)
             self.learner.save_hf(self.run_dir / "policy")
@@ -508,13 +588,17 @@ class Driver:
         except JudgeError as error:
             # Policy "fail" stops the run like any fault it cannot get past (one line, exit 3,
             # a checkpoint of the last complete step); the failed step's scoring totals are kept.
-            step = self._last_done[1] + 1 if self._last_done is not None else 0
-            self.tracker.log(step, {"stage": "reward_failure", "error": str(error),
-                                    "reward_counts": error.counts})
+            stage_done, step_done = self._last_done[:2] if self._last_done is not None else ("sft", 0)
+            step = step_done + 1 if stage_done == "rl" else 1  # the RL step that failed
+            self.tracker.log(self._global_step("rl", step), {"stage": "reward_failure", "step": step,
+                                                             "error": str(error), "reward_counts": error.counts})
             raise self._stopped(error) from None
         finally:
+            hint = self.tracker.sync_hint()
             self.tracker.finish()
             self.shutdown()
+            if hint:
+                print(f"W&B offline run saved; upload it with: {hint}", flush=True)
 
     def _stop_if_diverged(self, stage: str, step: int, learner_metrics: dict[str, Any]) -> None:
         """A skipped update (non-finite loss or gradients) leaves the weights as they were;

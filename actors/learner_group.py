@@ -21,12 +21,9 @@ from actors.placement import in_bundle
 from actors.supervision import dead_actors, one_line
 from learner.batch import PolicyBatch, SftSample, build_policy_batch, shard
 from learner.config import LearnerConfig
+from personadual.algo_config import AlgoConfig
 from personadual.fault_hooks import fault_window
 from personadual.records import Scored
-
-# Fields of the experiment's ``algo`` section that configure the learner's objective.
-ALGO_FIELDS = {"clip_range": "clip_range", "kl_coef": "kl_coef", "beta": "beta", "prefix_tokens": "prefix_tokens",
-               "advantage": "advantage", "scale": "advantage_scale"}
 
 
 @ray.remote
@@ -47,15 +44,16 @@ class LearnerActor:
         host = ray.util.get_node_ip_address()
         return host, free_port(host)
 
-    def setup(self, config: LearnerConfig, model_path: str, master_address: str, master_port: int,
-              device: str) -> int:
+    def setup(self, config: LearnerConfig, algo: AlgoConfig, model_path: str, master_address: str,
+              master_port: int) -> int:
         from learner import distributed
         from learner.engine import Learner
 
         distributed.init_process_group(rank=self.rank, world_size=self.world_size, master_address=master_address,
-                                       master_port=master_port, backend=distributed.backend_for(device),
+                                       master_port=master_port, backend=distributed.backend_for(config.device),
                                        timeout_s=config.collective_timeout_s)
-        self.learner = Learner(config, model_path, rank=self.rank, world_size=self.world_size, device=device)
+        self.learner = Learner(config, model_path, algo=algo, rank=self.rank, world_size=self.world_size,
+                               device=config.device)
         return self.learner.weight_version
 
     def pid(self) -> int:
@@ -83,8 +81,8 @@ class LearnerActor:
         for _ in self.learner.export_weights(bucket_bytes, device="cpu"):
             pass
 
-    def save_checkpoint(self, path: str, client_state: dict[str, Any]) -> None:
-        self.learner.save_checkpoint(path, client_state)
+    def save_checkpoint(self, path: str, client_state: dict[str, Any], reference_dir: str | None = None) -> None:
+        self.learner.save_checkpoint(path, client_state, reference_dir)
 
     def load_checkpoint(self, path: str) -> tuple[dict[str, Any], int]:
         client_state = self.learner.load_checkpoint(path)
@@ -104,12 +102,15 @@ class LearnerActor:
         from actors.weight_sync import EngineSyncClient
         from learner.transfer_sender import make_weight_sender
 
+        self.sync_client = EngineSyncClient(engines, timeout_s)
         self.weight_sender = make_weight_sender(
             self.learner, rank=self.rank, backend=backend, master_address=master_address,
             master_port=master_port, world_size=world_size, bucket_bytes=bucket_bytes, timeout_s=timeout_s,
-            client=EngineSyncClient(engines, timeout_s))
+            client=self.sync_client)
 
     def send_weights(self) -> dict[str, float]:
+        """Send the current weights; the engines take them live at this rank's weight version."""
+        self.sync_client.version = self.learner.weight_version
         self.weight_sender.send_weights()
         return dict(getattr(self.weight_sender, "last_round", {}))
 
@@ -138,42 +139,42 @@ def gather(refs: list[ray.ObjectRef]) -> list[Any]:
     return ray.get(refs)
 
 
-def configure(config: LearnerConfig, *, algo: Any = None, total_sft_steps: int | None = None,
+def configure(config: LearnerConfig, algo: AlgoConfig, *, total_sft_steps: int | None = None,
               total_rl_steps: int | None = None) -> LearnerConfig:
-    """The learner config with the experiment's ``algo`` objective settings and the stages'
-    lengths applied (each optimizer schedule spans its stage's optimizer steps)."""
-    updates: dict[str, Any] = {}
-    if algo is not None:
-        for source, target in ALGO_FIELDS.items():
-            if hasattr(algo, source):
-                updates[target] = getattr(algo, source)
-    config = dataclasses.replace(config, **updates)
+    """The learner config with each optimizer schedule spanning its stage's optimizer steps
+    (an RL step takes ``algo.updates_per_step`` of them)."""
+    config = dataclasses.replace(config)
     if total_sft_steps is not None:
         config.sft_optim = dataclasses.replace(config.sft_optim, total_steps=max(1, int(total_sft_steps)))
     if total_rl_steps is not None:
-        steps = max(1, int(total_rl_steps)) * config.ppo_epochs * config.mini_batches
+        steps = max(1, int(total_rl_steps)) * algo.updates_per_step
         config.optim = dataclasses.replace(config.optim, total_steps=steps)
     config.validate()
     return config
 
 
 class LearnerGroup:
-    def __init__(self, config: LearnerConfig, model_path: str | Path, *, algo: Any = None,
+    def __init__(self, config: LearnerConfig, model_path: str | Path, *, algo: AlgoConfig | None = None,
                  total_sft_steps: int | None = None, total_rl_steps: int | None = None,
-                 placement_group: Any = None, num_cpus_per_rank: float = 1.0, num_gpus_per_rank: float = 0.0) -> None:
-        self.config = configure(config, algo=algo, total_sft_steps=total_sft_steps, total_rl_steps=total_rl_steps)
+                 placement_group: Any = None, rollout_temperature: float = 1.0) -> None:
+        """``config``: how to train (ranks, their resources, ...); ``algo``: the objective (its
+        defaults when None); ``rollout_temperature``: what the engines sample at, so the
+        learner compares its log-probs with theirs under the same tempered distribution."""
+        self.algo = algo if algo is not None else AlgoConfig()
+        self.rollout_temperature = rollout_temperature
+        self.config = configure(config, self.algo, total_sft_steps=total_sft_steps, total_rl_steps=total_rl_steps)
         self.model_path = str(model_path)
         self.num_ranks = self.config.num_ranks
-        self.device = "cuda" if num_gpus_per_rank > 0 else "cpu"
         self.actors = []
         self.failed = False  # a rank died: shut down without waiting for the others' goodbyes
         for rank in range(self.num_ranks):
-            self.actors.append(LearnerActor.options(num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank,
+            self.actors.append(LearnerActor.options(num_cpus=self.config.num_cpus_per_rank,
+                                                    num_gpus=self.config.num_gpus_per_rank,
                                                     **in_bundle(placement_group, rank)).remote(rank, self.num_ranks))
         try:
             self.master_address, self.master_port = ray.get(self.actors[0].address.remote())
-            versions = gather([actor.setup.remote(self.config, self.model_path, self.master_address,
-                                                   self.master_port, self.device) for actor in self.actors])
+            versions = gather([actor.setup.remote(self.config, self.algo, self.model_path, self.master_address,
+                                                   self.master_port) for actor in self.actors])
         except BaseException:
             self.shutdown()
             raise
@@ -211,7 +212,8 @@ class LearnerGroup:
         return results[0]
 
     def build_batch(self, scored: Sequence[Scored]) -> PolicyBatch:
-        return build_policy_batch(scored, advantage=self.config.advantage, scale=self.config.advantage_scale)
+        return build_policy_batch(scored, advantage=self.algo.advantage, scale=self.algo.scale,
+                                  sampling_temperature=self.rollout_temperature)
 
     def policy_step(self, scored: Sequence[Scored]) -> dict[str, float]:
         batch = self.build_batch(scored)
@@ -251,8 +253,10 @@ class LearnerGroup:
         """Broadcast the current weights to every engine; rank 0's timing and bytes."""
         return self._all("send_weights")[0]
 
-    def save_checkpoint(self, path: str | Path, client_state: dict[str, Any]) -> None:
-        self._all("save_checkpoint", None, str(path), client_state)
+    def save_checkpoint(self, path: str | Path, client_state: dict[str, Any],
+                        reference_dir: str | Path | None = None) -> None:
+        self._all("save_checkpoint", None, str(path), client_state,
+                  None if reference_dir is None else str(reference_dir))
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         results = self._all("load_checkpoint", None, str(path))

@@ -1,12 +1,12 @@
 """Placement groups from the config: the learner ranks, each rollout engine, the reward workers.
 
 One group per role (one per engine), each bundle asking for what its actor takes:
-- ``learner``: one bundle per rank (``cluster.learner_cpus``, ``cluster.learner_gpus``);
+- ``learner``: one bundle per rank (``learner.num_cpus_per_rank``, ``learner.num_gpus_per_rank``);
 - ``rollout_<i>``: one bundle per engine, or with tensor parallelism one per TP worker
   (a GPU each; vLLM's Ray executor puts a worker in each bundle);
-- ``reward``: one bundle per reward worker (``cluster.reward_cpus``).
-Every bundle of a role also asks for ``cluster.<role>_resources`` (custom node resources:
-the way to pin a role to nodes). Groups are placed with ``cluster.placement_strategy``.
+- ``reward``: one bundle per reward worker (``reward.num_cpus_per_worker``).
+Every bundle of a role also asks for ``<role>.resources`` (custom node resources: the way
+to pin a role to nodes). Groups are placed with ``cluster.placement_strategy``.
 
 The same plan sizes the early resource check (``check_fits``: the run's totals against the
 cluster's, and each bundle against the largest node), so what the check admits is what
@@ -63,24 +63,24 @@ def in_bundle(group: PlacementGroup | None, index: int) -> dict[str, PlacementGr
 
 def plan_groups(cfg: DictConfig) -> list[GroupSpec]:
     """The groups a run needs, learner first."""
-    cluster, rollout = cfg.cluster, cfg.rollout
-    strategy = cluster.placement_strategy
-    learner_bundle = make_bundle(cluster.learner_cpus, cluster.learner_gpus, dict(cluster.learner_resources))
-    specs = [GroupSpec("learner", [learner_bundle] * cfg.learner.num_ranks, strategy,
-                       "learner.num_ranks, cluster.learner_cpus/gpus/resources")]
+    learner, rollout, reward = cfg.learner, cfg.rollout, cfg.reward
+    strategy = cfg.cluster.placement_strategy
+    learner_bundle = make_bundle(learner.num_cpus_per_rank, learner.num_gpus_per_rank, dict(learner.resources))
+    specs = [GroupSpec("learner", [learner_bundle] * learner.num_ranks, strategy,
+                       "learner.num_ranks, learner.num_cpus/gpus_per_rank, learner.resources")]
     tp = rollout.tensor_parallel_size
     if tp == 1:
         engine_bundles = [make_bundle(rollout.num_cpus_per_engine, rollout.num_gpus_per_engine,
-                                      dict(cluster.rollout_resources))]
+                                      dict(rollout.resources))]
     else:  # one GPU per tensor-parallel worker, as vLLM's Ray executor takes them
-        engine_bundles = [make_bundle(rollout.num_cpus_per_engine, 1.0, dict(cluster.rollout_resources))] * tp
+        engine_bundles = [make_bundle(rollout.num_cpus_per_engine, 1.0, dict(rollout.resources))] * tp
     for index in range(rollout.num_engines):
         specs.append(GroupSpec(f"rollout_{index}", engine_bundles, strategy,
                                "rollout.num_cpus/gpus_per_engine, rollout.tensor_parallel_size, "
-                               "cluster.rollout_resources"))
-    reward_bundle = make_bundle(cluster.reward_cpus, 0.0, dict(cluster.reward_resources))
-    specs.append(GroupSpec("reward", [reward_bundle] * cluster.reward_workers, strategy,
-                           "cluster.reward_workers, cluster.reward_cpus, cluster.reward_resources"))
+                               "rollout.resources"))
+    reward_bundle = make_bundle(reward.num_cpus_per_worker, 0.0, dict(reward.resources))
+    specs.append(GroupSpec("reward", [reward_bundle] * reward.num_workers, strategy,
+                           "reward.num_workers, reward.num_cpus_per_worker, reward.resources"))
     return specs
 
 

@@ -119,7 +119,7 @@ class RewardPool:
                  api_key: ApiKey | None = None, placement_group: PlacementGroup | None = None,
                  faults: FaultLog | None = None) -> None:
         if num_workers < 1:
-            raise ValueError(f"cluster.reward_workers: must be >= 1, got {num_workers}")
+            raise ValueError(f"reward.num_workers: must be >= 1, got {num_workers}")
         self.config = config
         if api_key is None and config.judge.api_key_env and os.environ.get(config.judge.api_key_env):
             # Workers on other machines may lack the variable: hand them the key in an object

@@ -41,18 +41,26 @@ class RolloutActor:
     def __init__(self, model_path: str, config: RolloutConfig, engine_index: int = 0) -> None:
         self.engine_index = engine_index
         self.engine = make_engine(model_path, config, engine_index=engine_index)
+        from actors.console import quiet_libraries
+
+        quiet_libraries()  # after vLLM set up its loggers: drops its per-sync false alarm
 
     def ready(self) -> dict[str, Any]:
         return {"engine_index": self.engine_index, "engine": type(self.engine).__name__,
                 "num_workers": self.engine.num_workers(), "weight_version": self.engine.weight_version,
                 "node": ray.get_runtime_context().get_node_id()}
 
-    def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int | None = None, greedy: bool = False,
+    def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int, greedy: bool = False,
                  histories: Sequence[Sequence[dict[str, str]]] | None = None,
                  modes: Sequence[Mode] | None = None, seeds: Sequence[int] | None = None) -> list[Rollout]:
         with fault_window("generate", f"engine{self.engine_index}"):
             return self.engine.generate(prompts, forced=forced, n=n, greedy=greedy, histories=histories,
                                         modes=modes, seeds=seeds)
+
+    def probe(self, prompts: Sequence[Prompt]) -> list[Rollout]:
+        """Greedy answers with their log-probs, for the weight-sync check (actors/weight_sync.py);
+        not a rollout, so outside the generation fault window."""
+        return self.engine.generate(prompts, forced=False, n=1, greedy=True)
 
     def load_weights(self, named_tensors: NamedTensors, version: int | None = None) -> int:
         return self.engine.load_weights(named_tensors, version)
@@ -78,10 +86,18 @@ class RolloutActor:
 
     def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]] | WeightTransferUpdateRequest,
                        ) -> None:
-        self.engine.update_weights(getattr(update_info, "update_info", update_info))
+        with fault_window("sync", f"engine{self.engine_index}"):
+            self.engine.update_weights(getattr(update_info, "update_info", update_info))
 
-    def finish_weight_update(self, weight_version: str | int | None = None) -> None:
-        self.engine.finish_weight_update(weight_version)
+    def finish_weight_update(self, weight_version: str | int | None = None,
+                             checksums: list[int | None] | None = None) -> int:
+        """The update goes live at ``weight_version``, after the received buckets were checked
+        against the sender's ``checksums``; returns the engine's version."""
+        self.engine.finish_weight_update(weight_version, checksums)
+        return self.engine.weight_version
+
+    def loaded_tensors(self) -> list[str]:
+        return self.engine.loaded_tensors()
 
     def shutdown_weight_transfer_engine(self) -> None:
         self.engine.shutdown_weight_transfer_engine()

@@ -8,6 +8,14 @@
 - A learner rank that dies takes its optimizer state and collectives with it: the run stops
   with one line and ``--resume`` continues from the last complete checkpoint.
 
+- A rollout engine that hangs in generation past ``rollout.generate_timeout_s`` is killed and
+  replaced the same way, and its prompts generated again with the same seeds (the driver's
+  watchdog, actors/driver.py); counted in ``faults/generate_timeouts``.
+- A rollout engine that dies during a weight sync is replaced and brought to the current
+  version in place (``faults/sync_deaths``); the run goes on. One that freezes mid-sync fails
+  the sync with an error naming it and the bucket: a frozen engine cannot be told from a slow
+  one before the collective timeout, and the run stops (exit 3).
+
 Every replacement is one failure; a completed step resets the count. The
 ``run.max_consecutive_failures``-th failure in a row stops the run (``RunStopped``) instead
 of replacing again. Restarts and the wall time spent recovering are logged per step
@@ -20,27 +28,29 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import ray
 from ray.actor import ActorHandle
 
-if TYPE_CHECKING:
-    from actors.weight_sync import WeightSync
+from actors.errors import one_line
+from actors.weight_sync import WeightSync, WeightSyncError
 
 log = logging.getLogger(__name__)
 
 RESTART_KINDS = ("rollout", "reward")
+EVENT_KINDS = ("generate_timeouts", "sync_deaths")  # counted beside the restarts they cause
 PING_TIMEOUT_S = 10.0
+
+__all__ = ["EngineHung", "EngineSupervisor", "FaultLog", "RunStopped", "dead_actors", "one_line"]
 
 
 class RunStopped(RuntimeError):
     """The run cannot go on; the message is one line: what failed, what was saved, how to resume."""
 
 
-def one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+class EngineHung(RuntimeError):
+    """A rollout engine that did not finish a generation within rollout.generate_timeout_s."""
 
 
 def dead_actors(actors: list[ActorHandle], ping: str, timeout_s: float = PING_TIMEOUT_S,
@@ -69,6 +79,8 @@ class FaultLog:
     step_recovery_s: float = 0.0
     total_restarts: Counter = field(default_factory=Counter)
     total_recovery_s: float = 0.0
+    step_events: Counter = field(default_factory=Counter)
+    total_events: Counter = field(default_factory=Counter)
 
     def failure(self, what: str, error: BaseException) -> None:
         """Count a failure of ``what``; raises RunStopped when it is one too many in a row."""
@@ -84,17 +96,25 @@ class FaultLog:
         self.step_recovery_s += seconds
         self.total_recovery_s += seconds
 
+    def event(self, kind: str) -> None:
+        """Count what caused a restart (one of EVENT_KINDS): a hung generation, a death mid-sync."""
+        self.step_events[kind] += 1
+        self.total_events[kind] += 1
+
     def step_done(self) -> dict[str, float]:
         """This step's fault metrics; a completed step also ends a run of failures."""
         metrics: dict[str, float] = {f"faults/{kind}_restarts": self.step_restarts[kind] for kind in RESTART_KINDS}
+        metrics.update({f"faults/{kind}": self.step_events[kind] for kind in EVENT_KINDS})
         metrics["faults/recovery_s"] = self.step_recovery_s
         self.step_restarts.clear()
+        self.step_events.clear()
         self.step_recovery_s = 0.0
         self.consecutive = 0
         return metrics
 
     def totals(self) -> dict[str, float]:
         return {**{f"{kind}_restarts": self.total_restarts[kind] for kind in RESTART_KINDS},
+                **{kind: self.total_events[kind] for kind in EVENT_KINDS},
                 "recovery_s": self.total_recovery_s}
 
 
@@ -138,8 +158,18 @@ class EngineSupervisor:
         return self.engines[index]
 
     def sync(self) -> dict[str, float]:
-        """The weight sync, after replacing the engines that died since the last one (a
-        replacement receives the current weights as it joins)."""
-        for index, error in dead_actors(self.engines, "num_workers").items():
-            self.replace(index, self.engines[index], error)
-        return self.weight_sync.sync()
+        """The weight sync. Engines are pinged only when it fails: those that died (before or
+        during it) are replaced, and ``replace`` brings every engine to the current version,
+        so the sync is done in place; a failure without a death (a frozen engine, a corrupt
+        or unverified update) is the run's to stop on."""
+        try:
+            return self.weight_sync.sync()
+        except WeightSyncError as error:
+            dead = dead_actors(self.engines, "num_workers")
+            if not dead:
+                raise
+            for index, death in dead.items():
+                self.faults.event("sync_deaths")
+                log.warning("rollout engine %d died during the weight sync (%s)", index, one_line(error))
+                self.replace(index, self.engines[index], death)
+            return dict(self.weight_sync.last)

@@ -10,12 +10,14 @@ the tensors travel in buckets through the group, each collective with a timeout.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from ray.actor import ActorHandle
 
-from actors.supervision import one_line
+from actors.errors import one_line
+from personadual.records import Prompt
 
 
 class WeightSyncError(RuntimeError):
@@ -33,19 +35,24 @@ class EngineSyncClient:
         self.engines = engines
         self.timeout_s = timeout_s
         self.workers = ray.get([engine.num_workers.remote() for engine in engines], timeout=timeout_s)
+        self.version: int | None = None  # the version the update in progress brings; set by the caller
 
-    def _all(self, method: str, per_engine: list[tuple] | None = None) -> None:
+    def _all(self, method: str, per_engine: list[tuple] | None = None) -> list[Any]:
         refs = {getattr(engine, method).remote(*(per_engine[i] if per_engine else ())): i
                 for i, engine in enumerate(self.engines)}
         _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.timeout_s)
         if pending:
-            stuck = sorted(refs[ref] for ref in pending)
+            # A frozen engine leaves the others stuck in the same collective: they come back
+            # with their own timeout error within one more timeout; the frozen one does not.
+            _, still = ray.wait(pending, num_returns=len(pending), timeout=self.timeout_s)
+            stuck = sorted(refs[ref] for ref in (still or pending))
             raise WeightSyncError(f"weight sync: rollout engine(s) {stuck} did not finish {method} "
                                   f"within {self.timeout_s:.0f} s")
         own_errors = []
+        results: dict[int, Any] = {}
         for ref, index in refs.items():
             try:
-                ray.get(ref)
+                results[index] = ray.get(ref)
             except ray.exceptions.RayActorError:  # a death explains the others' errors: it comes first
                 raise WeightSyncError(f"weight sync: rollout engine {index} died during {method}") from None
             except ray.exceptions.RayTaskError as error:
@@ -53,6 +60,7 @@ class EngineSyncClient:
         if own_errors:
             index, error = own_errors[0]
             raise WeightSyncError(f"weight sync: rollout engine {index} failed {method} ({one_line(error)})") from error
+        return [results[i] for i in range(len(self.engines))]
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         offsets = [init_info["rank_offset"] + sum(self.workers[:i]) for i in range(len(self.engines))]
@@ -64,18 +72,46 @@ class EngineSyncClient:
     def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
         self._all("update_weights", [(update_info,)] * len(self.engines))
 
-    def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self._all("finish_weight_update", [(weight_version,)] * len(self.engines))
+    def finish_weight_update(self, weight_version: str | int | None = None,
+                             checksums: list[int | None] | None = None) -> None:
+        """Every engine takes the update live at the version this sync brings (so no second
+        round trip confirms it), after checking the buckets against the sent ``checksums``."""
+        version = weight_version if weight_version is not None else self.version
+        versions = self._all("finish_weight_update", [(version, checksums)] * len(self.engines))
+        if version is not None and any(v != int(version) for v in versions):
+            raise WeightSyncError(f"weight sync: engines report weight versions {versions}, expected {version}")
+
+
+class SyncVerificationError(WeightSyncError):
+    """An engine that does not serve the learner's weights after a sync."""
+
+
+def _learner_response_logprobs(learner: Any, pairs: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+    return learner.response_logprobs(pairs)
+
+
+@dataclass
+class SyncVerification:
+    """Every ``every`` syncs (0: never) each engine answers the fixed ``prompts`` greedily and
+    its log-probs of its own answers are compared with the learner's; past ``tolerance`` the
+    sync fails, naming the engine and the tensors it did not load."""
+
+    every: int = 0
+    tolerance: float = 1e-3
+    prompts: list[Prompt] = field(default_factory=list)
 
 
 class WeightSync:
     def __init__(self, learner: Any, engines: list[ActorHandle], *, backend: str,
-                 bucket_bytes: int, timeout_s: float) -> None:
+                 bucket_bytes: int, timeout_s: float, verification: SyncVerification | None = None) -> None:
         self.learner = learner
         self.engines = engines  # the driver's list: an engine replaced there is replaced here
         self.backend = backend
         self.bucket_bytes = bucket_bytes
         self.timeout_s = timeout_s
+        self.verification = verification or SyncVerification()
+        self.syncs = 0
+        self.last: dict[str, float] = {}
         self.init_seconds = self.rebuild()
 
     def rebuild(self) -> float:
@@ -90,30 +126,70 @@ class WeightSync:
         return time.perf_counter() - start
 
     def sync(self) -> dict[str, float]:
-        """Send the learner's current weights; every engine then reports that version."""
+        """Send the learner's current weights; the engines take them live at its version (the
+        version travels with the update's finish, checked against the bytes sent), and every
+        ``verification.every`` syncs the probe checks what they serve."""
         version = self.learner.weight_version
         start = time.perf_counter()
         try:
             stats = self.learner.send_weights()
         except ray.exceptions.RayTaskError as error:
-            # The sender's own error names the engine that failed it: surface that one line.
-            if isinstance(error.cause, WeightSyncError):
-                raise error.cause from None
+            # The sender's own error names the engine (and bucket) that failed it: one line.
+            cause = error.cause
+            if isinstance(cause, WeightSyncError):
+                raise cause from None
+            if cause is not None and type(cause).__name__ == "WeightSendError":
+                raise WeightSyncError(str(cause)) from None
             raise
-        refs = {engine.update_weight_version.remote(version): index for index, engine in enumerate(self.engines)}
+        self.syncs += 1
+        result = {"seconds": time.perf_counter() - start, "bytes": float(stats.get("bytes", 0.0)),
+                  "version": float(version)}
+        every = self.verification.every
+        if every and self.verification.prompts and self.syncs % every == 0:
+            probe_start = time.perf_counter()
+            result["probe_max_abs_logprob_diff"] = self.verify()
+            result["probe_seconds"] = time.perf_counter() - probe_start
+        self.last = result
+        return result
+
+    def verify(self) -> float:
+        """Each engine's greedy answers to the probe prompts, scored by the engine and by the
+        learner; the largest |difference| of any token's log-prob over every engine. An engine
+        past the tolerance fails the sync, named with the tensors it did not load."""
+        prompts = self.verification.prompts
+        refs = {engine.probe.remote(prompts): index for index, engine in enumerate(self.engines)}
         _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.timeout_s)
         if pending:
-            stuck = sorted(refs[ref] for ref in pending)
-            raise WeightSyncError(f"rollout engine(s) {stuck} did not confirm weight version {version} "
-                                  f"within {self.timeout_s:.0f} s")
-        versions = []
+            raise WeightSyncError(f"weight sync check: rollout engine(s) {sorted(refs[r] for r in pending)} did "
+                                  f"not answer the probe within {self.timeout_s:.0f} s")
+        answers = []
         for ref, index in refs.items():
             try:
-                versions.append(ray.get(ref))
+                answers.append(ray.get(ref))
             except ray.exceptions.RayActorError:
-                raise WeightSyncError(f"rollout engine {index} died before confirming weight version "
-                                      f"{version}") from None
-        if any(v != version for v in versions):
-            raise WeightSyncError(f"engines report weight versions {versions}, expected {version}")
-        return {"seconds": time.perf_counter() - start, "bytes": float(stats.get("bytes", 0.0)),
-                "version": float(version)}
+                raise WeightSyncError(f"weight sync check: rollout engine {index} died during the probe") from None
+        pairs = [(list(r.prompt_token_ids), list(r.response_token_ids)) for rollouts in answers for r in rollouts]
+        learner = self.learner.call(_learner_response_logprobs, pairs)[0]
+        worst, position = [], 0
+        for rollouts in answers:
+            diffs = [0.0]
+            for rollout in rollouts:
+                theirs = learner[position]
+                position += 1
+                diffs.extend(abs(a - b) for a, b in zip(rollout.response_logprobs, theirs))
+            worst.append(max(diffs))
+        for index, diff in enumerate(worst):
+            if diff > self.verification.tolerance:
+                raise SyncVerificationError(self._diagnose(index, diff))
+        return max(worst, default=0.0)
+
+    def _diagnose(self, index: int, diff: float) -> str:
+        sent = [name for name, _, _ in self.learner.weight_metadata()]
+        loaded = set(ray.get(self.engines[index].loaded_tensors.remote(), timeout=self.timeout_s))
+        missing = [name for name in sent if name not in loaded]
+        where = (f"tensor(s) it did not load in the last sync: {', '.join(missing[:5])}"
+                 f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}" if missing else
+                 "it loaded every tensor sent, each bucket intact, so its loader kept old values somewhere")
+        return (f"weight sync check: rollout engine {index} does not serve the learner's weights at version "
+                f"{self.learner.weight_version} (probe max |log-prob difference| {diff:.3g} > "
+                f"rollout.verify_tolerance={self.verification.tolerance:g}); {where}")

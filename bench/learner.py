@@ -29,6 +29,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from actors import cluster  # noqa: E402
 from actors.learner_group import LearnerGroup  # noqa: E402
 from learner.config import LearnerConfig, OptimConfig  # noqa: E402
+from personadual.algo_config import AlgoConfig  # noqa: E402
 from personadual.modes import Mode, mode_token_ids  # noqa: E402
 from personadual.records import Prompt, Rollout, Scored  # noqa: E402
 from personadual.tiny import PRESETS, build_tiny_model  # noqa: E402
@@ -60,11 +61,12 @@ def _threads(_learner) -> int:
 
 def run_one(model_dir: Path, *, zero_stage: int, ranks: int, steps: int, warmup: int, batches: list[list[Scored]],
             micro_batch_tokens: int, cpus: float, gpus: float, precision: str) -> dict:
-    config = LearnerConfig(zero_stage=zero_stage, num_ranks=ranks, precision=precision,
+    config = LearnerConfig(zero_stage=zero_stage, num_ranks=ranks, num_cpus_per_rank=cpus / ranks,
+                           num_gpus_per_rank=gpus, precision=precision,
                            micro_batch_tokens=micro_batch_tokens, optim=OptimConfig(lr=1e-5, total_steps=100))
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    group = LearnerGroup(config, model_dir, num_cpus_per_rank=cpus / ranks, num_gpus_per_rank=gpus)
+    group = LearnerGroup(config, model_dir, algo=AlgoConfig())
     startup = time.perf_counter() - start
     try:
         threads = group.call(_threads)

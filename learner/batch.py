@@ -15,10 +15,9 @@ from typing import Sequence, TypeVar
 import torch
 
 from personadual.advantage import batch_advantages, token_advantages
+from personadual.estimators import NO_MODE
 from personadual.modes import Mode
 from personadual.records import Scored
-
-NO_MODE = -1
 
 
 @dataclass
@@ -44,6 +43,15 @@ class PolicySample:
     advantage: float  # the sequence advantage; per-token weights are applied in the step
     mode: int  # 0 general, 1 personalized, -1 no valid mode (no beta-weighted prefix then)
     reward: float
+    # The engine's sampling log-prob of each response token (empty: unknown), and whether the
+    # first response token (the mode token) was forced rather than sampled.
+    engine_logprobs: list[float] = field(default_factory=list)
+    forced: bool = False
+
+    def __post_init__(self) -> None:
+        if self.engine_logprobs and len(self.engine_logprobs) != len(self.response_token_ids):
+            raise ValueError(f"PolicySample.engine_logprobs: {len(self.engine_logprobs)} for "
+                             f"{len(self.response_token_ids)} response tokens")
 
     @property
     def num_tokens(self) -> int:
@@ -55,6 +63,9 @@ class PolicyBatch:
     samples: list[PolicySample]
     # Whole-batch statistics, computed before sharding (identical on every rank).
     stats: dict[str, float] = field(default_factory=dict)
+    # The temperature the engines sampled at: their log-probs are of the tempered distribution,
+    # so the learner tempers its own the same way to compare them (mismatch, correction).
+    sampling_temperature: float = 1.0
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -64,12 +75,13 @@ class PolicyBatch:
         return sum(len(s.response_token_ids) for s in self.samples)
 
 
-def build_policy_batch(scored: Sequence[Scored], *, advantage: str = "dual", scale: str = "none") -> PolicyBatch:
+def build_policy_batch(scored: Sequence[Scored], *, advantage: str = "dual", scale: str = "none",
+                       sampling_temperature: float = 1.0) -> PolicyBatch:
     """The kept samples of a scored batch with their sequence advantages.
 
     Dropped samples (no reward) are left out before advantages are computed, so they shift
-    no group mean. Free-mode responses without a valid mode enter as mode -1 (centred on
-    their whole group by ``batch_advantages``).
+    no group mean. Free-mode responses without a valid mode enter as ``NO_MODE`` (centred on
+    their whole group by ``batch_advantages``). ``advantage`` and ``scale`` are ``algo``'s.
     """
     kept = [s for s in scored if s.status != "dropped"]
     if not kept:
@@ -83,7 +95,8 @@ def build_policy_batch(scored: Sequence[Scored], *, advantage: str = "dual", sca
     modes = torch.tensor([NO_MODE if s.rollout.mode is None else int(s.rollout.mode) for s in kept])
     advantages = batch_advantages(advantage, rewards, modes, groups, scale=scale)
     samples = [PolicySample(list(s.rollout.prompt_token_ids), list(s.rollout.response_token_ids),
-                            float(a), int(m), float(s.reward))
+                            float(a), int(m), float(s.reward), engine_logprobs=list(s.rollout.response_logprobs),
+                            forced=bool(s.rollout.forced))
                for s, a, m in zip(kept, advantages.tolist(), modes.tolist())]
     stats: dict[str, float] = {"samples": float(len(samples)), "dropped": float(len(scored) - len(kept)),
                                "reward/mean": float(rewards.mean()),
@@ -93,7 +106,7 @@ def build_policy_batch(scored: Sequence[Scored], *, advantage: str = "dual", sca
         stats[f"samples/{mode.name.lower()}"] = float(chosen.sum())
         if bool(chosen.any()):
             stats[f"reward/{mode.name.lower()}"] = float(rewards[chosen].mean())
-    return PolicyBatch(samples, stats)
+    return PolicyBatch(samples, stats, sampling_temperature)
 
 
 T = TypeVar("T")
@@ -161,6 +174,10 @@ class MicroBatch:
     targets: torch.Tensor  # (B, K) token ids to score
     response_mask: torch.Tensor  # (B, K) 1 on response tokens
     indices: list[int]  # which samples of the shard the rows are
+    # Policy samples only: the engine's sampling log-probs (B, K), and 1 on the response tokens
+    # the engine sampled (not the forced mode token; none where the engine's are unknown).
+    engine_logprobs: torch.Tensor | None = None
+    sampled_mask: torch.Tensor | None = None
 
     @property
     def logits_to_keep(self) -> int:
@@ -171,8 +188,12 @@ class MicroBatch:
         return int(self.response_mask.sum())
 
     def to(self, device: str | torch.device) -> "MicroBatch":
+        def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device)
+
         return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
-                       targets=self.targets.to(device), response_mask=self.response_mask.to(device))
+                       targets=self.targets.to(device), response_mask=self.response_mask.to(device),
+                       engine_logprobs=moved(self.engine_logprobs), sampled_mask=moved(self.sampled_mask))
 
 
 def collate(samples: Sequence[SftSample | PolicySample], indices: list[int], pad_token_id: int = 0) -> MicroBatch:
@@ -182,13 +203,22 @@ def collate(samples: Sequence[SftSample | PolicySample], indices: list[int], pad
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     response_mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    policy = all(isinstance(r, PolicySample) for r in rows)
+    engine_logprobs = torch.zeros((len(rows), width), dtype=torch.float32) if policy else None
+    sampled_mask = torch.zeros((len(rows), width), dtype=torch.float32) if policy else None
     for row, sample in enumerate(rows):
         prompt, response = len(sample.prompt_token_ids), len(sample.response_token_ids)
         input_ids[row, :prompt + response] = torch.tensor(sample.prompt_token_ids + sample.response_token_ids)
         attention_mask[row, :prompt + response] = 1
         response_mask[row, prompt:prompt + response] = 1
+        if policy and sample.engine_logprobs:
+            engine_logprobs[row, prompt:prompt + response] = torch.tensor(sample.engine_logprobs)
+            # A forced mode token was never sampled: it has no behaviour probability.
+            sampled_mask[row, prompt + (1 if sample.forced else 0):prompt + response] = 1
     return MicroBatch(input_ids, attention_mask, start, input_ids[:, start + 1:], response_mask[:, start + 1:],
-                      list(indices))
+                      list(indices),
+                      engine_logprobs[:, start + 1:] if policy else None,
+                      sampled_mask[:, start + 1:] if policy else None)
 
 
 def micro_batches(samples: Sequence[SftSample | PolicySample], micro_batch_tokens: int,
@@ -206,13 +236,11 @@ def per_row(values: Sequence[float], batch: MicroBatch, dtype: torch.dtype = tor
 def micro_batch_advantages(samples: Sequence[PolicySample], batch: MicroBatch, *, prefix_tokens: int,
                            beta: float) -> torch.Tensor:
     """(B, K) per-token advantages of a micro-batch's rows: the sequence advantage on every
-    response token, the first ``prefix_tokens`` (the mode token) times beta. A response
-    without a valid mode has no mode token, so none of its tokens is weighted."""
+    response token, the first ``prefix_tokens`` (the mode token) times beta (none for a
+    response without a valid mode: ``token_advantages``)."""
     if not batch.indices:
         return torch.zeros_like(batch.response_mask)
     device = batch.response_mask.device
     seq = torch.tensor([samples[i].advantage for i in batch.indices], dtype=torch.float32, device=device)
-    has_mode = torch.tensor([samples[i].mode >= 0 for i in batch.indices], device=device)
-    weighted = token_advantages(seq, batch.response_mask, prefix_tokens=prefix_tokens, beta=beta)
-    plain = token_advantages(seq, batch.response_mask, prefix_tokens=0, beta=beta)
-    return torch.where(has_mode.unsqueeze(1), weighted, plain)
+    modes = torch.tensor([samples[i].mode for i in batch.indices], device=device)
+    return token_advantages(seq, batch.response_mask, prefix_tokens=prefix_tokens, beta=beta, modes=modes)

@@ -1,5 +1,9 @@
-"""Learner settings: the ``learner`` section of the experiment config.
+"""Learner settings: the ``learner`` section of the experiment config, how to train.
 
+The objective (clip range, KL weight, advantage estimator, updates per batch) is the
+``algo`` section's (``personadual/algo_config.py``), handed to the learner beside this one;
+this section holds how the ranks execute it: how many and on what resources, precision,
+ZeRO stage, optimisers, micro-batch size, weight buckets, timeouts.
 Plain dataclasses with OmegaConf-compatible fields (the experiment schema embeds them).
 Values are checked on construction, so a bad value fails with one line naming its key,
 e.g. ``learner.zero_stage: expected one of [0, 1, 2, 3], got 4``.
@@ -8,13 +12,11 @@ e.g. ``learner.zero_stage: expected one of [0, 1, 2, 3], got 4``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from personadual.advantage import ADVANTAGE_KINDS
+from typing import Optional
 
 SECTION = "learner"
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 on GPU, fp32 on CPU
-ADVANTAGE_SCALES = ("none", "group_std")
 
 
 class LearnerConfigError(ValueError):
@@ -56,23 +58,19 @@ class OptimConfig:
 @dataclass
 class LearnerConfig:
     zero_stage: int = 2  # DeepSpeed ZeRO stage; 3 partitions parameters (and the reference model)
-    num_ranks: int = 1  # data-parallel learner ranks (Ray actors)
+    num_ranks: int = 1  # data-parallel learner ranks (Ray actors), one placement bundle each
+    num_cpus_per_rank: float = 1.0
+    num_gpus_per_rank: float = 0.0  # > 0 puts the ranks on GPUs
+    # Extra Ray resources each rank's bundle asks for, e.g. {node_a: 1}: pins the ranks to
+    # nodes (checked with the placement keys in actors/config.py).
+    resources: dict[str, float] = field(default_factory=dict)
     precision: str = "fp32"  # fp32 | bf16 | auto
     gradient_checkpointing: bool = False
     # Padded tokens (sequences x longest sequence) per forward/backward: long batches are
     # split into more micro-batches, so memory stays bounded whatever the batch holds.
     micro_batch_tokens: int = 4096
     max_grad_norm: float = 1.0  # 0 disables clipping
-    seed: int = 0
-    # DualGRPO objective (the driver overrides these from the ``algo`` section).
-    clip_range: float = 0.2
-    kl_coef: float = 0.04  # k3 KL to the frozen reference; 0 skips the reference model
-    beta: float = 2.0  # weight of the mode-prefix token's advantage
-    prefix_tokens: int = 1
-    advantage: str = "dual"  # dual | grpo | dual_released
-    advantage_scale: str = "none"  # none | group_std
-    ppo_epochs: int = 1  # passes over each batch; > 1 makes old and current policy differ
-    mini_batches: int = 1  # optimizer steps per pass over a batch
+    seed: Optional[int] = None  # torch's seed on every rank; None: run.seed (0 outside a run)
     # Weight export / sync.
     bucket_bytes: int = 64 << 20
     collective_timeout_s: float = 300.0
@@ -95,17 +93,13 @@ class LearnerConfig:
         key = SECTION
         _one_of(f"{key}.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _check(self.num_ranks >= 1, f"{key}.num_ranks", f"must be >= 1, got {self.num_ranks!r}")
+        # A placement bundle may not be empty: a rank's CPUs stay above zero.
+        _check(self.num_cpus_per_rank > 0, f"{key}.num_cpus_per_rank", f"must be > 0, got {self.num_cpus_per_rank!r}")
+        _check(self.num_gpus_per_rank >= 0, f"{key}.num_gpus_per_rank", f"must be >= 0, got {self.num_gpus_per_rank!r}")
         _one_of(f"{key}.precision", self.precision, PRECISIONS)
         _check(self.micro_batch_tokens >= 1, f"{key}.micro_batch_tokens",
                f"must be >= 1, got {self.micro_batch_tokens!r}")
         _check(self.max_grad_norm >= 0, f"{key}.max_grad_norm", f"must be >= 0, got {self.max_grad_norm!r}")
-        _check(0 < self.clip_range < 1, f"{key}.clip_range", f"must be in (0, 1), got {self.clip_range!r}")
-        _check(self.kl_coef >= 0, f"{key}.kl_coef", f"must be >= 0, got {self.kl_coef!r}")
-        _check(self.prefix_tokens >= 0, f"{key}.prefix_tokens", f"must be >= 0, got {self.prefix_tokens!r}")
-        _one_of(f"{key}.advantage", self.advantage, ADVANTAGE_KINDS)
-        _one_of(f"{key}.advantage_scale", self.advantage_scale, ADVANTAGE_SCALES)
-        _check(self.ppo_epochs >= 1, f"{key}.ppo_epochs", f"must be >= 1, got {self.ppo_epochs!r}")
-        _check(self.mini_batches >= 1, f"{key}.mini_batches", f"must be >= 1, got {self.mini_batches!r}")
         _check(self.bucket_bytes > 0, f"{key}.bucket_bytes", f"must be > 0, got {self.bucket_bytes!r}")
         _check(self.collective_timeout_s > 0, f"{key}.collective_timeout_s",
                f"must be > 0, got {self.collective_timeout_s!r}")
@@ -118,6 +112,10 @@ class LearnerConfig:
             optim = getattr(self, name)
             _check(isinstance(optim, OptimConfig), f"{key}.{name}", "expected an optimizer section")
             optim.validate(f"{key}.{name}")
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus_per_rank > 0 else "cpu"
 
     def resolved_precision(self, device: str) -> str:
         if self.precision != "auto":

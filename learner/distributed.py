@@ -43,7 +43,7 @@ def init_process_group(*, rank: int, world_size: int, master_address: str, maste
 def init_deepspeed_comm(backend: str, timeout_s: float) -> None:
     """DeepSpeed's comm layer over the existing group, without its shared-memory CPU op:
     that op only serves inference all-reduce and costs a ~97 s JIT build on first use
-    (DESIGN.md section 5). Marking it incompatible is the switch DeepSpeed reads."""
+    (docs/ARCHITECTURE.md, "The real stack on CPU"). Marking it incompatible is the switch DeepSpeed reads."""
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     # DeepSpeed asserts these even over a group someone else created (e.g. an in-process
     # vLLM engine's). Each rank drives one device, so its local rank is 0.

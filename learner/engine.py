@@ -5,9 +5,9 @@ it). Every public method except the metadata ones is a collective over the learn
 all ranks call it together, each with its own shard.
 
 One optimizer step = one call. Its loss is the SUM of per-token losses over the step's
-response tokens divided by their count across ALL ranks and micro-batches (DESIGN.md
-section 7); DeepSpeed averages gradients over ranks, so each rank's loss is scaled by the
-world size before backward. Micro-batches are sized by padded token count; ranks with fewer
+response tokens divided by their count across ALL ranks and micro-batches
+(docs/ARCHITECTURE.md, "Loss and weight-sync rules"); DeepSpeed averages gradients over
+ranks, so each rank's loss is scaled by the world size before backward. Micro-batches are sized by padded token count; ranks with fewer
 run empty ones so the ZeRO collectives inside forward/backward stay in lockstep.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -34,7 +35,9 @@ from learner.batch import (MicroBatch, PolicyBatch, PolicySample, SftSample, mic
 from learner.checkpoint import (LEARNER_DIR, publish, read_json, rng_state, set_rng_state, staging_dir,
                                 weights_only_loads, write_json)
 from learner.config import LearnerConfig, OptimConfig
-from learner.losses import policy_loss, sft_loss, token_entropy, token_logprobs
+from learner.losses import (MismatchSums, logprob_mismatch, policy_loss, rollout_correction_weights, sft_loss,
+                            token_entropy, token_logprobs)
+from personadual.algo_config import AlgoConfig
 from personadual.fault_hooks import fault_point
 from personadual.modes import Mode
 
@@ -70,9 +73,11 @@ def forward_logits(model: Any, batch: MicroBatch) -> torch.Tensor:
 
 
 class Learner:
-    def __init__(self, config: LearnerConfig, model_path: str | Path, *, rank: int = 0, world_size: int = 1,
-                 device: str = "cpu") -> None:
+    def __init__(self, config: LearnerConfig, model_path: str | Path, *, algo: AlgoConfig | None = None,
+                 rank: int = 0, world_size: int = 1, device: str = "cpu") -> None:
+        """``config``: how to train; ``algo``: the objective (its defaults when None)."""
         self.config = config
+        self.algo = algo if algo is not None else AlgoConfig()
         self.model_path = str(model_path)  # a local folder or a hub id
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
@@ -89,7 +94,7 @@ class Learner:
             raise RuntimeError(f"Learner: torch.distributed is rank {dist.get_rank()} of {dist.get_world_size()}, "
                                f"not rank {rank} of {world_size}")
         distributed.init_deepspeed_comm(backend, config.collective_timeout_s)
-        torch.manual_seed(config.seed)
+        torch.manual_seed(0 if config.seed is None else config.seed)
 
         self.zero3 = config.zero_stage == 3
         self._ds_config = self._deepspeed_config()
@@ -114,7 +119,7 @@ class Learner:
         zero: dict[str, Any] = {"stage": cfg.zero_stage}
         if self.zero3:
             # Without 0, parameters smaller than the threshold stay whole on every rank:
-            # with small models nothing would be partitioned (DESIGN.md section 5).
+            # with small models nothing would be partitioned (docs/ARCHITECTURE.md, "The real stack on CPU").
             zero["stage3_param_persistence_threshold"] = 0
         optim = cfg.optim
         return {
@@ -127,7 +132,8 @@ class Learner:
             "gradient_clipping": cfg.max_grad_norm,
             "zero_optimization": zero,
             "bf16": {"enabled": self.precision == "bf16"},
-            # torch's AdamW: DeepSpeed's FusedAdam costs a 139 s JIT build on CPU (DESIGN.md section 5).
+            # torch's AdamW: DeepSpeed's FusedAdam costs a 139 s JIT build on CPU
+            # (docs/ARCHITECTURE.md, "The real stack on CPU").
             "optimizer": {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
                                                       "weight_decay": optim.weight_decay, "torch_adam": True}},
             "steps_per_print": 1 << 30,
@@ -146,7 +152,7 @@ class Learner:
             return
         start = time.perf_counter()
         self._reset_optimizer(stage)
-        if stage == "rl" and self.config.kl_coef > 0:
+        if stage == "rl" and self.algo.kl_coef > 0:
             self._build_reference(None)
         self.stage = stage
         log.info("learner rank %d: %s stage from weight version %d (set-up %.1f s)", self.rank, stage,
@@ -288,11 +294,11 @@ class Learner:
         ``ppo_epochs`` passes. Old log-probabilities are this learner's own, before the
         update: with one step per batch they ARE the current ones (ratio 1, detached, the
         clipped objective's gradient still flows); otherwise a no-grad pass computes them."""
-        cfg = self.config
+        cfg, algo = self.config, self.algo
         self._enter_stage("rl")
         start = time.perf_counter()
         samples = batch.samples
-        chunks = split_even(list(range(len(samples))), cfg.mini_batches)
+        chunks = split_even(list(range(len(samples))), algo.mini_batches)
         plans = [self._plan([samples[i] for i in chunk]) for chunk in chunks]
         # micro-batch indices are relative to their chunk; make them index the shard.
         for chunk, plan in zip(chunks, plans):
@@ -301,7 +307,7 @@ class Learner:
         totals = self._lockstep(plans)
         if sum(totals) == 0:
             raise ValueError("policy step: the batch holds no response tokens")
-        advantages = [[micro_batch_advantages(samples, mb, prefix_tokens=cfg.prefix_tokens, beta=cfg.beta)
+        advantages = [[micro_batch_advantages(samples, mb, prefix_tokens=algo.prefix_tokens, beta=algo.beta)
                        for mb in plan] for plan in plans]
 
         ref_start = time.perf_counter()
@@ -311,8 +317,35 @@ class Learner:
 
         # Metric sums, reduced across ranks at the end.
         sums = {key: torch.zeros((), dtype=torch.float64, device=self.device) for key in
-                ("loss", "pg", "kl", "clipped", "ratio", "tokens", "entropy", "padded")}
+                ("loss", "pg", "kl", "clipped", "ratio", "tokens", "entropy", "padded", "correction", "corrected",
+                 "sampled")}
         mode_prob = torch.zeros(2, 2, dtype=torch.float64, device=self.device)  # [mode] -> (sum, count)
+
+        mismatch = torch.zeros(4, 3, dtype=torch.float64, device=self.device)  # abs sum, count, max, over
+
+        def row_modes_of(mb: MicroBatch) -> torch.Tensor:
+            return torch.tensor([samples[i].mode for i in mb.indices], dtype=torch.long, device=self.device)
+
+        def behaviour(logits: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+            """The policy-before-update's log-probs of the tempered distribution the engine sampled
+            from, beside the engine's own; their gap, per mode, is a metric, and their ratio the
+            rollout correction's weight. Unknown engine log-probs: sampled_mask is 0 there."""
+            tempered = token_logprobs(logits.detach() / batch.sampling_temperature, mb.targets)
+            if mb.engine_logprobs is None or not mb.indices:
+                return tempered, torch.zeros_like(tempered)
+            found = logprob_mismatch(tempered, mb.engine_logprobs, mb.sampled_mask, row_modes_of(mb),
+                                     threshold=algo.mismatch_threshold)
+            mismatch[0] += found.abs_sum
+            mismatch[1] += found.count
+            mismatch[2] = torch.maximum(mismatch[2], found.max)
+            mismatch[3] += found.over
+            return tempered, mb.sampled_mask
+
+        def correction_of(tempered: torch.Tensor, sampled: torch.Tensor, mb: MicroBatch) -> torch.Tensor | None:
+            if algo.correction == "none" or mb.engine_logprobs is None:
+                return None
+            return rollout_correction_weights(tempered, mb.engine_logprobs, sampled, kind=algo.correction,
+                                              cap=algo.rollout_correction_cap)
 
         def observe(logits: torch.Tensor, logprobs: torch.Tensor, mb: MicroBatch) -> None:
             """Entropy and mode-token probability of the policy before the update."""
@@ -326,18 +359,21 @@ class Learner:
                         mode_prob[mode, 0] += first[row]
                         mode_prob[mode, 1] += 1
 
-        single_pass = cfg.ppo_epochs == 1 and cfg.mini_batches == 1
+        single_pass = algo.ppo_epochs == 1 and algo.mini_batches == 1
         old_start = time.perf_counter()
         old: list[list[torch.Tensor]] = []
+        corrections: list[list[torch.Tensor | None]] = []
         if not single_pass:
             with torch.no_grad():
                 for plan in plans:
                     old.append([])
+                    corrections.append([])
                     for mb in plan:
                         logits = forward_logits(self.engine, mb)
                         logprobs = token_logprobs(logits, mb.targets)
                         observe(logits, logprobs, mb)
                         old[-1].append(logprobs)
+                        corrections[-1].append(correction_of(*behaviour(logits, mb), mb))
         old_time = time.perf_counter() - old_start
 
         self.engine.train()
@@ -346,7 +382,7 @@ class Learner:
         # FAULT INJECTION (tests only): rank 0's loss times NaN, so the other ranks learn of it
         # only through the all-reduced flag.
         poison = self.rank == 0 and self.steps["rl"] + 1 in cfg.fault_nan_loss_at_rl_steps
-        for epoch in range(cfg.ppo_epochs):
+        for epoch in range(algo.ppo_epochs):
             for index, plan in enumerate(plans):
                 lrs.append(self._lr())
                 loss_finite = True
@@ -355,10 +391,17 @@ class Learner:
                     logprobs = token_logprobs(logits, mb.targets)
                     if single_pass:
                         observe(logits.detach(), logprobs.detach(), mb)
+                        correction = correction_of(*behaviour(logits, mb), mb)
+                    else:
+                        correction = corrections[index][position]
                     old_logprobs = logprobs.detach() if single_pass else old[index][position]
                     parts = policy_loss(logprobs, old_logprobs, reference[index][position], advantages[index][position],
-                                        mb.response_mask, clip_range=cfg.clip_range, kl_coef=cfg.kl_coef,
-                                        denominator=max(totals[index], 1))
+                                        mb.response_mask, clip_range=algo.clip_range, kl_coef=algo.kl_coef,
+                                        denominator=max(totals[index], 1), correction=correction)
+                    if correction is not None:
+                        sums["correction"] += (correction * mb.sampled_mask).sum().double()
+                        sums["corrected"] += ((correction != 1.0).float() * mb.sampled_mask).sum().double()
+                        sums["sampled"] += mb.sampled_mask.sum().double()
                     del logits
                     if poison:
                         parts.loss = parts.loss * float("nan")
@@ -379,10 +422,13 @@ class Learner:
         train_time = time.perf_counter() - start - reference_time
 
         keys = list(sums)
-        reduced = distributed.all_reduce(torch.cat([torch.stack([sums[k] for k in keys]), mode_prob.flatten()]))
+        reduced = distributed.all_reduce(torch.cat([torch.stack([sums[k] for k in keys]), mode_prob.flatten(),
+                                                    mismatch[[0, 1, 3]].flatten()]))
         values = dict(zip(keys, reduced[:len(keys)].tolist()))
-        prob = reduced[len(keys):].view(2, 2).tolist()
-        updates = cfg.ppo_epochs * cfg.mini_batches
+        prob = reduced[len(keys):len(keys) + 4].view(2, 2).tolist()
+        mismatch_sums = reduced[len(keys) + 4:].view(3, 3).tolist()
+        mismatch_max = distributed.all_reduce(mismatch[2].clone(), dist.ReduceOp.MAX).tolist()
+        updates = algo.updates_per_step
         tokens = max(values["tokens"], 1.0)
         first_pass_tokens = float(sum(totals))
         metrics: dict[str, float] = {
@@ -411,8 +457,27 @@ class Learner:
         for mode in Mode:
             if prob[mode][1]:
                 metrics[f"mode_token_prob/{mode.name.lower()}"] = prob[mode][0] / prob[mode][1]
+        metrics.update(_mismatch_metrics(MismatchSums(*(torch.tensor(v) for v in mismatch_sums[:2]),
+                                                      torch.tensor(mismatch_max), torch.tensor(mismatch_sums[2]))))
+        if algo.correction != "none" and values["sampled"]:
+            metrics["rollout_correction/weight_mean"] = values["correction"] / values["sampled"]
+            metrics["rollout_correction/corrected_fraction"] = values["corrected"] / values["sampled"]
         metrics.update(batch.stats)
         return metrics
+
+    @torch.no_grad()
+    def response_logprobs(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[list[float]]:
+        """log p(response token) under the current policy (temperature 1) for each (prompt ids,
+        response ids) pair: what an engine serving these weights reports for greedy answers.
+        A collective under ZeRO-3: every rank calls it with the same pairs."""
+        samples = [SftSample(list(prompt), list(response)) for prompt, response in pairs]
+        found: list[list[float]] = [[] for _ in samples]
+        self.engine.eval()
+        for batch in self._plan(samples):
+            logprobs = token_logprobs(forward_logits(self.engine, batch), batch.targets)
+            for row, index in enumerate(batch.indices):
+                found[index] = logprobs[row][batch.response_mask[row] > 0].tolist()
+        return found
 
     # ---- weights ------------------------------------------------------------------------
     def weight_metadata(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -454,10 +519,15 @@ class Learner:
         distributed.barrier()
 
     # ---- checkpoints --------------------------------------------------------------------
-    def save_checkpoint(self, path: str | Path, client_state: dict[str, Any]) -> None:
+    def save_checkpoint(self, path: str | Path, client_state: dict[str, Any],
+                        reference_dir: str | Path | None = None) -> None:
         """Model, optimizer, scheduler, step counters, RNG, the reference (in the RL stage) and
         the caller's ``client_state`` (JSON: e.g. the data position), under ``path/learner``,
-        which appears only complete."""
+        which appears only complete.
+
+        The reference is frozen for the whole RL stage, so with ``reference_dir`` it is written
+        there once (skipped when already complete) and the checkpoint only names it, instead of
+        a full copy of the model in every checkpoint."""
         final = Path(path) / LEARNER_DIR
         staging = staging_dir(final)
         if self.rank == 0:
@@ -467,7 +537,18 @@ class Learner:
         self.engine.save_checkpoint(str(staging / "deepspeed"), tag=DS_TAG, save_latest=False)
         fault_point("save", f"rank{self.rank}")  # tests crash a save here: written, not yet published
         write_json(staging / f"rng_rank{self.rank}.json", rng_state())
-        if self.reference is not None:
+        reference_link = None
+        if self.reference is not None and reference_dir is not None:
+            shared = Path(reference_dir)
+            if not (shared / "config.json").is_file():  # published whole, so present means complete
+                if self.rank == 0:
+                    shutil.rmtree(staging_dir(shared), ignore_errors=True)
+                    shared.parent.mkdir(parents=True, exist_ok=True)
+                self._write_hf(self.reference, staging_dir(shared), tokenizer=False)
+                if self.rank == 0:
+                    publish(staging_dir(shared), shared)
+            reference_link = os.path.relpath(shared, final)
+        elif self.reference is not None:
             self._write_hf(self.reference, staging / "reference", tokenizer=False)
         distributed.barrier()
         if self.rank == 0:
@@ -475,7 +556,8 @@ class Learner:
             write_json(staging / "learner_state.json", {
                 "stage": self.stage, "weight_version": self.weight_version, "steps": self.steps,
                 "world_size": self.world_size, "zero_stage": self.config.zero_stage, "precision": self.precision,
-                "has_reference": self.reference is not None, "config": asdict(self.config)})
+                "has_reference": self.reference is not None, "reference_dir": reference_link,
+                "config": asdict(self.config), "algo": asdict(self.algo)})
             publish(staging, final)
         distributed.barrier()
 
@@ -493,7 +575,11 @@ class Learner:
             self._reset_optimizer(stage)
         self.reference = None
         if state["has_reference"]:
-            self._build_reference(root / "reference")
+            linked = state.get("reference_dir")
+            reference = (root / linked).resolve() if linked else root / "reference"
+            if not (reference / "config.json").is_file():
+                raise FileNotFoundError(f"checkpoint {path}: its reference model {reference} is missing")
+            self._build_reference(reference)
         with weights_only_loads(self.engine):
             self.engine.load_checkpoint(str(root / "deepspeed"), tag=DS_TAG, load_optimizer_states=True,
                                         load_lr_scheduler_states=True)
@@ -521,6 +607,27 @@ def _param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
     if rest:
         groups.append({"params": rest, "decay": False, "weight_decay": 0.0})
     return groups
+
+
+MISMATCH_SLOTS = ("general", "personalized", "none")
+
+
+def _mismatch_metrics(found: MismatchSums) -> dict[str, float]:
+    """mismatch/<mode>/{mean,max,over_fraction} over the engine-sampled tokens of each mode
+    (a mode without sampled tokens is left out, not NaN), and the same over all modes."""
+    metrics: dict[str, float] = {}
+    for index, name in enumerate(MISMATCH_SLOTS):
+        count = float(found.count[index])
+        if count:
+            metrics[f"mismatch/{name}/mean"] = float(found.abs_sum[index]) / count
+            metrics[f"mismatch/{name}/max"] = float(found.max[index])
+            metrics[f"mismatch/{name}/over_fraction"] = float(found.over[index]) / count
+    total = float(found.count.sum())
+    if total:
+        metrics["mismatch/mean"] = float(found.abs_sum.sum()) / total
+        metrics["mismatch/max"] = float(found.max.max())
+        metrics["mismatch/over_fraction"] = float(found.over.sum()) / total
+    return metrics
 
 
 def _first_response_logprob(logprobs: torch.Tensor, batch: MicroBatch) -> torch.Tensor:

@@ -8,6 +8,7 @@ on CPU our "gloo" one below (the worker side is rollout/transfer_gloo.py). Both 
 
 from __future__ import annotations
 
+import inspect
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,9 +19,18 @@ from vllm.distributed.weight_transfer.base import (ParamMeta, TrainerInitInfo, T
                                                    VLLMWeightSyncClient, WeightSource)
 from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-from personadual.weight_wire import TensorMeta, open_transfer_group, send_buckets
+from personadual.weight_wire import BucketBroadcastError, TensorMeta, open_transfer_group, send_buckets
 
 GLOO = "gloo"
+# After a bucket failed, how long (in collective timeouts, plus a margin) to wait for the
+# engines' side of the update to say which engine failed it (actors/weight_sync.py waits one
+# timeout, then one more for the engines stuck beside a frozen one).
+BLAME_TIMEOUTS = 2
+BLAME_MARGIN_S = 10.0
+
+
+class WeightSendError(RuntimeError):
+    """A failed weight send; the message names the engine(s) and the bucket when known."""
 
 
 class LearnerWeightSource(WeightSource):
@@ -94,6 +104,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                        "shapes": [list(m.shape) for m in metas], "bucket_bytes": self.bucket_bytes}
         self.client.start_weight_update()
         pool = ThreadPoolExecutor(max_workers=1)
+        checksums: list[int | None] = []
         try:
             future = pool.submit(self.client.update_weights, update_info)
 
@@ -101,17 +112,40 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                 if future.done():
                     future.result()
 
-            sent_bytes = send_buckets(self.group, metas, _checked(source, metas), self.bucket_bytes,
-                                      before_each=surface_worker_failure)
+            try:
+                sent_bytes = send_buckets(self.group, metas, _checked(source, metas), self.bucket_bytes,
+                                          before_each=surface_worker_failure, checksums=checksums)
+            except BucketBroadcastError as error:
+                grace = BLAME_TIMEOUTS * getattr(self.client, "timeout_s", 0.0) + BLAME_MARGIN_S
+                raise _blame(error, future, grace) from error
             future.result()
         finally:
             # Never join a worker RPC stuck in a broken collective: let the error out.
             pool.shutdown(wait=False)
-        self.client.finish_weight_update()
-        self.last_round = {"seconds": time.perf_counter() - start, "bytes": float(sent_bytes)}
+        # The version (set on the client by the caller) and the checksums travel with the finish,
+        # to clients that take them (actors/weight_sync.py); vLLM's own client protocol has none.
+        finish = self.client.finish_weight_update
+        if "checksums" in inspect.signature(finish).parameters:
+            finish(checksums=checksums)
+        else:
+            finish()
+        self.last_round = {"seconds": time.perf_counter() - start, "bytes": float(sent_bytes),
+                           "buckets": float(len(checksums))}
 
     def shutdown(self) -> None:
         self.group = None
+
+
+def _blame(error: BucketBroadcastError, engines_side: Any, grace_s: float) -> Exception:
+    """One error naming the bucket that failed and, from the engines' side of the update
+    (which names a frozen, dead or failing engine), the engine: the gloo error alone names
+    neither."""
+    try:
+        engines_side.result(timeout=grace_s)
+    except Exception as engine_error:  # noqa: BLE001  (its message is the point)
+        first = str(engine_error).strip().splitlines()[0] if str(engine_error).strip() else type(engine_error).__name__
+        return WeightSendError(f"weight sync: {first.removeprefix('weight sync: ')}; {error}")
+    return WeightSendError(f"weight sync: {error}")
 
 
 def _checked(source: WeightSource, metas: list[TensorMeta]) -> Iterator[torch.Tensor]:

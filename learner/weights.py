@@ -3,7 +3,7 @@
 Names are the module's state-dict names, i.e. the HF checkpoint names that vLLM's
 ``load_weights`` expects (``model.layers.0.self_attn.q_proj.weight``, ``lm_head.weight``).
 EVERY persistent tensor is listed, tied duplicates included: an update that lacks
-``lm_head.weight`` silently keeps the old head in vLLM (DESIGN.md section 5).
+``lm_head.weight`` silently keeps the old head in vLLM (docs/ARCHITECTURE.md, "The real stack on CPU").
 
 Under ZeRO-3, gathering is a collective: every rank must iterate in lockstep.
 """

@@ -1,4 +1,4 @@
-"""Evaluation metrics: accuracy and mode choice per persona setting (DESIGN.md section 4)."""
+"""Evaluation metrics: accuracy and mode choice per persona setting (docs/ARCHITECTURE.md, "The run folder")."""
 
 from __future__ import annotations
 

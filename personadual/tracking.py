@@ -1,4 +1,4 @@
-"""The run folder (DESIGN.md section 4) and what is logged to it and to W&B.
+"""The run folder (docs/ARCHITECTURE.md, "The run folder") and what is logged to it and to W&B.
 
 Secrets never reach the run folder: configs carry only the NAME of the environment
 variable that holds a key, and every value written here is also scrubbed of the values
@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -52,49 +53,93 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class WandbSettings:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "personadual"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    name: str | None = None  # default: the run folder's name
+
+
 class RunTracker:
-    """Appends one JSON object per step to metrics.jsonl and mirrors it to W&B."""
+    """Appends one JSON object per record to metrics.jsonl and mirrors it to W&B.
+
+    W&B keeps one monotonic history: every record is logged at its ``global_step`` (SFT
+    steps, then RL steps counted on from the last SFT step; an eval at the step it follows),
+    so nothing a later stage logs is dropped as "partial history" the way a stage step that
+    restarts at 1 is. Records keep their stage's own ``step`` (and RL rows an ``rl_step``
+    key for plotting against RL steps)."""
 
     def __init__(self, run_dir: Path, *, config: dict[str, Any], secret_env: Iterable[str],
-                 wandb_mode: str = "offline", wandb_project: str = "personadual",
-                 resume: bool = False) -> None:
+                 wandb: WandbSettings | None = None, resume: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.secrets = secret_values(secret_env)
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.settings = wandb or WandbSettings()
         self._wandb = None
-        if wandb_mode != "disabled":
-            import wandb
+        self._last_step = -1
+        if self.settings.mode != "disabled":
+            import wandb as wandb_lib
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            self._wandb = wandb.init(
-                project=wandb_project, name=self.run_dir.name, dir=str(self.run_dir), mode=wandb_mode,
-                config=scrub(config, self.secrets), resume="allow" if resume else None,
-                id=self.run_dir.name,
+            self._wandb = wandb_lib.init(
+                project=self.settings.project, entity=self.settings.entity, group=self.settings.group,
+                tags=list(self.settings.tags) or None, name=self.settings.name or self.run_dir.name,
+                dir=str(self.run_dir), mode=self.settings.mode, config=scrub(config, self.secrets),
+                resume="allow" if resume else None, id=self.run_dir.name,
             )
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        record = scrub(_jsonable({"step": step, "time": time.time(), **metrics}), self.secrets)
+    def describe(self) -> str:
+        """Where the W&B run is, for the console."""
+        if self._wandb is None:
+            return "W&B: disabled (wandb.mode=disabled)"
+        if self.settings.mode == "online":
+            return f"W&B: {self._wandb.url}"
+        return f"W&B (offline): {Path(self._wandb.dir).parent}"
+
+    def sync_hint(self) -> str | None:
+        """The command that uploads an offline run (None for online or disabled)."""
+        if self._wandb is None or self.settings.mode != "offline":
+            return None
+        return f"wandb sync {Path(self._wandb.dir).parent}"
+
+    def log(self, global_step: int, record: dict[str, Any]) -> None:
+        record = scrub(_jsonable({"global_step": global_step, "timestamp": time.time(), **record}), self.secrets)
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         if self._wandb is not None:
-            flat = {k: v for k, v in _flatten(record).items() if isinstance(v, (int, float))}
-            self._wandb.log(flat, step=step)
+            skip = {"global_step", "timestamp", "step"}
+            flat = {k: v for k, v in _flatten(record).items()
+                    if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self._wandb_log(global_step, flat)
 
-    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
-        """A table of sample rollouts (W&B table, and samples.jsonl in the run folder)."""
+    def _wandb_log(self, global_step: int, values: dict[str, Any]) -> None:
+        # W&B drops a row whose step is below one already logged; after a resume the steps
+        # before the checkpoint are already there.
+        if global_step < self._last_step:
+            return
+        self._last_step = global_step
+        self._wandb.log(values, step=global_step)
+
+    def log_samples(self, global_step: int, table: str, rows: list[dict[str, Any]]) -> None:
+        """Sample rollouts: rows in samples.jsonl (with ``table``) and a W&B table ``table``
+        (e.g. ``rollout/samples``, ``eval/samples``)."""
         rows = scrub(_jsonable(rows), self.secrets)
         with (self.run_dir / "samples.jsonl").open("a") as handle:
             for row in rows:
-                handle.write(json.dumps({"step": step, **row}, sort_keys=True) + "\n")
+                handle.write(json.dumps({"global_step": global_step, "table": table, **row}, sort_keys=True) + "\n")
         if self._wandb is not None and rows:
-            import wandb
+            import wandb as wandb_lib
 
-            columns = sorted(rows[0])
-            table = wandb.Table(columns=columns, data=[[str(row.get(c, "")) for c in columns] for row in rows])
-            self._wandb.log({"eval/samples": table}, step=step)
+            columns = list(rows[0])
+            data = [[row.get(c) if isinstance(row.get(c), (int, float)) else str(row.get(c, "")) for c in columns]
+                    for row in rows]
+            self._wandb_log(global_step, {table: wandb_lib.Table(columns=columns, data=data)})
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.run_dir / "summary.json", scrub(summary, self.secrets))
@@ -104,9 +149,15 @@ class RunTracker:
                     self._wandb.summary[key] = value
 
     def finish(self) -> None:
+        """End the W&B run with its offline file complete on disk: ``finish`` alone returns
+        while wandb's service process may still be writing it (read back at once, the file held
+        only its header); ``teardown`` waits for that process to flush and exit."""
         if self._wandb is not None:
+            import wandb as wandb_lib
+
             self._wandb.finish()
             self._wandb = None
+            wandb_lib.teardown()
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -3,18 +3,21 @@
 Sender and receivers derive the same bucket plan from the same metadata (names, dtypes,
 shapes and the bucket size), so one broadcast per bucket carries many parameters and no
 per-bucket header travels. Per-parameter broadcasts are a known bottleneck of older
-trainers (DESIGN.md section 7).
+trainers (docs/ARCHITECTURE.md, "Loss and weight-sync rules").
 """
 
 from __future__ import annotations
 
 import datetime
 import math
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+
+from personadual.fault_hooks import fault_point, fault_text
 
 
 @dataclass(frozen=True)
@@ -90,27 +93,101 @@ def open_transfer_group(host: str, port: int, rank: int, world_size: int,
     return dist.ProcessGroupGloo(store, rank, world_size, timeout)
 
 
+class BucketBroadcastError(RuntimeError):
+    """A bucket's broadcast failed (a peer died, froze past the timeout, or left the group);
+    the message names the bucket and its first tensor."""
+
+    def __init__(self, index: int, total: int, names: Sequence[str], cause: BaseException) -> None:
+        self.index, self.total, self.names = index, total, list(names)
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        super().__init__(f"bucket {index + 1} of {total} ({names[0]}{' ...' if len(names) > 1 else ''}) "
+                         f"did not go through: {first}")
+
+
+def bucket_checksum(buffer: torch.Tensor) -> int | None:
+    """CRC-32 of a host bucket's bytes; None for device memory (copying a GPU bucket back to
+    the host to check it would cost more than the transfer: the probe check covers those)."""
+    if buffer.device.type != "cpu":
+        return None
+    return zlib.crc32(buffer.numpy().data) if buffer.numel() else 0
+
+
+def _acknowledge(group: dist.ProcessGroup) -> None:
+    """Every member confirms it holds the bucket: a one-element all-reduce. Without it a
+    broadcast into a frozen peer's socket buffers "succeeds", and the sender only learns of
+    the freeze at the end of the update, not at the bucket it happened in."""
+    group.allreduce([torch.ones(1, dtype=torch.int32)]).wait()
+
+
+def _corrupt_if_asked(buffer: torch.Tensor) -> None:
+    """FAULT INJECTION (tests only): flip one byte of a bucket after its checksum was taken."""
+    if buffer.numel() and fault_text("corrupt_bucket") is not None:
+        buffer[buffer.numel() // 2] ^= 0xFF
+
+
 def send_buckets(group: dist.ProcessGroup, metas: Sequence[TensorMeta], tensors: Iterator[torch.Tensor],
-                 bucket_bytes: int, *, before_each: Callable[[], None] | None = None) -> int:
+                 bucket_bytes: int, *, before_each: Callable[[], None] | None = None,
+                 checksums: list[int | None] | None = None) -> int:
     """Broadcast ``tensors`` (in ``metas`` order) from rank 0, one collective per bucket;
     ``before_each`` runs before every broadcast (a chance to surface a receiver's failure
-    instead of blocking on it). Returns the bytes sent."""
+    instead of blocking on it); each bucket's ``bucket_checksum`` is appended to ``checksums``.
+    Returns the bytes sent; a failed broadcast raises ``BucketBroadcastError``."""
     sent = 0
-    for bucket in plan_buckets(metas, bucket_bytes):
+    plan = plan_buckets(metas, bucket_bytes)
+    for index, bucket in enumerate(plan):
         buffer = pack(next(tensors) for _ in bucket)
+        if checksums is not None:
+            checksums.append(bucket_checksum(buffer))
+        _corrupt_if_asked(buffer)
         if before_each is not None:
             before_each()
-        group.broadcast(buffer, 0).wait()
+        try:
+            group.broadcast(buffer, 0).wait()
+            _acknowledge(group)
+        except RuntimeError as error:  # gloo: a timeout, or a peer's connection closed
+            raise BucketBroadcastError(index, len(plan), [metas[i].name for i in bucket], error) from error
         sent += buffer.numel()
     return sent
 
 
-def receive_buckets(group: dist.ProcessGroup, metas: Sequence[TensorMeta],
-                    bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+@dataclass
+class ReceivedUpdate:
+    """What a receiver got in its last update: each bucket's checksum and the tensors it
+    handed on to be loaded (compared with the sender's at the end of the update)."""
+
+    checksums: list[int | None] = field(default_factory=list)
+    loaded: list[str] = field(default_factory=list)
+    buckets: list[list[str]] = field(default_factory=list)
+
+    def mismatch(self, sent: Sequence[int | None]) -> str | None:
+        """None when every bucket arrived as sent; else which bucket differs."""
+        if len(sent) != len(self.checksums):
+            return f"{len(self.checksums)} buckets received, {len(sent)} sent"
+        for index, (mine, theirs) in enumerate(zip(self.checksums, sent)):
+            if mine is not None and theirs is not None and mine != theirs:
+                names = self.buckets[index]
+                return (f"bucket {index + 1} of {len(sent)} ({names[0]}{' ...' if len(names) > 1 else ''}) "
+                        f"arrived with checksum {mine:#010x}, sent with {theirs:#010x}")
+        return None
+
+
+def receive_buckets(group: dist.ProcessGroup, metas: Sequence[TensorMeta], bucket_bytes: int,
+                    record: ReceivedUpdate | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """The receiving side of ``send_buckets``: each bucket's (name, tensor) pairs, as views
-    of a fresh host buffer."""
-    for bucket in plan_buckets(metas, bucket_bytes):
+    of a fresh host buffer; ``record`` (reset here) notes each bucket's checksum and the
+    tensors handed on."""
+    if record is not None:
+        record.checksums.clear(), record.loaded.clear(), record.buckets.clear()
+    skip = fault_text("skip_tensor")  # FAULT INJECTION (tests only): a tensor silently not loaded
+    for number, bucket in enumerate(plan_buckets(metas, bucket_bytes), start=1):
+        fault_point("bucket", str(number))  # tests freeze or kill a receiver before bucket N
         bucket_metas = [metas[i] for i in bucket]
         buffer = torch.empty(bucket_nbytes(metas, bucket), dtype=torch.uint8)
         group.broadcast(buffer, 0).wait()
-        yield list(unpack(buffer, bucket_metas))
+        _acknowledge(group)
+        named = [(name, tensor) for name, tensor in unpack(buffer, bucket_metas) if name != skip]
+        if record is not None:
+            record.checksums.append(bucket_checksum(buffer))
+            record.buckets.append([m.name for m in bucket_metas])
+            record.loaded.extend(name for name, _ in named)
+        yield named

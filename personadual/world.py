@@ -10,8 +10,8 @@ this kind?), and the best policy is personalized mode for aligned personas, gene
 for unaligned ones. Personalized questions ask which of two options suits the user; only
 the persona's stated preference decides, so personalized mode is the best policy there.
 
-Entities come in four pools (DESIGN.md section 8, measured pitfall: aligned examples teach
-the fact they carry):
+Entities come in four pools (docs/ARCHITECTURE.md, "The synthetic persona world": aligned
+examples teach the fact they carry):
 - known: asked with and without personas in training, so their facts are learnable;
 - cue_only: asked once, with an aligned persona, to teach reading the persona;
 - cue_misleading: asked once, with an unaligned persona. Without them every unfamiliar

@@ -102,12 +102,19 @@ class RewardConfig:
     # regexes and sympy get slow on very long text, and the final answer is at the end.
     math_max_chars: int = 2000
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    # The reward workers (Ray actors), one placement bundle each; extra Ray resources pin them
+    # to nodes (checked with the placement keys in actors/config.py).
+    num_workers: int = 1
+    num_cpus_per_worker: float = 0.1
+    resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _non_negative(f"{SECTION}.accuracy_weight", self.accuracy_weight)
         _non_negative(f"{SECTION}.format_weight", self.format_weight)
         _one_of(f"{SECTION}.format_check", self.format_check, FORMAT_CHECKS)
         _positive(f"{SECTION}.math_max_chars", self.math_max_chars)
+        _positive(f"{SECTION}.num_workers", self.num_workers)
+        _positive(f"{SECTION}.num_cpus_per_worker", self.num_cpus_per_worker)
         if isinstance(self.judge, dict):  # built from plain YAML/JSON rather than OmegaConf
             unknown = sorted(set(self.judge) - set(JudgeConfig.__dataclass_fields__))
             if unknown:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 ENGINES = ("vllm", "hf")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -15,8 +16,12 @@ class SamplingConfig:
     temperature: float = 0.6  # the paper's rollout temperature
     top_p: float = 1.0
     max_response_tokens: int = 48  # the whole response, the mode token included
-    n_per_mode: int = 4  # used when a caller passes no n
-    seed: int = 0  # the engine's stream for requests without a seed (the driver seeds its own)
+    # The engine's stream for requests without a seed (the driver seeds its own), plus the
+    # engine's index; None: run.seed (0 outside a run).
+    seed: Optional[int] = None
+
+    def engine_seed(self, engine_index: int) -> int:
+        return (0 if self.seed is None else self.seed) + engine_index
 
     def validate(self, prefix: str = "rollout.sampling") -> None:
         if self.temperature < 0:
@@ -26,8 +31,6 @@ class SamplingConfig:
         if self.max_response_tokens < 2:
             # A forced response needs room for the mode token and at least one sampled token.
             raise ValueError(f"{prefix}.max_response_tokens: must be >= 2, got {self.max_response_tokens}")
-        if self.n_per_mode < 1:
-            raise ValueError(f"{prefix}.n_per_mode: must be >= 1, got {self.n_per_mode}")
 
 
 @dataclass
@@ -37,11 +40,23 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     num_cpus_per_engine: float = 1.0
     num_gpus_per_engine: float = 0.0  # > 0 puts the engine on GPUs (tensor_parallel_size of them)
+    # Extra Ray resources each engine's bundles ask for, e.g. {node_b: 1}: pins the engines to
+    # nodes (checked with the placement keys in actors/config.py).
+    resources: dict[str, float] = field(default_factory=dict)
     max_model_len: int = 512  # prompt + response tokens
     dtype: str = "float32"
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool = True
     weight_transfer_backend: str = "auto"  # auto | gloo | nccl | none
+    # An engine whose generation call runs longer is taken for hung: killed, replaced, resynced,
+    # and its prompts generated again with the same seeds (actors/driver.py).
+    generate_timeout_s: float = 1800.0
+    # Every verify_every weight syncs (0: never) the engines' log-probs of their greedy answers to
+    # a fixed probe batch are compared with the learner's; past verify_tolerance the run stops.
+    verify_every: int = 10
+    # null: 0.01 when the engines and the learner both compute in fp32 (measured on CPU: ~1e-6),
+    # else 0.25 (bf16 log-probs of two different kernels drift apart; not measured here).
+    verify_tolerance: Optional[float] = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def validate(self, prefix: str = "rollout") -> None:
@@ -70,4 +85,10 @@ class RolloutConfig:
         if self.max_model_len <= self.sampling.max_response_tokens:
             raise ValueError(f"{prefix}.max_model_len: {self.max_model_len} leaves no room for a prompt "
                              f"beside {self.sampling.max_response_tokens} response tokens")
+        if self.generate_timeout_s <= 0:
+            raise ValueError(f"{prefix}.generate_timeout_s: must be > 0, got {self.generate_timeout_s}")
+        if self.verify_every < 0:
+            raise ValueError(f"{prefix}.verify_every: must be >= 0, got {self.verify_every}")
+        if self.verify_tolerance is not None and self.verify_tolerance <= 0:
+            raise ValueError(f"{prefix}.verify_tolerance: must be > 0, got {self.verify_tolerance}")
         self.sampling.validate(f"{prefix}.sampling")

@@ -7,6 +7,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 from personadual.modes import Mode
 from personadual.records import Prompt, Rollout
+from personadual.weight_wire import ReceivedUpdate
 from rollout.config import RolloutConfig
 from rollout.weights import NamedTensors
 
@@ -24,15 +25,14 @@ class RolloutEngine(Protocol):
 
     weight_version: int
 
-    def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int | None = None,
+    def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int,
                  greedy: bool = False, histories: Sequence[Sequence[dict[str, str]]] | None = None,
                  modes: Sequence[Mode] | None = None, seeds: Sequence[int] | None = None) -> list[Rollout]:
         """forced=True: for each prompt, n responses forced to start with each mode of
         ``modes`` (default both: 2n per prompt). forced=False: n responses per prompt whose
         mode is read from the first sampled token (None when it is not a mode token).
-        ``n`` defaults to ``sampling.n_per_mode``; ``histories`` holds earlier chat turns;
-        ``seeds`` (one per prompt) make the samples a function of the seeds, not of the
-        engine's history."""
+        ``histories`` holds earlier chat turns; ``seeds`` (one per prompt) make the samples a
+        function of the seeds, not of the engine's history."""
         ...
 
     def load_weights(self, named_tensors: NamedTensors, version: int | None = None) -> int:
@@ -52,7 +52,16 @@ class RolloutEngine(Protocol):
 
     def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None: ...
 
-    def finish_weight_update(self, weight_version: str | int | None = None) -> None: ...
+    def finish_weight_update(self, weight_version: str | int | None = None,
+                             checksums: Sequence[int | None] | None = None) -> None:
+        """End an update: the weights go live and the version becomes ``weight_version``;
+        with the sender's per-bucket ``checksums``, a bucket that arrived otherwise than it
+        was sent raises ``CorruptUpdateError``."""
+        ...
+
+    def loaded_tensors(self) -> list[str]:
+        """The tensors handed to the model in the last transfer-engine update."""
+        ...
 
     def shutdown_weight_transfer_engine(self) -> None: ...
 
@@ -72,6 +81,19 @@ def make_engine(model_path: str | Path, config: RolloutConfig, *, engine_index: 
     from rollout.hf_engine import HfEngine
 
     return HfEngine(model_path, config, engine_index=engine_index)
+
+
+class CorruptUpdateError(RuntimeError):
+    """A weight update whose received bytes differ from what the learner sent."""
+
+
+def check_received(received: ReceivedUpdate, checksums: Sequence[int | None] | None) -> None:
+    """Compare what arrived with the sender's checksums (None: nothing to compare)."""
+    if checksums is None:
+        return
+    mismatch = received.mismatch(list(checksums))
+    if mismatch is not None:
+        raise CorruptUpdateError(f"weight update corrupted in transit: {mismatch}")
 
 
 def parse_version(version: str | int, current: int) -> int:

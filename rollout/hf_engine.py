@@ -21,9 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from personadual.modes import Mode
 from personadual.records import Prompt, Rollout
 from personadual.seeds import derive_seed
-from personadual.weight_wire import TensorMeta, open_transfer_group, receive_buckets
+from personadual.weight_wire import ReceivedUpdate, TensorMeta, open_transfer_group, receive_buckets
 from rollout.config import RolloutConfig
-from rollout.engine import parse_version
+from rollout.engine import check_received, parse_version
 from rollout.requests import GenerationRequest, PromptCodec, Sample
 from rollout.weights import NamedTensors, as_list, check_names
 
@@ -47,18 +47,18 @@ class HfEngine:
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
             self.pad_token_id = self.codec.stop_token_ids[0]
-        torch.manual_seed(config.sampling.seed + engine_index)
+        torch.manual_seed(config.sampling.engine_seed(engine_index))
         self._parameters = dict(self.model.named_parameters())  # tied weights appear once
         self._aliases = set(self.model.state_dict()) - set(self._parameters)
         self._group = None
         self._updating = False
+        self._received = ReceivedUpdate()
         self.last_receive_s = 0.0
 
     # ---- generation ---------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int | None = None,
+    def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int,
                  greedy: bool = False, histories: Sequence[Sequence[dict[str, str]]] | None = None,
                  modes: Sequence[Mode] | None = None, seeds: Sequence[int] | None = None) -> list[Rollout]:
-        n = self.config.sampling.n_per_mode if n is None else n
         requests = self.codec.plan(prompts, forced=forced, n=n, histories=histories, modes=modes, seeds=seeds)
         samples: list[list[Sample] | None] = [None] * len(requests)
         by_budget: dict[int, list[int]] = {}
@@ -159,6 +159,7 @@ class HfEngine:
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         if self.weight_transfer_backend() is None:
             raise RuntimeError("rollout.weight_transfer_backend is none: no transfer group")
+        self._updating = False  # a new group after a failed sync: an update cut short is abandoned
         self._group = open_transfer_group(init_info["master_address"], int(init_info["master_port"]),
                                           int(init_info["rank_offset"]), int(init_info["world_size"]),
                                           float(init_info.get("timeout_s", 300.0)))
@@ -178,16 +179,21 @@ class HfEngine:
         metas = [TensorMeta(n, d, tuple(s)) for n, d, s in zip(info["names"], info["dtype_names"], info["shapes"])]
         check_names((m.name for m in metas), set(self._parameters), aliases=self._aliases)
         start = time.perf_counter()
-        for named in receive_buckets(self._group, metas, int(info["bucket_bytes"])):
+        for named in receive_buckets(self._group, metas, int(info["bucket_bytes"]), self._received):
             self._copy_in(named)
         self.last_receive_s = time.perf_counter() - start
 
-    def finish_weight_update(self, weight_version: str | int | None = None) -> None:
+    def finish_weight_update(self, weight_version: str | int | None = None,
+                             checksums: Sequence[int | None] | None = None) -> None:
         if not self._updating:
             raise RuntimeError("finish_weight_update called without a matching start_weight_update")
         self._updating = False
+        check_received(self._received, checksums)
         if weight_version is not None:
             self.update_weight_version(weight_version)
+
+    def loaded_tensors(self) -> list[str]:
+        return list(self._received.loaded)
 
     def shutdown_weight_transfer_engine(self) -> None:
         self._group = None

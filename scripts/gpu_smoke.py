@@ -161,6 +161,7 @@ def rl_steps(args: argparse.Namespace, model_path: Path) -> bool:
     from learner.batch import build_policy_batch
     from learner.config import LearnerConfig, OptimConfig
     from learner.engine import Learner
+    from personadual.algo_config import AlgoConfig
     from personadual.records import Scored
     from rewards.config import RewardConfig
     from rewards.exact_match import ExactMatchScorer
@@ -168,8 +169,7 @@ def rl_steps(args: argparse.Namespace, model_path: Path) -> bool:
     engine_kind = "vllm" if REPORT["versions"]["vllm"] and args.device == "cuda" else "hf"
     if engine_kind == "hf" and args.device == "cuda":
         REPORT["not_run"]["vllm_engine"] = "vllm does not import on this machine: the HF engine generated instead"
-    sampling = {"temperature": 0.6, "max_response_tokens": args.max_response_tokens, "n_per_mode": args.n_per_mode,
-                "seed": 0}
+    sampling = {"temperature": 0.6, "max_response_tokens": args.max_response_tokens, "seed": 0}
     on_gpu = args.device == "cuda"
     engine_fields = {"engine": engine_kind, "num_gpus_per_engine": 1.0 if on_gpu else 0.0,
                      "dtype": "bfloat16" if on_gpu else "float32",
@@ -180,10 +180,11 @@ def rl_steps(args: argparse.Namespace, model_path: Path) -> bool:
     emit("engine_start", seconds=round(time.perf_counter() - start, 2), **engine.info)
 
     start = time.perf_counter()
-    config = LearnerConfig(zero_stage=2, precision="auto", kl_coef=0.04, beta=2.0, micro_batch_tokens=32768,
+    config = LearnerConfig(zero_stage=2, precision="auto", micro_batch_tokens=32768,
                            collective_timeout_s=args.timeout_s,
                            optim=OptimConfig(lr=args.lr, schedule="constant", total_steps=args.steps))
-    learner = Learner(config, model_path, device=args.device)
+    algo = AlgoConfig(n_per_mode=args.n_per_mode, advantage="dual", kl_coef=0.04, beta=2.0)
+    learner = Learner(config, model_path, algo=algo, device=args.device)
     emit("learner_start", seconds=round(time.perf_counter() - start, 2), backend=dist.get_backend(),
          precision=learner.precision, zero_stage=config.zero_stage,
          parameters=sum(p.numel() for p in learner.engine.module.parameters()),
@@ -202,7 +203,7 @@ def rl_steps(args: argparse.Namespace, model_path: Path) -> bool:
     for step in range(1, args.steps + 1):
         batch_prompts = rng.sample(prompts, args.prompts)
         t0 = time.perf_counter()
-        rollouts = engine.call("generate", batch_prompts, forced=True, n=args.n_per_mode)
+        rollouts = engine.call("generate", batch_prompts, forced=True, n=algo.n_per_mode)
         t1 = time.perf_counter()
         scored = []
         for rollout in rollouts:
@@ -213,7 +214,7 @@ def rl_steps(args: argparse.Namespace, model_path: Path) -> bool:
             reward += float(rollout.mode is Mode.PERSONALIZED)
             scored.append(Scored(rollout, reward, reward >= 1.0))
         t2 = time.perf_counter()
-        metrics = learner.policy_step(build_policy_batch(scored, advantage="dual"))
+        metrics = learner.policy_step(build_policy_batch(scored, advantage=algo.advantage, scale=algo.scale))
         if on_gpu:
             torch.cuda.synchronize()
         t3 = time.perf_counter()

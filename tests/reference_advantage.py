@@ -1,5 +1,5 @@
-"""Plain-loop references of the advantage estimators, written straight from DESIGN.md
-section 3, to check the vectorised code against."""
+"""Plain-loop references of the advantage estimators, written straight from the formulas in
+docs/ARCHITECTURE.md ("The objective"), to check the vectorised code against."""
 
 from __future__ import annotations
 

@@ -5,8 +5,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from personadual.advantage import (dual_grpo_advantages, grpo_advantages, released_dual_advantages,
-                                   sequence_advantages, token_advantages)
+from personadual.advantage import (advantage_estimator, batch_advantages, dual_grpo_advantages, grpo_advantages,
+                                   register_advantage_estimator, released_dual_advantages, sequence_advantages,
+                                   token_advantages)
+from personadual.estimators import ADVANTAGE_ESTIMATORS, NO_MODE
 from tests.reference_advantage import dual_loop, grpo_loop, released_loop
 
 batches = st.integers(min_value=1, max_value=40).flatmap(lambda n: st.tuples(
@@ -113,3 +115,43 @@ def test_token_advantages_scale_only_the_prefix(case):
             seen += 1
             expected = seq[i] * (beta if seen <= prefix_tokens else 1.0)
             assert abs(float(out[i, j]) - expected) < 1e-5
+
+
+def test_every_declared_estimator_name_dispatches_to_its_reference_loop():
+    references = {"dual": dual_loop, "grpo": lambda r, m, g: grpo_loop(r, g), "dual_released": released_loop}
+    assert set(references) == set(ADVANTAGE_ESTIMATORS)
+    rewards, modes, groups = [1.0, 0.0, 0.5, 1.0, 0.0, 0.25], [0, 1, 0, 1, 1, 0], [3, 3, 3, 7, 7, 7]
+    for name, loop in references.items():
+        out = sequence_advantages(name, *_tensors(rewards, modes, groups))
+        assert out.tolist() == pytest.approx(loop(rewards, modes, groups), abs=1e-5), name
+
+
+def test_an_undeclared_or_repeated_estimator_name_is_refused():
+    with pytest.raises(ValueError, match="declare it in personadual/estimators.py"):
+        register_advantage_estimator("ppo")
+    with pytest.raises(ValueError, match="registered twice"):
+        register_advantage_estimator("dual")(lambda rewards, modes, groups: rewards)
+    assert advantage_estimator("dual") is dual_grpo_advantages  # the failed registration left it alone
+
+
+def test_responses_without_a_mode_are_centred_on_their_group_and_get_no_prefix_weight():
+    rewards = torch.tensor([1.0, 0.0, 0.5, 1.0])
+    modes = torch.tensor([0, 1, NO_MODE, 0])
+    groups = torch.tensor([0, 0, 0, 1])
+    advantages = batch_advantages("dual", rewards, modes, groups)
+    assert float(advantages[2]) == pytest.approx(0.5 - 0.5)  # its whole group's mean is 0.5
+    # The others' estimator runs among themselves, the modeless response left out.
+    expected = dual_grpo_advantages(rewards[[0, 1, 3]], modes[[0, 1, 3]], groups[[0, 1, 3]])
+    torch.testing.assert_close(advantages[[0, 1, 3]], expected)
+    mask = torch.ones(4, 3)
+    tokens = token_advantages(torch.ones(4), mask, prefix_tokens=1, beta=2.0, modes=modes)
+    assert tokens[:, 0].tolist() == [2.0, 2.0, 1.0, 2.0] and tokens[:, 1:].eq(1.0).all()
+
+
+def test_released_advantages_keep_a_tiny_but_real_spread_within_a_group():
+    # Two rewards 1e-5 apart: the std as E[x^2] - E[x]^2 cancels in float32 and gave +/-5.0
+    # where the reference has +/-0.62.
+    rewards = [0.0, 2.0000100135803223, 0.0, 0.0, 2.0, 0.0]
+    modes, groups = [0] * 6, [0, 1, 0, 0, 1, 0]
+    out = released_dual_advantages(*_tensors(rewards, modes, groups))
+    assert out.tolist() == pytest.approx(released_loop(rewards, modes, groups), abs=1e-2)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
@@ -20,16 +19,11 @@ from ray.cluster_utils import Cluster
 from actors import cluster as local_cluster
 from actors.config import load_config
 from actors.driver import Driver
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +39,8 @@ def two_nodes():
     nodes = None
     try:
         nodes = Cluster(initialize_head=True, head_node_args={
-            **common, "num_cpus": 2, "resources": {"node_a": 1}, "dashboard_agent_listen_port": _free_port()})
-        nodes.add_node(**common, num_cpus=1, resources={"node_b": 1}, dashboard_agent_listen_port=_free_port())
+            **common, "num_cpus": 2, "resources": {"node_a": 1}, "dashboard_agent_listen_port": free_port()})
+        nodes.add_node(**common, num_cpus=1, resources={"node_b": 1}, dashboard_agent_listen_port=free_port())
         nodes.wait_for_nodes()
         local_cluster.connect(address=nodes.address)
         yield nodes
@@ -107,7 +101,7 @@ def test_learner_and_engine_on_different_nodes_train_and_sync(two_nodes, tmp_pat
     assert {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} == {local_cluster.LOOPBACK}
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [
         f"run.out_dir={tmp_path}", "run.name=two_nodes", "sft.steps=2", "algo.steps=2", "eval.baselines=false",
-        "cluster.learner_resources={node_a: 1}", "cluster.rollout_resources={node_b: 1}",
+        "learner.resources={node_a: 1}", "rollout.resources={node_b: 1}",
         "cluster.placement_strategy=SPREAD"])
     driver = Driver(cfg, tmp_path / "two_nodes")
     try:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from personadual.data import DataError, check_data_files, load_prompts, resolve_model
-from personadual.tracking import RunTracker, read_metrics, scrub
+from personadual.tracking import RunTracker, WandbSettings, read_metrics, scrub
 
 GOOD = {"id": "p1", "question": "What color is X?", "persona": None, "persona_setting": "none",
         "task_type": "objective", "gold": ["red"], "scorer": "exact_match"}
@@ -66,9 +66,9 @@ def test_tracker_scrubs_secrets_everywhere(tmp_path, monkeypatch):
     canary = "sk-canary-0123456789"
     monkeypatch.setenv("JUDGE_KEY", canary)
     tracker = RunTracker(tmp_path / "run", config={"judge": {"api_key_env": "JUDGE_KEY", "oops": canary}},
-                         secret_env=["JUDGE_KEY"], wandb_mode="offline")
+                         secret_env=["JUDGE_KEY"], wandb=WandbSettings(mode="offline"))
     tracker.log(1, {"note": f"error from server with key {canary}", "loss": 0.5, "nested": {"x": float("nan")}})
-    tracker.log_samples(1, [{"response": canary}])
+    tracker.log_samples(1, "eval/samples", [{"response": canary}])
     tracker.write_summary({"eval": {"detail": canary}})
     tracker.finish()
     assert read_metrics(tmp_path / "run")[0]["loss"] == 0.5
@@ -91,3 +91,46 @@ def test_balanced_by_setting_meets_every_setting_equally_often():
     assert set(counts) == {"no_persona", "unaligned", "aligned", "personalized"}
     assert len(set(counts.values())) == 1 and counts["aligned"] == max(Counter(map(setting_of, prompts)).values())
     assert {p.id for p in balanced} == {p.id for p in prompts}  # nothing dropped, only repeated
+
+
+def test_wandb_history_keeps_sft_rl_and_eval_rows_at_one_monotonic_step(tmp_path):
+    """Read back from the offline .wandb file: a stage whose own step restarts at 1 is still
+    kept (W&B drops rows logged below its last step), and sample tables land too."""
+    from tests.wandb_records import history, wandb_file
+
+    tracker = RunTracker(tmp_path / "run", config={}, secret_env=[], wandb=WandbSettings(mode="offline"))
+    for step in (1, 2, 3):
+        tracker.log(step, {"stage": "sft", "step": step, "sft": {"loss": 1.0 / step}, "timing_s": {"step": 0.1}})
+    tracker.log(3, {"stage": "eval", "tag": "sft", "step": 0, "eval": {"aligned": {"accuracy": 0.5}}})
+    tracker.log_samples(3, "eval/samples", [{"question": "q", "gold": "red", "reward": 1.0}])
+    for step in (1, 2):
+        tracker.log(3 + step, {"stage": "rl", "step": step, "rl_step": step, "learner": {"kl": 0.1 * step},
+                               "timing_s": {"step": 2.0}, "flag": True})
+    tracker.log_samples(5, "rollout/samples", [{"question": "q", "gold": "red", "reward": 0.0}])
+    tracker.finish()
+    rows = history(wandb_file(tmp_path / "run"))  # complete once finish() returns
+    assert [row.step for row in rows] == [1, 2, 3, 4, 5]
+    assert [row.values.get("sft/loss") for row in rows[:3]] == [1.0, 0.5, pytest.approx(1 / 3)]
+    assert rows[2].values["eval/aligned/accuracy"] == 0.5
+    assert [row.values["rl_step"] for row in rows[3:]] == [1, 2]
+    assert [row.values["learner/kl"] for row in rows[3:]] == [0.1, 0.2]
+    assert rows[2].values["eval/samples/_type"] == rows[4].values["rollout/samples/_type"] == "table-file"
+    assert not any(key in row.values for row in rows for key in ("timestamp", "step", "flag", "global_step"))
+    records = read_metrics(tmp_path / "run")
+    assert [r["global_step"] for r in records] == [1, 2, 3, 3, 4, 5]
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [(s["table"], s["gold"]) for s in samples] == [("eval/samples", "red"), ("rollout/samples", "red")]
+
+
+def test_wandb_project_group_tags_and_name_come_from_the_config(tmp_path):
+    from actors.config import load_config
+    from tests.wandb_records import records, wandb_file
+
+    cfg = load_config(None, ["wandb.project=pd-tests", "wandb.group=ablations", "wandb.tags=[grpo,seed0]",
+                             "wandb.name=grpo-seed0"])
+    tracker = RunTracker(tmp_path / "run", config={}, secret_env=[], wandb=WandbSettings(**cfg.wandb))
+    assert tracker.sync_hint().startswith("wandb sync ") and str(tmp_path / "run" / "wandb") in tracker.sync_hint()
+    tracker.finish()
+    run = next(r.run for r in records(wandb_file(tmp_path / "run")) if r.WhichOneof("record_type") == "run")
+    assert (run.project, run.run_group, list(run.tags), run.display_name) == (
+        "pd-tests", "ablations", ["grpo", "seed0"], "grpo-seed0")

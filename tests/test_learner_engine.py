@@ -19,8 +19,10 @@ from learner.batch import SftSample, build_policy_batch
 from learner.checkpoint import load_torch_file
 from learner.config import LearnerConfig, OptimConfig
 from learner.engine import Learner
+from personadual.algo_config import AlgoConfig
 from personadual.modes import Mode, mode_token_ids
-from personadual.records import Prompt, Rollout, Scored
+from personadual.records import Prompt, Scored
+from tests.helpers import forced_batches, make_scored
 
 pytestmark = [pytest.mark.slow]
 
@@ -35,15 +37,15 @@ def own_process_group():
 
 
 def _config(**overrides) -> LearnerConfig:
-    values = dict(zero_stage=2, micro_batch_tokens=64, kl_coef=0.04, optim=OptimConfig(lr=1e-3, total_steps=4),
+    values = dict(zero_stage=2, micro_batch_tokens=64, optim=OptimConfig(lr=1e-3, total_steps=4),
                   sft_optim=OptimConfig(lr=1e-3, total_steps=4))
     values.update(overrides)
     return LearnerConfig(**values)
 
 
 def _rollout(prompt: Prompt, prompt_ids: list[int], response: list[int], mode: Mode, reward: float) -> Scored:
-    rollout = Rollout(prompt, prompt_ids, response, [0.0] * len(response), "", mode, True, "stop", 0)
-    return Scored(rollout, reward, reward > 0.5)
+    return make_scored(prompt, mode, reward, prompt_token_ids=prompt_ids, response_token_ids=response,
+                       correct=reward > 0.5)
 
 
 @pytest.fixture(scope="module")
@@ -55,19 +57,13 @@ def tokenizer(tiny_model_dir):
 def batches(tokenizer):
     ids = mode_token_ids(tokenizer)
     gen = torch.Generator().manual_seed(11)
-    out = []
-    for step in range(2):
-        scored = []
-        for group in range(2):
-            prompt = Prompt(id=f"s{step}g{group}", question="q", persona=None, persona_setting="none",
-                            task_type="objective", gold=("a",), scorer="exact_match")
-            prompt_ids = torch.randint(10, len(tokenizer), (6 + group,), generator=gen).tolist()
-            for mode in Mode:
-                for sample in range(2):
-                    response = [ids[mode]] + torch.randint(10, len(tokenizer), (4 + sample,), generator=gen).tolist()
-                    scored.append(_rollout(prompt, prompt_ids, response, mode, float(sample == group)))
-        out.append(scored)
-    return out
+
+    def tokens(count: int) -> list[int]:
+        return torch.randint(10, len(tokenizer), (count,), generator=gen).tolist()
+
+    return forced_batches(prompt_ids=lambda group: tokens(6 + group),
+                          response=lambda mode, sample: [ids[mode]] + tokens(4 + sample),
+                          reward=lambda group, sample: float(sample == group), prompt_id="s{}g{}".format)
 
 
 def _sequence_logprob(learner: Learner, prompt: list[int], response: list[int]) -> float:
@@ -184,8 +180,8 @@ def test_gradient_checkpointing_and_token_budget_do_not_change_the_step(tiny_mod
 
 @pytest.mark.timeout(300)
 def test_several_updates_per_batch_use_old_logprobs_from_before_the_first(tiny_model_dir, batches):
-    learner = Learner(_config(ppo_epochs=2, mini_batches=2, optim=OptimConfig(lr=1e-2, schedule="constant")),
-                      tiny_model_dir)
+    learner = Learner(_config(optim=OptimConfig(lr=1e-2, schedule="constant")), tiny_model_dir,
+                      algo=AlgoConfig(ppo_epochs=2, mini_batches=2))
     try:
         metrics = learner.policy_step(build_policy_batch(batches[0]))
         assert learner.weight_version == 4 and metrics["updates"] == 4

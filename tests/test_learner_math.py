@@ -19,7 +19,8 @@ from learner.engine import forward_logits, lr_lambda
 from learner.losses import k3_kl, policy_loss, sft_loss, token_logprobs
 from personadual.advantage import batch_advantages
 from personadual.modes import Mode
-from personadual.records import Prompt, Rollout, Scored
+from personadual.records import Scored
+from tests.helpers import make_scored
 
 
 # ---- the DualGRPO loss by hand --------------------------------------------------------------
@@ -184,11 +185,7 @@ def test_token_mean_loss_does_not_change_with_sharding(tiny_model, world_size, m
 
 # ---- batching and sharding ------------------------------------------------------------------
 def _scored(prompt_id: str, mode: Mode | None, reward: float | None, length: int = 3) -> Scored:
-    prompt = Prompt(id=prompt_id, question="q", persona=None, persona_setting="none", task_type="objective",
-                    gold=("a",), scorer="exact_match")
-    response = [7] * length
-    rollout = Rollout(prompt, [1, 2], response, [0.0] * length, "", mode, mode is not None, "stop", 0)
-    return Scored(rollout, reward, bool(reward), status="dropped" if reward is None else "ok")
+    return make_scored(prompt_id, mode, reward, response_token_ids=[7] * length)
 
 
 def test_policy_batch_groups_by_prompt_id_and_leaves_dropped_samples_out():
@@ -256,8 +253,7 @@ def test_schedules_warm_up_then_decay():
 @pytest.mark.parametrize("overrides,key", [
     ({"zero_stage": 4}, "learner.zero_stage"),
     ({"precision": "fp16"}, "learner.precision"),
-    ({"clip_range": 0.0}, "learner.clip_range"),
-    ({"advantage": "ppo"}, "learner.advantage"),
+    ({"num_cpus_per_rank": 0.0}, "learner.num_cpus_per_rank"),
     ({"optim": OptimConfig(schedule="step")}, "learner.optim.schedule"),
     ({"sft_optim": OptimConfig(warmup_ratio=1.0)}, "learner.sft_optim.warmup_ratio"),
 ])

@@ -3,10 +3,7 @@ asks for, the early check naming the keys, the timeout's one-line error, removal
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import ray
@@ -14,18 +11,17 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 
 from actors.config import ConfigError, load_config
 from actors.placement import Placement, PlacementError, check_fits, cluster_shape, plan_groups
+from tests.helpers import SMOKE, run_launch
 
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "configs" / "smoke.yaml"
 
 pytestmark = [pytest.mark.timeout(300)]
 
 
 def test_plan_has_a_group_per_role_and_engine_with_the_configured_bundles():
-    cfg = load_config(SMOKE, ["learner.num_ranks=2", "cluster.learner_gpus=1",
-                              "cluster.learner_resources={node_a: 1}", "rollout.num_engines=2",
+    cfg = load_config(SMOKE, ["learner.num_ranks=2", "learner.num_gpus_per_rank=1",
+                              "learner.resources={node_a: 1}", "rollout.num_engines=2",
                               "rollout.tensor_parallel_size=2", "rollout.num_gpus_per_engine=1",
-                              "cluster.rollout_resources={node_b: 0.5}", "cluster.reward_workers=3",
+                              "rollout.resources={node_b: 0.5}", "reward.num_workers=3",
                               "cluster.placement_strategy=SPREAD"])
     specs = {spec.name: spec for spec in plan_groups(cfg)}
     assert list(specs) == ["learner", "rollout_0", "rollout_1", "reward"]
@@ -36,12 +32,12 @@ def test_plan_has_a_group_per_role_and_engine_with_the_configured_bundles():
 
 
 def test_early_check_names_the_keys_of_what_the_cluster_lacks():
-    cfg = load_config(SMOKE, ["cluster.learner_resources={gpu_node: 1}"])
+    cfg = load_config(SMOKE, ["learner.resources={gpu_node: 1}"])
     one_node = {"CPU": 2.0, "memory": 1e9}
-    with pytest.raises(ConfigError, match=r"needs 1 gpu_node \(.*cluster\.learner_cpus/gpus/resources\).*has 0"):
+    with pytest.raises(ConfigError, match=r"needs 1 gpu_node \(.*learner\.num_cpus/gpus_per_rank, learner\.resources\).*has 0"):
         check_fits(plan_groups(cfg), one_node, [one_node])
     # Enough CPUs in total, but no node holds a whole learner bundle.
-    cfg = load_config(SMOKE, ["cluster.learner_cpus=3"])
+    cfg = load_config(SMOKE, ["learner.num_cpus_per_rank=3"])
     nodes = [{"CPU": 2.0}, {"CPU": 2.0}]
     with pytest.raises(ConfigError, match=r"no node can hold one bundle of the placement group 'learner' "
                                           r"\(1 x \{CPU: 3\}, PACK"):
@@ -98,10 +94,8 @@ def test_a_group_that_cannot_be_placed_fails_in_one_line_naming_it(ray_cluster):
 
 @pytest.mark.slow
 def test_launch_exits_2_naming_the_key_when_no_node_has_the_resource(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--config", str(SMOKE),
-                             f"run.out_dir={tmp_path}", "cluster.num_cpus=2",
-                             "cluster.rollout_resources={node_gpu_box: 1}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    result = run_launch("--config", str(SMOKE), f"run.out_dir={tmp_path}", "cluster.num_cpus=2",
+                        "rollout.resources={node_gpu_box: 1}", timeout=240)
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: cluster: the run needs 1 node_gpu_box") and "cluster.rollout_resources" in last
+    assert last.startswith("error: cluster: the run needs 1 node_gpu_box") and "rollout.resources" in last

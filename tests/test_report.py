@@ -106,3 +106,23 @@ def test_cli_writes_table_and_plots(tmp_path: Path) -> None:
 def test_cli_names_a_folder_that_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main([str(tmp_path / "nope")]) == 2
     assert "nope/summary.json: missing" in capsys.readouterr().err
+
+
+def test_a_runs_plots_show_sft_loss_and_eval_accuracy_over_steps(tmp_path) -> None:
+    from personadual.report import eval_records, write_plots
+
+    run = tmp_path / "run"
+    run.mkdir()
+    sft = [{"stage": "sft", "step": i, "sft": {"loss": 3.0 / i}, "timing_s": {"step": 0.1}} for i in (1, 2, 3)]
+    rl = [{"stage": "rl", "step": i, "reward/general": 0.2, "reward/personalized": 0.4, "learner": {"kl": 0.01},
+           "timing_s": {"generate": 1.0, "train": 0.5}} for i in (1, 2)]
+    rl[0]["eval"] = eval_result(0.5, 0.5, 0.6, 0.9, (0, 0, 1, 1))
+    records = [*sft, {"stage": "eval", "tag": "sft", "step": 0, "eval": eval_result(0.4, 0.4, 0.5, 0.8, (0, 0, 1, 1))},
+               *rl, {"stage": "eval", "tag": "final", "step": 2, "eval": eval_result(0.5, 0.6, 0.7, 1.0, (0, 0, 1, 1))}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert [(step, label, result["aligned"]["accuracy"]) for step, label, result in eval_records(records)] == [
+        (0, "sft", 0.5), (1, "step_1", 0.6), (2, "final", 0.7)]
+    written = {path.name for path in write_plots(run)}
+    assert written == {"reward_per_mode.png", "kl.png", "step_time.png", "sft_loss.png", "eval_accuracy.png",
+                       "mode_rate_per_setting.png"}
+    assert all((run / "plots" / name).stat().st_size > 0 for name in written)

@@ -6,7 +6,6 @@ weights load them first (into both engines), so each test holds on its own.
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections import Counter
 
@@ -22,6 +21,7 @@ from rollout.config import RolloutConfig, SamplingConfig
 from rollout.engine import RolloutEngine, make_engine
 from rollout.requests import FORCED_TOKEN_LOGPROB, PromptCodec, Sample
 from rollout.weights import to_bytes
+from tests.helpers import free_port
 
 MAX_RESPONSE_TOKENS = 12
 CONFIG = dict(max_model_len=256, sampling=SamplingConfig(max_response_tokens=MAX_RESPONSE_TOKENS))
@@ -315,12 +315,6 @@ class FanOutClient:
         self._all([lambda e=e: e.finish_weight_update(weight_version) for e in self.engines])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_both_engines_receive_a_gloo_broadcast_through_the_transfer_api(vllm_engine, hf_engine, reference):
@@ -334,7 +328,7 @@ def test_both_engines_receive_a_gloo_broadcast_through_the_transfer_api(vllm_eng
                                  lambda: weights.items())
     engines = [vllm_engine, hf_engine]
     sender = WeightTransferTrainerFactory.trainer_init(
-        GlooTrainerInitInfo(rank=0, master_address="127.0.0.1", master_port=_free_port(),
+        GlooTrainerInitInfo(rank=0, master_address="127.0.0.1", master_port=free_port(),
                             world_size=1 + sum(e.num_workers() for e in engines), bucket_bytes=256 << 10,
                             timeout_s=60),
         client=FanOutClient(engines), source=source)

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import vllm
@@ -14,6 +12,7 @@ from vllm.config import WeightTransferConfig
 from learner.transfer_sender import GlooTrainerInitInfo, LearnerWeightSource
 from rollout import transfer_gloo
 from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+from tests.helpers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -38,12 +37,6 @@ class InProcessClient:
         self.llm.finish_weight_update()
         self.llm.reset_prefix_cache()
         self.rounds += 1
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _greedy_hf(model, tokenizer, text, tokens):
@@ -75,7 +68,7 @@ def test_bucketed_gloo_update_makes_vllm_generate_like_the_sender(tiny_model_dir
     client = InProcessClient(llm)
     bucket_bytes = 256 << 10
     engine = WeightTransferTrainerFactory.trainer_init(
-        GlooTrainerInitInfo(rank=0, master_address="127.0.0.1", master_port=_free_port(), world_size=2,
+        GlooTrainerInitInfo(rank=0, master_address="127.0.0.1", master_port=free_port(), world_size=2,
                             bucket_bytes=bucket_bytes, timeout_s=60),
         client=client, source=source)
     engine.send_weights()
