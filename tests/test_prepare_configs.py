@@ -55,3 +55,15 @@ def test_the_paper_configs_carry_table_6():
         64, 1e-6, "linear", 5, 0.1, 2048, 1024, 0.04, 0.6, 4, 2.0)
     for cfg in (sft, rl):
         assert (cfg.learner.precision, cfg.learner.zero_stage) == ("bf16", 3)
+
+
+def test_the_report_labels_an_sft_only_run_sft_and_an_untrained_one_a_checkpoint_eval(tmp_path):
+    from actors.config import to_container
+    from personadual.report import method_label
+
+    files = [f"data.{k}_files=[{ROOT / 'README.md'}]" for k in ("sft", "train", "eval")]
+    labels = {name: method_label(to_container(load_config(ROOT / f"configs/{name}.yaml", [f"model.path={tmp_path}", *files])))
+              for name in ("recipe_tiny_sft", "recipe_tiny_dualgrpo", "recipe_tiny_eval", "qwen3_8b_sft",
+                           "qwen3_8b_dualgrpo", "qwen3_8b_eval")}
+    assert labels == {"recipe_tiny_sft": "SFT", "recipe_tiny_dualgrpo": "DualGRPO", "recipe_tiny_eval": "checkpoint eval",
+                      "qwen3_8b_sft": "SFT", "qwen3_8b_dualgrpo": "DualGRPO", "qwen3_8b_eval": "checkpoint eval"}
