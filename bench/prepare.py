@@ -77,7 +77,8 @@ def measure(base_url: str, concurrency: int, out: Path, label: str) -> dict[str,
         f"reward.judge.base_url={base_url}", "teacher.model=teacher", "persona_writer.model=teacher",
         "reward.judge.model=teacher", "teacher.max_tokens=48", f"teacher.concurrency={concurrency}",
         f"persona_writer.concurrency={concurrency}"])
-    recipe = replace(recipe, reward={**recipe.reward, "judge": {**recipe.reward["judge"], "max_concurrency": concurrency}})
+    judge = {**recipe.reward["judge"], "max_concurrency": concurrency}
+    recipe = replace(recipe, reward={**recipe.reward, "judge": judge})
     start = time.perf_counter()
     manifests = prepare_data(recipe, teacher_scorer(recipe.reward, recipe.cache), progress=False)
     seconds = time.perf_counter() - start
@@ -102,7 +103,8 @@ def main() -> None:
             for concurrency in args.concurrency:
                 out = Path(scratch) / f"c{concurrency}"
                 print(json.dumps({"server": kind, **measure(base_url, concurrency, out, "empty cache")}), flush=True)
-            print(json.dumps({"server": kind, **measure(base_url, args.concurrency[-1], out, "all cached")}), flush=True)
+            cached = measure(base_url, args.concurrency[-1], out, "all cached")
+            print(json.dumps({"server": kind, **cached}), flush=True)
     finally:
         if process.stdin is not None:
             process.stdin.close()

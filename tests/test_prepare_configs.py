@@ -62,8 +62,8 @@ def test_the_report_labels_an_sft_only_run_sft_and_an_untrained_one_a_checkpoint
     from personadual.report import method_label
 
     files = [f"data.{k}_files=[{ROOT / 'README.md'}]" for k in ("sft", "train", "eval")]
-    labels = {name: method_label(to_container(load_config(ROOT / f"configs/{name}.yaml", [f"model.path={tmp_path}", *files])))
-              for name in ("recipe_tiny_sft", "recipe_tiny_dualgrpo", "recipe_tiny_eval", "qwen3_8b_sft",
-                           "qwen3_8b_dualgrpo", "qwen3_8b_eval")}
-    assert labels == {"recipe_tiny_sft": "SFT", "recipe_tiny_dualgrpo": "DualGRPO", "recipe_tiny_eval": "checkpoint eval",
-                      "qwen3_8b_sft": "SFT", "qwen3_8b_dualgrpo": "DualGRPO", "qwen3_8b_eval": "checkpoint eval"}
+    for scale in ("recipe_tiny", "qwen3_8b"):
+        labels = [method_label(to_container(load_config(ROOT / f"configs/{scale}_{stage}.yaml",
+                                                        [f"model.path={tmp_path}", *files])))
+                  for stage in ("sft", "dualgrpo", "eval")]
+        assert labels == ["SFT", "DualGRPO", "checkpoint eval"], scale

@@ -20,7 +20,6 @@ import pytest
 from personadual.data import check_data_files
 from personadual.modes import MODE_TOKENS, Mode
 from personadual.prepare.teacher import MODE_INSTRUCTIONS
-from personadual.records import Prompt
 from tests.judge_server import JudgeServer, Reply
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,9 +35,12 @@ MANY = 10_000
 
 def script_server(server: JudgeServer, *, teacher_delay_s: float = 0.0) -> None:
     """General mode answers A, personalized mode B: right or wrong by each row's gold."""
-    assert GENERAL_MARK in MODE_INSTRUCTIONS[Mode.GENERAL] and PERSONAL_MARK in MODE_INSTRUCTIONS[Mode.PERSONALIZED]
-    server.when(GENERAL_MARK, *[replace(Reply.garbage("Recalling the facts. Answer: A"), delay_s=teacher_delay_s)] * MANY)
-    server.when(PERSONAL_MARK, *[replace(Reply.garbage("For this user. Answer: B"), delay_s=teacher_delay_s)] * MANY)
+    assert GENERAL_MARK in MODE_INSTRUCTIONS[Mode.GENERAL]
+    assert PERSONAL_MARK in MODE_INSTRUCTIONS[Mode.PERSONALIZED]
+    general = replace(Reply.garbage("Recalling the facts. Answer: A"), delay_s=teacher_delay_s)
+    personal = replace(Reply.garbage("For this user. Answer: B"), delay_s=teacher_delay_s)
+    server.when(GENERAL_MARK, *[general] * MANY)
+    server.when(PERSONAL_MARK, *[personal] * MANY)
     server.when(PERSONA_MARK, *[Reply.garbage("A clinician who reads trial reports daily.")] * MANY)
 
 
@@ -109,29 +111,28 @@ def test_a_run_reads_every_prepared_file_and_sft_rows_start_with_a_mode_token(pr
 
 
 def test_sft_keeps_the_mode_the_papers_rule_picks_and_drops_prompts_never_answered_right(prepared):
-    teacher = rows(prepared / "teacher.jsonl")
-    by_id: dict[str, dict[str, bool]] = {}
-    for row in teacher:
-        by_id.setdefault(row["id"], {})[row["mode"]] = row["correct"]
-    sft = {row["prompt"]["id"]: row for row in rows(prepared / "sft.jsonl")}
-    manifest = json.loads((prepared / "sft.manifest.json").read_text())
-    for prompt_id, outcome in by_id.items():
-        prompt = Prompt.from_dict(next(r["prompt"] for r in sft.values() if r["prompt"]["id"] == prompt_id)) \
-            if prompt_id in sft else None
-        if outcome.get("personalized"):
-            expected = "personalized"  # the persona yields the right answer: personalized wins
+    outcomes: dict[str, dict[str, bool]] = {}  # prompt id -> {mode: teacher correct}
+    for row in rows(prepared / "teacher.jsonl"):
+        outcomes.setdefault(row["id"], {})[row["mode"]] = row["correct"]
+    sft = {row["prompt"]["id"]: row["response"] for row in rows(prepared / "sft.jsonl")}
+    for prompt_id, outcome in outcomes.items():
+        # Asked in general mode only without a persona, in personalized mode only for a
+        # personalized task, in both modes for an objective question with a persona.
+        expected_modes = {"general"} if prompt_id.endswith("-none") else (
+            {"personalized"} if prompt_id.startswith("alignx") else {"general", "personalized"})
+        assert set(outcome) == expected_modes, prompt_id
+        if outcome.get("personalized"):  # the persona yields the right answer: personalized mode
+            assert sft[prompt_id].startswith(MODE_TOKENS[1]), prompt_id
         elif outcome.get("general"):
-            expected = "general"
+            assert sft[prompt_id].startswith(MODE_TOKENS[0]), prompt_id
         else:
-            expected = None
-        if prompt is not None and prompt.task_type == "personalized":
-            assert expected == "personalized"
-        chosen = sft[prompt_id]["response"].split("]", 1)[0] + "]" if prompt_id in sft else None
-        assert chosen == ({"personalized": MODE_TOKENS[1], "general": MODE_TOKENS[0]}.get(expected)), prompt_id
-    assert manifest["dropped"]["no_correct_teacher_trajectory"] == sum(
-        1 for outcome in by_id.values() if not any(outcome.values()))
-    assert manifest["by_mode"] == {"general": sum(1 for r in sft.values() if r["response"].startswith(MODE_TOKENS[0])),
-                                   "personalized": sum(1 for r in sft.values() if r["response"].startswith(MODE_TOKENS[1]))}
+            assert prompt_id not in sft, prompt_id
+    manifest = json.loads((prepared / "sft.manifest.json").read_text())
+    dropped = sum(1 for outcome in outcomes.values() if not any(outcome.values()))
+    assert manifest["dropped"]["no_correct_teacher_trajectory"] == dropped > 0
+    by_mode = {"general": sum(r.startswith(MODE_TOKENS[0]) for r in sft.values()),
+               "personalized": sum(r.startswith(MODE_TOKENS[1]) for r in sft.values())}
+    assert manifest["by_mode"] == by_mode and min(by_mode.values()) > 0
 
 
 def test_the_servers_log_matches_the_manifests_and_the_key_reaches_only_the_server(prepared, server):
