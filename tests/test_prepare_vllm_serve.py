@@ -53,8 +53,8 @@ def test_vllm_serve_is_teacher_persona_writer_and_judge_and_a_rerun_asks_it_noth
     hashes = {n: json.loads((out / f"{n}.manifest.json").read_text())["sha256"] for n in ("sft", "eval", "teacher")}
     second = _prepare(out, "http://127.0.0.1:9/v1")  # nothing listens there: every call must come from the cache
     assert second.returncode == 0, second.stderr[-4000:]
-    again = json.loads((out / "teacher.manifest.json").read_text())
-    assert (again["endpoint"]["teacher"]["requests"], again["endpoint"]["teacher"]["cache_hits"]) == (0, teacher["rows"])
+    again = json.loads((out / "teacher.manifest.json").read_text())["endpoint"]["teacher"]
+    assert (again["requests"], again["cache_hits"]) == (0, teacher["rows"])
     assert {n: json.loads((out / f"{n}.manifest.json").read_text())["sha256"] for n in hashes} == hashes
     for path in out.rglob("*"):
         assert CANARY not in path.read_text(errors="replace"), path
