@@ -22,7 +22,7 @@ from personadual.world import PersonaWorld, WorldConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def build_base_without_mode_tokens(target: Path, *, padded_rows: int = 0) -> Path:
+def build_base_without_mode_tokens(target: Path, *, padded_rows: int = 0, tied: bool = False) -> Path:
     """A Qwen3-architecture base like a downloaded one: chat special tokens and a chat
     template, but no mode tokens (the tag text is split into ordinary BPE pieces)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -39,7 +39,7 @@ def build_base_without_mode_tokens(target: Path, *, padded_rows: int = 0) -> Pat
     tokenizer.chat_template = CHAT_TEMPLATE
     config = Qwen3Config(vocab_size=len(tokenizer) + padded_rows, hidden_size=128, intermediate_size=384,
                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                         max_position_embeddings=512, tie_word_embeddings=False,
+                         max_position_embeddings=512, tie_word_embeddings=tied,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=None)
     torch.manual_seed(0)
@@ -108,6 +108,18 @@ def test_a_padded_embedding_matrix_keeps_its_size_and_the_new_ids_take_padding_r
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert report.embedding_rows == model.get_input_embeddings().weight.shape[0] == report.vocab_size_before + 64
     assert sorted(report.mode_token_ids.values()) == [report.vocab_size_before, report.vocab_size_before + 1]
+
+
+def test_tied_embeddings_stay_tied_with_the_new_rows_in_both(tmp_path):
+    base = build_base_without_mode_tokens(tmp_path / "tied", tied=True)
+    report = prepare_model(base, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.tie_word_embeddings
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    base_rows = AutoModelForCausalLM.from_pretrained(base).get_input_embeddings().weight
+    for token, pieces in report.subtoken_ids.items():
+        torch.testing.assert_close(model.get_input_embeddings().weight[report.mode_token_ids[token]],
+                                   base_rows[pieces].mean(dim=0))
 
 
 def test_preparing_a_prepared_model_adds_nothing(prepared, tmp_path):
