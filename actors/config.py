@@ -192,7 +192,8 @@ def _validate(cfg: DictConfig) -> None:
     kinds = cfg.data.world_sft_aligned_kinds
     if kinds is not None and not 0 <= kinds <= len(KINDS):
         raise ConfigError(f"data.world_sft_aligned_kinds: must be null or 0..{len(KINDS)}, got {kinds!r}")
-    if cfg.data.source == "files" and not cfg.data.train_files:
+    rl_stage = cfg.algo.steps > 0 or cfg.algo.epochs > 0
+    if cfg.data.source == "files" and rl_stage and not cfg.data.train_files:
         raise ConfigError("data.train_files: data.source=files needs at least one training file")
     if cfg.data.source == "files":
         for key in ("train_files", "eval_files", "sft_files"):
@@ -253,6 +254,21 @@ def _merge_error(path: Path, from_file: DictConfig, error: OmegaConfBaseExceptio
     return f"config {message}"
 
 
+def _check_required(from_file: DictConfig, from_argv: DictConfig) -> None:
+    """A config file marks what only the user can supply (a model path, data files) as ``???``;
+    the first one the overrides leave unset is a one-line error naming the key. Checked on the
+    file and overrides alone: merged onto the schema's defaults, ``???`` would silently keep
+    the default (``model.path: null`` builds the tiny model)."""
+    given = OmegaConf.merge(from_file, from_argv)
+    unset = OmegaConf.missing_keys(given)
+    # In the file's order, so the first named is the first a reader of the file meets.
+    missing = [key for key in _dotted_keys(OmegaConf.to_container(given)) if key in unset]
+    if missing:
+        more = f" (also unset: {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise ConfigError(f"{missing[0]}: required, set it on the command line "
+                          f"({missing[0]}=...){more}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Schema defaults <- YAML file <- dotlist overrides, validated; errors name the key."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
@@ -271,6 +287,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"config {_one_line(error)}") from None
     _refuse_moved_keys(from_file, f" (in {path})")
     _refuse_moved_keys(from_argv, "")
+    _check_required(from_file, from_argv)
     try:
         cfg = OmegaConf.merge(schema, from_file)
     except OmegaConfBaseException as error:

@@ -174,8 +174,12 @@ class RunReport:
 
 
 def method_label(config: dict[str, Any]) -> str:
-    """The paper's name for what a run's ``algo`` section trained."""
+    """The paper's name for what a run's ``algo`` section trained; a run without an RL stage
+    is its SFT row, or (no training at all) the evaluation of the checkpoint it loaded."""
     algo = config.get("algo") or {}
+    if algo.get("steps", 1) == 0 and not algo.get("epochs"):  # a config without them has the default RL stage
+        sft = config.get("sft") or {}
+        return "SFT" if sft.get("steps", 1) or sft.get("epochs") else "checkpoint eval"
     labels = {"dual": "DualGRPO", "grpo": "w/o DualAdv (GRPO)", "dual_released": "DualGRPO, released-code advantage"}
     label = labels.get(algo.get("advantage", "dual"), str(algo.get("advantage")))
     if not algo.get("forced_prefix", True):

@@ -101,13 +101,15 @@ def load_benchmark(name: str, source: str | None = None, *, split: str | None = 
                    persona_settings: Sequence[str] = ("none",), persona_assignment: str = "all",
                    scorer: str | None = None, personas: PersonaPool | None = None,
                    aligned: AlignedPersonaGenerator | None = None, seed: int = 0,
-                   cache_dir: str | None = None) -> list[Prompt]:
+                   cache_dir: str | None = None, skipped: Counter[str] | None = None) -> list[Prompt]:
     """Prompts for one dataset, read by hub id or local path (``source``; None: the hub id).
 
     ``persona_settings`` (objective datasets) lists none/unaligned/aligned; with
     ``persona_assignment="all"`` each row yields one Prompt per setting, with "one" a seeded
     choice of one setting per row (how the paper mixes its training data). "unaligned" needs
     ``personas`` (a PersonaHub pool), "aligned" needs ``aligned`` (the persona generator).
+    With ``skipped`` (objective datasets), an invalid row is left out and counted there by
+    reason instead of failing the load.
     """
     spec = SPECS.get(name)
     if spec is None:
@@ -128,7 +130,14 @@ def load_benchmark(name: str, source: str | None = None, *, split: str | None = 
                      subset=subset or spec.subset, data_files=data_files, limit=limit, required=spec.columns, cache_dir=cache_dir,
                      benchmark=name)
     mapper = OBJECTIVE_MAPPERS[name]
-    items = [mapper(row, index, rows.origin, scorer) for index, row in zip(_row_numbers(name, rows.data), rows.data)]
+    items = []
+    for index, row in zip(_row_numbers(name, rows.data), rows.data):
+        try:
+            items.append(mapper(row, index, rows.origin, scorer))
+        except DataError as error:
+            if skipped is None:
+                raise
+            skipped[f"invalid row: {str(error).split(f'row {index}: ', 1)[-1]}"] += 1
     _check_unique([item.row_id for item in items], rows.origin, "row id")
     return _with_personas(name, items, settings, persona_assignment, personas, aligned, seed)
 
