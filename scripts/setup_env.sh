@@ -12,7 +12,7 @@ cd "$root"
 venv="$root/.venv"
 python_bin="${PYTHON:-python3}"
 stamp="$venv/.personadual-install-stamp"
-want="$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -d' ' -f1)"
+want="$(cat pyproject.toml constraints-cpu.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1)"
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
@@ -21,6 +21,8 @@ fi
 [ -x "$venv/bin/python" ] || "$python_bin" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
 "${pip[@]}" --upgrade "pip>=24" setuptools wheel
+# Every package at the version it was tested with (constraints-cpu.txt pins the whole resolved set).
+pip+=(-c "$root/constraints-cpu.txt")
 "${pip[@]}" "torch==2.13.0+cpu"
 "${pip[@]}" --no-build-isolation "deepspeed>=0.19,<0.20"
 "${pip[@]}" -e ".[dev]"

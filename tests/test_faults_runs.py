@@ -65,9 +65,14 @@ class FaultRun:
         self.killed: set[int] = set()
 
     def kill_mid(self, kind: str, label: str = "*", timeout_s: float = 400) -> float:
-        """Hold the next ``kind`` work (personadual/fault_hooks.py), SIGKILL the process doing
-        it, let the others go on; returns the monotonic time of the kill."""
-        hold = self.fault_dir / f"hold.{kind}"
+        """SIGKILL the process doing the next ``kind`` work; returns the monotonic time of the kill."""
+        return self.signal_mid(kind, label, signal.SIGKILL, timeout_s)[1]
+
+    def signal_mid(self, kind: str, label: str, signum: int, timeout_s: float = 400) -> tuple[int, float]:
+        """Hold the next ``kind`` work labelled ``label`` ("*": any; personadual/fault_hooks.py),
+        send ``signum`` to the process doing it, let the others go on; returns its pid and the
+        monotonic time of the signal."""
+        hold = self.fault_dir / (f"hold.{kind}" if label == "*" else f"hold.{kind}.{label}")
         hold.touch()
         try:
             deadline = time.monotonic() + timeout_s
@@ -76,30 +81,9 @@ class FaultRun:
                     pid = int(marker.name.rsplit(".", 1)[1])
                     if pid in self.killed:
                         continue
-                    os.kill(pid, signal.SIGKILL)
-                    self.killed.add(pid)
-                    marker.unlink(missing_ok=True)
-                    return time.monotonic()
-                if self.process.poll() is not None:
-                    raise AssertionError(f"the run ended before any {kind} work:\n{self.tail()}")
-                time.sleep(0.01)
-            raise AssertionError(f"no {kind} work within {timeout_s} s:\n{self.tail()}")
-        finally:
-            hold.unlink(missing_ok=True)
-
-    def signal_mid(self, kind: str, label: str, signum: int, timeout_s: float = 400) -> tuple[int, float]:
-        """Hold the next ``kind`` work labelled ``label``, send ``signum`` to the process doing
-        it, let it go; returns its pid and the monotonic time of the signal."""
-        hold = self.fault_dir / f"hold.{kind}.{label}"
-        hold.touch()
-        try:
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                markers = sorted(self.fault_dir.glob(f"{kind}.{label}.*"))
-                if markers:
-                    pid = int(markers[0].name.rsplit(".", 1)[1])
                     os.kill(pid, signum)
                     self.killed.add(pid)
+                    marker.unlink(missing_ok=True)
                     return pid, time.monotonic()
                 if self.process.poll() is not None:
                     raise AssertionError(f"the run ended before any {kind} {label} work:\n{self.tail()}")

@@ -30,6 +30,7 @@ from actors.rollout_actor import create_rollout_actors, start_rollout_actor
 from actors.supervision import EngineSupervisor, FaultLog
 from actors.weight_sync import SyncVerification, SyncVerificationError, WeightSync, WeightSyncError
 from learner.config import LearnerConfig
+from personadual.algo_config import AlgoConfig
 from personadual.fault_hooks import FAULT_DIR_ENV
 from rollout.config import RolloutConfig, SamplingConfig
 from tests.judge_server import make_prompt
@@ -52,8 +53,8 @@ class Rig:
         self.config = RolloutConfig(engine="hf", num_engines=2, num_cpus_per_engine=0.25, max_model_len=256,
                                     sampling=SamplingConfig(max_response_tokens=8))
         self.model_dir = model_dir
-        self.learner = LearnerGroup(LearnerConfig(kl_coef=0.0, collective_timeout_s=60), model_dir,
-                                    num_cpus_per_rank=0.5)
+        self.learner = LearnerGroup(LearnerConfig(num_cpus_per_rank=0.5, collective_timeout_s=60), model_dir,
+                                    algo=AlgoConfig(kl_coef=0.0))
         self.engines = create_rollout_actors(model_dir, self.config)
         prompts = [make_prompt(i, question=f"What color is the flower Zor{i}?") for i in range(3)]
         self.sync = WeightSync(self.learner, self.engines, backend="gloo", bucket_bytes=BUCKET_BYTES,
