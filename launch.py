@@ -1,4 +1,4 @@
-"""The one entry point: `python launch.py [--config F] [--resume runs/NAME] [key=value ...]`.
+"""The one entry point: `python launch.py [--config F] [--resume runs/NAME | --init-from RUN/checkpoints/sft_step_N] [key=value ...]`.
 
 Locally it starts a Ray cluster bound to 127.0.0.1; with RAY_ADDRESS set (as under
 `ray job submit`) it joins that cluster. Bad config or data: one line on stderr, exit 2,
@@ -27,6 +27,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                         help="continue runs/NAME from its last complete checkpoint")
+    parser.add_argument("--init-from", type=Path, default=None, metavar="SFT_CHECKPOINT",
+                        help="a new run whose RL starts from another run's RUN/checkpoints/sft_step_N "
+                             "(model, world and SFT keys must match that run's)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (file + overrides) as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. algo.steps=5")
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_process_env()  # before Ray is imported: it reads the loopback setting at import
     args = parse_args(argv)
     from actors.config import ConfigError
-    from actors.launcher import launch, preflight, resolve_config
+    from actors.launcher import check_init_from, launch, preflight, resolve_config
     from personadual.data import DataError
 
     try:
@@ -49,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
+        if args.init_from is not None:
+            if args.resume is not None:
+                raise ConfigError("--init-from starts a new run from a checkpoint; --resume continues one: pass one")
+            check_init_from(cfg, args.init_from)
         preflight(cfg)
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -57,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from actors.supervision import RunStopped
 
     try:
-        launch(cfg, resume=args.resume)
+        launch(cfg, resume=args.resume, init_from=args.init_from)
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -157,10 +157,13 @@ def _progress_key(record: dict[str, Any]) -> tuple[int, int]:
 
 
 class Driver:
-    def __init__(self, cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> None:
+    def __init__(self, cfg: DictConfig, run_dir: Path, *, resume: bool = False, restore: bool = False) -> None:
+        """``resume``: continue this run (its W&B run too); ``restore``: a new run whose folder
+        already holds the checkpoint to start from (``--init-from``)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume = resume
+        self.restore_checkpoint = resume or restore
         self.rng = random.Random(cfg.run.seed)
         self.tracker: RunTracker | None = None
         self._next_generation: PendingGeneration | None = None  # step+1's rollouts in flight (pipelined)
@@ -528,7 +531,7 @@ class Driver:
         print(self.tracker.describe(), flush=True)
         summary: dict[str, Any] = {"run": self.run_dir.name, "eval": {}, "eval_history": [],
                                    "data_skipped": dict(self.data.skipped)}
-        stage, done_step = self._restore() if self.resume else ("start", 0)
+        stage, done_step = self._restore() if self.restore_checkpoint else ("start", 0)
         if stage != "start":
             self._last_done = (stage, done_step, self.learner.weight_version)
         sft_start = done_step if stage == "sft" else (self.sft_steps if stage == "rl" else 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,13 @@ def _migrate_saved_keys(saved: Path) -> None:
     ``learner.kl_coef`` to ``algo.kl_coef``, ...) holds it at its old place; the saved value
     moves to the new key, so such runs still resume. (A user's own config with an old key
     exits 2 naming the new one instead: there, a silent move would hide a typo'd intent.)"""
+    before, moved = _migrated(saved)
+    if moved:
+        OmegaConf.save(before, saved)
+
+
+def _migrated(saved: Path) -> tuple[DictConfig, bool]:
+    """The saved config with moved keys at their new places, and whether any moved."""
     before = OmegaConf.load(saved)
     moves = {**MOVED_KEYS, "run.wandb_mode": "wandb.mode", "run.wandb_project": "wandb.project"}
     moved = False
@@ -48,8 +56,52 @@ def _migrate_saved_keys(saved: Path) -> None:
         parent, _, leaf = old.rpartition(".")
         del OmegaConf.select(before, parent)[leaf]
         moved = True
-    if moved:
-        OmegaConf.save(before, saved)
+    return before, moved
+
+
+# What an SFT checkpoint was trained on and for: a run branching from it (--init-from) must
+# agree, or its "SFT" row would describe another model, world or stage length.
+BRANCH_KEYS = ("model.path", "model.tiny_preset", "data.source", "data.world_seed", "data.world_sft_aligned_kinds",
+               "data.sft_files", "sft.steps", "sft.epochs", "sft.batch_size", "sft.max_length")
+CHECKPOINT_COMPLETE = "COMPLETE"  # actors/driver.py COMPLETE_MARKER (not imported here: it imports Ray)
+
+
+def check_init_from(cfg: DictConfig, checkpoint: Path) -> None:
+    """``--init-from RUN/checkpoints/sft_step_N``: a complete SFT checkpoint whose run trained
+    this config's model on this config's world for this config's SFT stage."""
+    state_file = checkpoint / "driver_state.json"
+    if not (checkpoint / CHECKPOINT_COMPLETE).is_file() or not state_file.is_file():
+        raise ConfigError(f"--init-from {checkpoint}: not a complete checkpoint (expected RUN/checkpoints/sft_step_N)")
+    import json
+
+    if json.loads(state_file.read_text()).get("stage") != "sft":
+        raise ConfigError(f"--init-from {checkpoint}: an RL checkpoint; branch from the SFT one "
+                          f"(RUN/checkpoints/sft_step_N), or --resume its run")
+    saved = checkpoint.parent.parent / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--init-from {checkpoint}: no config.yaml in its run folder {saved.parent}")
+    # Read, never rewritten: the source run stays as it was.
+    with tempfile.TemporaryDirectory() as scratch:
+        migrated = Path(scratch) / "config.yaml"
+        OmegaConf.save(_migrated(saved)[0], migrated)
+        source = load_config(migrated, [])
+    for key in BRANCH_KEYS:
+        if OmegaConf.select(source, key) != OmegaConf.select(cfg, key):
+            raise ConfigError(f"{key}: --init-from a checkpoint trained with {OmegaConf.select(source, key)!r}, "
+                              f"this run has {OmegaConf.select(cfg, key)!r}")
+
+
+def branch_run_dir(cfg: DictConfig, checkpoint: Path) -> Path:
+    """A new run folder holding a copy of ``checkpoint``: the driver restores it as a resumed
+    run would, so the SFT stage is skipped and RL starts from the same state."""
+    from actors.driver import CHECKPOINTS, prepare_run_dir
+
+    run_dir = prepare_run_dir(cfg)
+    target = run_dir / CHECKPOINTS / checkpoint.name
+    if target.exists():
+        raise ConfigError(f"run.name: {run_dir} already holds {target.name}; name the branch anew")
+    shutil.copytree(checkpoint, target)
+    return run_dir
 
 
 def resolve_config(config_path: Path | None, overrides: list[str], resume: Path | None) -> DictConfig:
@@ -113,8 +165,9 @@ def preflight(cfg: DictConfig) -> None:
     _check_local_cluster_fits(cfg)
 
 
-def launch(cfg: DictConfig, resume: Path | None) -> dict[str, Any]:
-    """Run ``cfg`` (already loaded and preflighted) to the end; returns the run's summary."""
+def launch(cfg: DictConfig, resume: Path | None, init_from: Path | None = None) -> dict[str, Any]:
+    """Run ``cfg`` (already loaded and preflighted) to the end; returns the run's summary.
+    ``init_from``: an SFT checkpoint (``check_init_from`` passed) that RL starts from."""
     from actors import cluster
     from actors.console import quiet_libraries
     from actors.driver import Driver, prepare_run_dir
@@ -125,6 +178,9 @@ def launch(cfg: DictConfig, resume: Path | None) -> dict[str, Any]:
     if resume is not None:
         run_dir, fresh = Path(resume), False
         OmegaConf.save(cfg, run_dir / "config.yaml")  # the run folder states what the run now is
+    elif init_from is not None:
+        run_dir, fresh = branch_run_dir(cfg, Path(init_from)), True
+        print(f"branching from {init_from}", flush=True)
     else:
         run_dir, fresh = prepare_run_dir(cfg), True
     print(f"run folder: {run_dir}", flush=True)
@@ -134,7 +190,7 @@ def launch(cfg: DictConfig, resume: Path | None) -> dict[str, Any]:
         address = cluster.connect(cfg.cluster.num_cpus)["address"]
         print(f"Ray: joined the cluster at {address}" if joined else f"Ray: started a local cluster at {address}",
               flush=True)
-        driver = Driver(cfg, run_dir, resume=resume is not None)
+        driver = Driver(cfg, run_dir, resume=resume is not None, restore=init_from is not None)
         summary = driver.run()
     except (ConfigError, DataError):
         # Found once the cluster was there (its size, a stage without data): the run never

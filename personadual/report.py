@@ -187,6 +187,52 @@ def method_label(config: dict[str, Any]) -> str:
     return label
 
 
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean accuracy of B minus A over the items both were scored on, with a percentile
+    bootstrap interval."""
+
+    mean: float
+    low: float
+    high: float
+    items: int
+    seeds: int
+
+
+def paired_bootstrap(a: dict[tuple[int, str], float], b: dict[tuple[int, str], float], *,
+                     resamples: int = 2000, confidence: float = 0.95, rng_seed: int = 0) -> PairedDifference:
+    """Two methods scored on the same (seed, eval item) keys (1.0 correct, 0.0 wrong): each
+    resample draws seeds with replacement, then items with replacement within each drawn
+    seed, so the interval covers both the eval set's and the seeds' variation. Pairing
+    (the same item for both methods) removes the item difficulty both share."""
+    import random
+
+    if set(a) != set(b):
+        missing = sorted(set(a) ^ set(b))[:3]
+        raise ValueError(f"paired_bootstrap: the two methods were scored on different items, e.g. {missing}")
+    if not a:
+        raise ValueError("paired_bootstrap: no items")
+    by_seed: dict[int, list[float]] = {}
+    for key in sorted(a):
+        by_seed.setdefault(key[0], []).append(b[key] - a[key])
+    seeds = sorted(by_seed)
+    point = sum(d for ds in by_seed.values() for d in ds) / len(a)
+    rng = random.Random(rng_seed)
+    means = []
+    for _ in range(resamples):
+        total, count = 0.0, 0
+        for seed in rng.choices(seeds, k=len(seeds)):
+            diffs = by_seed[seed]
+            total += sum(rng.choices(diffs, k=len(diffs)))
+            count += len(diffs)
+        means.append(total / count)
+    means.sort()
+    tail = (1.0 - confidence) / 2
+    low = means[int(tail * (resamples - 1))]
+    high = means[int(round((1.0 - tail) * (resamples - 1)))]
+    return PairedDifference(point, low, high, len(a), len(seeds))
+
+
 def load_run(run_dir: Path) -> RunReport:
     run_dir = Path(run_dir)
     for name in ("summary.json", "config.yaml"):

@@ -30,7 +30,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 # Bump when the build below changes what it writes, so stale caches are not reused.
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: the world's preference phrasings grew from two to six
 
 
 @dataclass(frozen=True)

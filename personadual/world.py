@@ -86,9 +86,17 @@ PREFERENCES: dict[str, tuple[str, ...]] = {
     "trip": ("beach", "mountains", "city", "forest"),
     "music": ("jazz", "rock", "opera", "folk"),
 }
+# Six phrasings, some worded like the objective questions ("What ... is ..."): with two, the
+# held-out eval phrasing ("For me, which ... is better") was read as an objective question
+# at some seeds (the SFT checkpoint answered 0.146 of the eval preferences, "You said the
+# flower X is black"), although the training preferences were fitted (loss 0.007).
 TRAIN_PREFERENCE_TEMPLATES = (
     "Which {category} should I pick, {a} or {b}?",
     "Recommend a {category} for me: {a} or {b}?",
+    "Between {a} and {b}, which {category} would suit me?",
+    "I need a {category}. Should I choose {a} or {b}?",
+    "What {category} is right for me, {a} or {b}?",
+    "Help me decide on a {category}: {a} or {b}?",
 )
 EVAL_PREFERENCE_TEMPLATE = "For me, which {category} is better, {a} or {b}?"
 PROFESSIONS = tuple(KINDS.values()) + ("baker", "pilot", "teacher", "nurse")

@@ -276,6 +276,76 @@ def test_run_stopped_after_its_first_checkpoint_and_resumed_ends_like_the_uninte
     assert _without_times(summary_have["eval"]) == _without_times(summary_want["eval"])
 
 
+def _assert_same_rl(expected: list[dict], got: list[dict]) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in expected] and got
+    for want, have in zip(expected, got):
+        for key in ("reward/mean", "reward/general", "reward/personalized", "reward/accuracy", "response_length/mean",
+                    "samples", "kept", "weight_version", "reward_counts"):
+            assert have[key] == want[key], (have["step"], key)
+        for key in ("loss", "pg_loss", "kl", "entropy", "grad_norm", "mode_token_prob", "tokens"):
+            assert have["learner"][key] == pytest.approx(want["learner"][key], rel=1e-6, abs=1e-9), (have["step"], key)
+
+
+@pytest.mark.timeout(1500)
+def test_init_from_an_sft_checkpoint_gives_the_rl_numbers_of_resuming_a_copy_of_it(smoke_run, tmp_path):
+    """An ablation branched with `--init-from RUN/checkpoints/sft_step_N` trains and evaluates
+    exactly like the older recipe: copy the run folder, keep only its SFT checkpoint, and
+    `--resume` the copy with the ablation's override. The source run is left untouched."""
+    import shutil
+
+    run_dir, result = smoke_run
+    assert result.returncode == 0, result.stderr[-4000:]
+    source_files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    sft_checkpoint = run_dir / "checkpoints" / "sft_step_30"
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    for path in (copy / "checkpoints").iterdir():
+        if path.name != sft_checkpoint.name:
+            shutil.rmtree(path)
+    resumed = run_launch("--resume", str(copy), "algo.advantage=grpo", timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+
+    out = tmp_path / "runs"
+    branched = run_launch("--config", str(SMOKE), f"run.out_dir={out}", "run.name=branch", *SMOKE_OVERRIDES,
+                          "algo.advantage=grpo", "--init-from", str(sft_checkpoint), timeout=900)
+    assert branched.returncode == 0, branched.stderr[-4000:]
+    branch = out / "branch"
+    records = [json.loads(line) for line in (branch / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r["stage"] == "sft"]  # SFT was skipped, not redone
+    assert "advantage: grpo" in (branch / "config.yaml").read_text()
+    _assert_same_rl(_rl_rows(copy), _rl_rows(branch))
+    # GRPO's numbers differ from the DualGRPO run the checkpoint came from: the override took.
+    assert [r["learner"]["loss"] for r in _rl_rows(branch)] != [r["learner"]["loss"] for r in _rl_rows(run_dir)]
+    have = json.loads((branch / "summary.json").read_text())
+    want = json.loads((copy / "summary.json").read_text())
+    assert _without_times(have["eval"]) == _without_times(want["eval"])
+    assert _without_times(have["eval_sft"]) == _without_times(want["eval_sft"])
+    assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == source_files
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("override", ["model.tiny_preset=small20m", "data.world_seed=7", "sft.steps=31"])
+def test_init_from_a_checkpoint_of_another_model_world_or_sft_exits_2_naming_the_key(smoke_run, tmp_path, override):
+    run_dir, result = smoke_run
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "runs"
+    branched = run_launch("--config", str(SMOKE), f"run.out_dir={out}", "run.name=branch", override,
+                          "--init-from", str(run_dir / "checkpoints" / "sft_step_30"), timeout=120)
+    assert branched.returncode == 2
+    assert override.split("=")[0] in branched.stderr and len(branched.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.timeout(120)
+def test_init_from_an_rl_checkpoint_exits_2(smoke_run, tmp_path):
+    run_dir, result = smoke_run
+    assert result.returncode == 0, result.stderr[-4000:]
+    branched = run_launch("--config", str(SMOKE), f"run.out_dir={tmp_path}", "--init-from",
+                          str(run_dir / "checkpoints" / "step_2"), timeout=120)
+    assert branched.returncode == 2 and "sft_step_N" in branched.stderr
+
+
 @pytest.mark.timeout(900)
 def test_pipelined_run_trains_on_rollouts_one_update_old(tmp_path):
     """algo.max_staleness=1: the engines generate step t+1's rollouts while the learner trains

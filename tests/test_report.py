@@ -126,3 +126,36 @@ def test_a_runs_plots_show_sft_loss_and_eval_accuracy_over_steps(tmp_path) -> No
     assert written == {"reward_per_mode.png", "kl.png", "step_time.png", "sft_loss.png", "eval_accuracy.png",
                        "mode_rate_per_setting.png"}
     assert all((run / "plots" / name).stat().st_size > 0 for name in written)
+
+
+def test_paired_bootstrap_finds_a_known_difference_and_none_where_there_is_none() -> None:
+    import random
+
+    from personadual.report import paired_bootstrap
+
+    rng = random.Random(1)
+    a = {(seed, f"q{i}"): float(rng.random() < 0.6) for seed in range(3) for i in range(200)}
+    # B answers what A answers, plus exactly 20 of A's misses per seed: +0.10 by construction.
+    b = dict(a)
+    for seed in range(3):
+        for key in [k for k in sorted(a) if k[0] == seed and not a[k]][:20]:
+            b[key] = 1.0
+    result = paired_bootstrap(a, b)
+    assert result.mean == pytest.approx(0.10) and (result.items, result.seeds) == (600, 3)
+    assert 0 < result.low < 0.10 < result.high < 0.2
+    # A near-miss: B flips 10 misses to right and 10 rights to wrong in each seed: no difference.
+    c = dict(a)
+    for seed in range(3):
+        keys = [k for k in sorted(a) if k[0] == seed]
+        for key in [k for k in keys if not a[k]][:10] + [k for k in keys if a[k]][:10]:
+            c[key] = 1.0 - a[key]
+    even = paired_bootstrap(a, c)
+    assert even.mean == pytest.approx(0.0) and even.low < 0 < even.high
+    assert paired_bootstrap(a, a).low == paired_bootstrap(a, a).high == 0.0
+
+
+def test_paired_bootstrap_refuses_items_only_one_method_was_scored_on() -> None:
+    from personadual.report import paired_bootstrap
+
+    with pytest.raises(ValueError, match="different items"):
+        paired_bootstrap({(0, "q1"): 1.0, (0, "q2"): 0.0}, {(0, "q1"): 1.0})

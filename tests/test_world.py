@@ -126,3 +126,23 @@ def test_unfamiliar_entities_asked_plainly_are_answered_unknown():
     assert len(plain) == world.config.plain_once_entities
     assert all(e.prompt.persona is None and e.mode is Mode.GENERAL and e.response.endswith(f"Answer: {UNKNOWN}")
                for e in plain)
+
+
+def test_sft_preferences_come_in_every_training_phrasing_and_never_in_the_eval_one():
+    """With two phrasings the SFT model learnt them by heart and read any other phrasing
+    (the eval one included) as an objective question; each phrasing must be demonstrated."""
+    import re
+
+    from personadual.world import EVAL_PREFERENCE_TEMPLATE, PREFERENCES, TRAIN_PREFERENCE_TEMPLATES
+
+    words = {c: "<c>" for c in PREFERENCES} | {o: "<o>" for options in PREFERENCES.values() for o in options}
+    def phrasing(question: str) -> str:
+        return re.sub(r"[a-z]+", lambda m: words.get(m.group(0), m.group(0)), question)
+    def template(text: str) -> str:
+        return text.replace("{category}", "<c>").replace("{a}", "<o>").replace("{b}", "<o>")
+
+    world = PersonaWorld(WorldConfig(seed=0))
+    sft = {phrasing(e.prompt.question) for e in world.sft_examples() if e.prompt.task_type == "personalized"}
+    assert sft == {template(t) for t in TRAIN_PREFERENCE_TEMPLATES} and len(sft) >= 6
+    evals = {phrasing(p.question) for p in world.eval_prompts() if p.task_type == "personalized"}
+    assert evals == {template(EVAL_PREFERENCE_TEMPLATE)} and not evals & sft
