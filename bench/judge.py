@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,18 +21,7 @@ sys.path.insert(0, str(ROOT))  # tests/ is not an installed package
 
 from rewards.config import JudgeConfig  # noqa: E402
 from rewards.judge import ApiKey, JudgeClient  # noqa: E402
-from tests.judge_server import make_prompt  # noqa: E402
-
-
-def start_server(latency_s: float) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "judge_server.py"), "--delay", str(latency_s)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    assert process.stdout is not None
-    line = process.stdout.readline().split()
-    if len(line) != 2 or line[0] != "PORT":
-        process.kill()
-        raise RuntimeError(f"judge server did not start (said {line!r})")
-    return process, f"http://127.0.0.1:{line[1]}/v1"
+from tests.judge_server import make_prompt, start_subprocess  # noqa: E402
 
 
 def measure(base_url: str, concurrency: int, requests: int, latency_s: float, round_index: int) -> dict[str, float]:
@@ -61,7 +49,7 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=64,
                         help="requests per level: max(this, 4 x concurrency)")
     args = parser.parse_args()
-    server, base_url = start_server(args.latency)
+    server, base_url = start_subprocess(args.latency)
     try:
         measure(base_url, 8, 16, args.latency, -1)  # warm-up: imports, first connections
         results = [measure(base_url, c, max(args.min_requests, 4 * c), args.latency, i)

@@ -31,19 +31,14 @@ sys.path.insert(0, str(ROOT))  # tests/ is not an installed package
 from personadual.prepare.__main__ import teacher_scorer  # noqa: E402
 from personadual.prepare.data import prepare_data  # noqa: E402
 from personadual.prepare.recipe import load_recipe  # noqa: E402
+from tests.judge_server import start_subprocess  # noqa: E402
 
 KEY_ENV = "PERSONADUAL_TEACHER_KEY"
 
 
 def start_scripted(latency_s: float) -> tuple[subprocess.Popen, str, str]:
-    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "judge_server.py"), "--delay", str(latency_s)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    assert process.stdout is not None
-    line = process.stdout.readline().split()
-    if len(line) != 2 or line[0] != "PORT":
-        process.kill()
-        raise RuntimeError(f"server did not start (said {line!r})")
-    return process, f"http://127.0.0.1:{line[1]}/v1", "scripted"
+    process, base_url = start_subprocess(latency_s)
+    return process, base_url, "scripted"
 
 
 def start_vllm() -> tuple[subprocess.Popen, str, str]:

@@ -364,6 +364,22 @@ def make_rollout(prompt: Prompt, text: str, sample_index: int = 0) -> Rollout:
                    forced=False, finish_reason="stop", weight_version=0, sample_index=sample_index)
 
 
+def start_subprocess(latency_s: float) -> tuple["subprocess.Popen[str]", str]:
+    """This server in its own process (for benchmarks: a judge that shares no CPU time with
+    the client's event loop); returns the process and its base URL. Closing its stdin stops it."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, __file__, "--delay", str(latency_s)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline().split()
+    if len(line) != 2 or line[0] != "PORT":
+        process.kill()
+        raise RuntimeError(f"test judge server did not start (said {line!r})")
+    return process, f"http://127.0.0.1:{line[1]}/v1"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Serve the test judge until stdin closes.")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before every verdict")
