@@ -221,7 +221,7 @@ def test_learner_rank_death_stops_the_run_and_a_crashed_save_keeps_the_last_chec
     # --resume continues from step 1, the last complete checkpoint, to the end (step 2).
     resumed = run_launch("--resume", str(run_dir), timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert f"resumed from {step1}" in resumed.stderr
+    assert f"resumed from {step1}" in resumed.stdout  # the console line, on stdout with the run lines
     rl = rl_records(run_dir)
     assert [r["step"] for r in rl] == [1, 2]  # step 2 once: the crashed run's line was dropped
     assert rl[1]["weight_version"] == rl[0]["weight_version"] + 1
