@@ -137,8 +137,10 @@ class RunTracker:
             import wandb as wandb_lib
 
             columns = list(rows[0])
-            data = [[row.get(c) if isinstance(row.get(c), (int, float)) else str(row.get(c, "")) for c in columns]
-                    for row in rows]
+            # Numbers stay numbers and a missing value (a dropped sample's reward) stays None:
+            # W&B types each column from its rows and refuses a "None" string in a number column.
+            data = [[row.get(c) if row.get(c) is None or isinstance(row.get(c), (int, float)) else str(row[c])
+                     for c in columns] for row in rows]
             self._wandb_log(global_step, {table: wandb_lib.Table(columns=columns, data=data)})
 
     def write_summary(self, summary: dict[str, Any]) -> None:
