@@ -20,6 +20,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from actors.schedule import SCHEDULES, ScheduleError, resolve_schedule
 from learner.config import LearnerConfig
 from personadual.algo_config import AlgoConfig
 from personadual.world import KINDS
@@ -109,6 +110,12 @@ class ClusterSection:
     # engine, one for the reward workers, each placed with this strategy.
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     placement_timeout_s: float = 300.0  # a group not placed by then fails the run, naming it
+    # How the RL step's phases share the hardware (actors/schedule.py): serial (generate, score,
+    # reference, train, sync in turn, each phase on every core of its node), colocated (learner
+    # rank i and engine i in one placement bundle: same node, on GPU the same device, the
+    # engines asleep while the learner trains) or pipelined (step t+1 generates while step t
+    # trains, cores split between them; implies algo.max_staleness=1).
+    schedule: str = "serial"
 
 
 @dataclass
@@ -131,6 +138,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "data.source": ("world", "files"),
     "rollout.engine": ("vllm", "hf"),
     "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    "cluster.schedule": SCHEDULES,
 }
 _POSITIVE = ("sft.batch_size", "run.max_consecutive_failures", "cluster.placement_timeout_s")
 _NON_NEGATIVE = ("sft.steps", "sft.epochs", "run.save_every", "run.eval_every", "run.keep_last",
@@ -300,6 +308,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if OmegaConf.select(cfg, key) is None:
             OmegaConf.update(cfg, key, cfg.run.seed)
     _validate(cfg)
+    try:
+        resolve_schedule(cfg)
+    except ScheduleError as error:
+        raise ConfigError(str(error)) from None
     try:  # each room's dataclass checks its own values (on construction or validate()), naming the key
         experiment = OmegaConf.to_object(cfg)
         for name in ("algo", "rollout", "learner", "reward"):

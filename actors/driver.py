@@ -7,6 +7,7 @@ computes DualGRPO advantages and takes a step, and the new weights go to every e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -27,6 +28,8 @@ from actors.learner_group import LearnerGroup, LearnerRankDied
 from actors.placement import Placement, check_fits, cluster_shape, plan_groups
 from actors.reward_pool import RewardPool
 from actors.rollout_actor import create_rollout_actors, start_rollout_actor
+from actors.schedule import PhaseSwitch
+from actors.threads import plan_for_run, threads_metrics
 from actors.supervision import EngineHung, EngineSupervisor, FaultLog, RunStopped, one_line
 from actors.weight_sync import SyncVerification, WeightSync, WeightSyncError
 from learner.batch import SftSample
@@ -202,13 +205,22 @@ class Driver:
         self.sft_cursor = DataCursor(cfg.run.seed, max(len(self.data.sft), 1))
         self.rl_cursor = DataCursor(cfg.run.seed + 1, len(self.data.train))
         self.placement = Placement.create(groups, timeout_s=cfg.cluster.placement_timeout_s)
+        self.threads = plan_for_run(cfg, self.placement)
+        self.phases = PhaseSwitch(cfg.cluster.schedule)
         self.learner = LearnerGroup(section(cfg, "learner"), self.model_path,
                                     algo=section(cfg, "algo"), total_sft_steps=max(self.sft_steps, 1),
                                     total_rl_steps=max(self.rl_steps, 1),
                                     placement_group=self.placement.learner,
-                                    rollout_temperature=cfg.rollout.sampling.temperature)
-        self.engines = create_rollout_actors(self.model_path, section(cfg, "rollout"),
-                                             placement_groups=self.placement.engines())
+                                    rollout_temperature=cfg.rollout.sampling.temperature,
+                                    threads=self.threads.learner)
+        self.engines = create_rollout_actors(
+            self.model_path, section(cfg, "rollout"), threads=self.threads.rollout,
+            slots=[self.placement.engine_slot(i) for i in range(cfg.rollout.num_engines)],
+            sleep_between_phases=self.phases.active)
+        self.threads_read = threads_metrics(self.learner.threads(),
+                                            ray.get([engine.threads.remote() for engine in self.engines]))
+        print(f"schedule: {cfg.cluster.schedule}; {self.threads.describe()}; read back: "
+              + ", ".join(f"{k.split('/')[1]} {v:g}" for k, v in self.threads_read.items()), flush=True)
         self.rewards = RewardPool(section(cfg, "reward"), num_workers=cfg.reward.num_workers,
                                   num_cpus=cfg.reward.num_cpus_per_worker, placement_group=self.placement.reward,
                                   faults=self.faults)
@@ -226,8 +238,10 @@ class Driver:
 
     def _start_engine(self, index: int) -> Any:
         """A replacement for rollout engine ``index``, in that engine's placement group."""
-        return start_rollout_actor(self.model_path, section(self.cfg, "rollout"), index,
-                                   self.placement.engines()[index])
+        group, bundle = self.placement.engine_slot(index)
+        config = dataclasses.replace(section(self.cfg, "rollout"), threads=self.threads.rollout[index])
+        return start_rollout_actor(self.model_path, config, index, group, bundle=bundle,
+                                   sleep_between_phases=self.phases.active)
 
     # ---- stages -------------------------------------------------------------------------
     def _sft_step(self, step: int) -> dict[str, Any]:
@@ -237,7 +251,8 @@ class Driver:
         seconds = time.perf_counter() - start
         learner.pop("time/train", None)
         return {"stage": "sft", "sft": learner, "timing_s": {"train": seconds, "step": seconds},
-                "perf": {"train_tokens_per_s": float(learner.get("tokens", 0.0)) / max(seconds, 1e-9)}}
+                "perf": {"train_tokens_per_s": float(learner.get("tokens", 0.0)) / max(seconds, 1e-9),
+                         **{k: v for k, v in self.threads_read.items() if k == "threads/learner"}}}
 
     def _start_generation(self, prompts: list[Prompt], *, forced: bool, n: int, greedy: bool = False,
                           modes: list[Mode] | None = None, histories: list[list[dict[str, str]]] | None = None,
@@ -402,7 +417,9 @@ class Driver:
         self._rl_cursor_state = self.rl_cursor.state()  # what a checkpoint of this step resumes from
         if cfg.algo.max_staleness >= 1 and step < self.rl_steps:
             self._next_generation = self._start_rl_generation(step + 1)
+        self.phases.learner_phase(self.engines)  # colocated: the engines free the device
         learner_metrics = self.learner.policy_step(scored)
+        self.phases.rollout_phase(self.engines)
         self._rl_versions.append(self.learner.weight_version)
         times["reference"] = learner_metrics.pop("time/reference", 0.0)
         times["train"] = learner_metrics.pop("time/train", 0.0)
@@ -420,11 +437,13 @@ class Driver:
         self._log_training_samples(step, scored)
         generated = sum(len(s.rollout.response_token_ids) for s in scored)
         perf = {"tokens_per_s": generated / max(times["generate"], 1e-9),
-                "train_tokens_per_s": float(learner_metrics.get("tokens", 0.0)) / max(times["train"], 1e-9)}
+                "train_tokens_per_s": float(learner_metrics.get("tokens", 0.0)) / max(times["train"], 1e-9),
+                **self.threads_read}
         mode_probs = {mode_prob_name(key): learner_metrics[key]
                       for key in learner_metrics if key.startswith("mode_token_prob")}
         return {"stage": "rl", **rollout_metrics(scored), **{f"mode/{k}": v for k, v in mode_probs.items()},
                 "reward_counts": counts, "learner": learner_metrics, "sync": sync, "timing_s": times, "perf": perf,
+                **self.phases.step_metrics(),
                 "weight_version": self.learner.weight_version,
                 "staleness": {"max": max(staleness, default=0),
                               "mean": sum(staleness) / len(staleness) if staleness else 0.0,

@@ -19,6 +19,7 @@ import torch
 
 from actors.placement import in_bundle
 from actors.supervision import dead_actors, one_line
+from actors.threads import apply_threads, read_threads, runtime_env
 from learner.batch import PolicyBatch, SftSample, build_policy_batch, shard
 from learner.config import LearnerConfig
 from personadual.algo_config import AlgoConfig
@@ -30,7 +31,8 @@ from personadual.records import Scored
 class LearnerActor:
     """One learner rank. Created bare; ``setup`` joins the group and builds the engine."""
 
-    def __init__(self, rank: int, world_size: int) -> None:
+    def __init__(self, rank: int, world_size: int, threads: int | None = None) -> None:
+        apply_threads(threads)  # before DeepSpeed and the model (actors/threads.py)
         # Ray forwards a worker's stdout to the driver's stdout, which may carry machine-
         # readable output (a benchmark's JSON); a rank's logs (DeepSpeed's go to stdout)
         # are diagnostics, so they go to stderr.
@@ -58,6 +60,9 @@ class LearnerActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def threads(self) -> dict[str, Any]:
+        return read_threads()
 
     def sft_step(self, samples: list[SftSample]) -> dict[str, float]:
         with fault_window("train", f"rank{self.rank}"):
@@ -156,10 +161,13 @@ def configure(config: LearnerConfig, algo: AlgoConfig, *, total_sft_steps: int |
 class LearnerGroup:
     def __init__(self, config: LearnerConfig, model_path: str | Path, *, algo: AlgoConfig | None = None,
                  total_sft_steps: int | None = None, total_rl_steps: int | None = None,
-                 placement_group: Any = None, rollout_temperature: float = 1.0) -> None:
+                 placement_group: Any = None, rollout_temperature: float = 1.0,
+                 threads: Sequence[int] | None = None) -> None:
         """``config``: how to train (ranks, their resources, ...); ``algo``: the objective (its
         defaults when None); ``rollout_temperature``: what the engines sample at, so the
-        learner compares its log-probs with theirs under the same tempered distribution."""
+        learner compares its log-probs with theirs under the same tempered distribution;
+        ``threads``: each rank's torch/OpenMP threads (actors/threads.py; default
+        ``learner.threads``, else Ray's reservation)."""
         self.algo = algo if algo is not None else AlgoConfig()
         self.rollout_temperature = rollout_temperature
         self.config = configure(config, self.algo, total_sft_steps=total_sft_steps, total_rl_steps=total_rl_steps)
@@ -168,9 +176,12 @@ class LearnerGroup:
         self.actors = []
         self.failed = False  # a rank died: shut down without waiting for the others' goodbyes
         for rank in range(self.num_ranks):
+            count = threads[rank] if threads is not None else self.config.threads
+            options = {"runtime_env": runtime_env(count)} if count is not None else {}
             self.actors.append(LearnerActor.options(num_cpus=self.config.num_cpus_per_rank,
                                                     num_gpus=self.config.num_gpus_per_rank,
-                                                    **in_bundle(placement_group, rank)).remote(rank, self.num_ranks))
+                                                    **in_bundle(placement_group, rank), **options,
+                                                    ).remote(rank, self.num_ranks, count))
         try:
             self.master_address, self.master_port = ray.get(self.actors[0].address.remote())
             versions = gather([actor.setup.remote(self.config, self.algo, self.model_path, self.master_address,
@@ -205,6 +216,10 @@ class LearnerGroup:
 
     def pids(self) -> list[int]:
         return self._gather([actor.pid.remote() for actor in self.actors], "pid")
+
+    def threads(self) -> list[dict[str, Any]]:
+        """Each rank's threads as read inside it (actors/threads.py, ``read_threads``)."""
+        return self._gather([actor.threads.remote() for actor in self.actors], "threads")
 
     def sft_step(self, samples: Sequence[SftSample]) -> dict[str, float]:
         results = self._all("sft_step", [shard(list(samples), r, self.num_ranks) for r in range(self.num_ranks)])

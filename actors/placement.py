@@ -5,6 +5,10 @@ One group per role (one per engine), each bundle asking for what its actor takes
 - ``rollout_<i>``: one bundle per engine, or with tensor parallelism one per TP worker
   (a GPU each; vLLM's Ray executor puts a worker in each bundle);
 - ``reward``: one bundle per reward worker (``reward.num_cpus_per_worker``).
+With ``cluster.schedule: colocated`` the learner and engine groups are one, ``colocated``:
+bundle i holds learner rank i AND engine i (their CPUs and GPUs summed), so each engine
+shares its node, and on GPU its device, with a learner rank (engines without
+tensor parallelism; the config check refuses it otherwise).
 Every bundle of a role also asks for ``<role>.resources`` (custom node resources: the way
 to pin a role to nodes). Groups are placed with ``cluster.placement_strategy``.
 
@@ -21,7 +25,8 @@ from typing import Iterable
 
 import ray
 from omegaconf import DictConfig
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import (PlacementGroup, placement_group, placement_group_table,
+                                      remove_placement_group)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.config import ConfigError
@@ -35,7 +40,7 @@ class PlacementError(ConfigError):
 
 @dataclass(frozen=True)
 class GroupSpec:
-    name: str  # learner | rollout_<i> | reward
+    name: str  # learner | rollout_<i> | colocated | reward
     bundles: list[Bundle]
     strategy: str
     keys: str  # the config keys that size it, named in errors
@@ -66,6 +71,16 @@ def plan_groups(cfg: DictConfig) -> list[GroupSpec]:
     learner, rollout, reward = cfg.learner, cfg.rollout, cfg.reward
     strategy = cfg.cluster.placement_strategy
     learner_bundle = make_bundle(learner.num_cpus_per_rank, learner.num_gpus_per_rank, dict(learner.resources))
+    reward_bundle = make_bundle(reward.num_cpus_per_worker, 0.0, dict(reward.resources))
+    reward_spec = GroupSpec("reward", [reward_bundle] * reward.num_workers, strategy,
+                            "reward.num_workers, reward.num_cpus_per_worker, reward.resources")
+    if cfg.cluster.schedule == "colocated":
+        engine_bundle = make_bundle(rollout.num_cpus_per_engine, rollout.num_gpus_per_engine, dict(rollout.resources))
+        shared = [_summed([learner_bundle] * (i < learner.num_ranks) + [engine_bundle] * (i < rollout.num_engines))
+                  for i in range(max(learner.num_ranks, rollout.num_engines))]
+        return [GroupSpec("colocated", shared, strategy,
+                          "cluster.schedule=colocated, learner.num_ranks, rollout.num_engines, "
+                          "learner.num_cpus/gpus_per_rank, rollout.num_cpus/gpus_per_engine"), reward_spec]
     specs = [GroupSpec("learner", [learner_bundle] * learner.num_ranks, strategy,
                        "learner.num_ranks, learner.num_cpus/gpus_per_rank, learner.resources")]
     tp = rollout.tensor_parallel_size
@@ -78,10 +93,16 @@ def plan_groups(cfg: DictConfig) -> list[GroupSpec]:
         specs.append(GroupSpec(f"rollout_{index}", engine_bundles, strategy,
                                "rollout.num_cpus/gpus_per_engine, rollout.tensor_parallel_size, "
                                "rollout.resources"))
-    reward_bundle = make_bundle(reward.num_cpus_per_worker, 0.0, dict(reward.resources))
-    specs.append(GroupSpec("reward", [reward_bundle] * reward.num_workers, strategy,
-                           "reward.num_workers, reward.num_cpus_per_worker, reward.resources"))
+    specs.append(reward_spec)
     return specs
+
+
+def _summed(bundles: list[Bundle]) -> Bundle:
+    summed: Bundle = {}
+    for bundle in bundles:
+        for key, amount in bundle.items():
+            summed[key] = summed.get(key, 0.0) + amount
+    return summed
 
 
 def totals(specs: Iterable[GroupSpec]) -> Bundle:
@@ -113,6 +134,11 @@ def check_fits(specs: list[GroupSpec], cluster_resources: Bundle, node_resources
         if spec.strategy == "STRICT_SPREAD" and len(spec.bundles) > len(node_resources):
             raise ConfigError(f"cluster: the {spec.describe()} needs {len(spec.bundles)} nodes, "
                               f"the cluster has {len(node_resources)}")
+
+
+def node_cpus() -> dict[str, float]:
+    """Each live node's CPUs, by node id."""
+    return {node["NodeID"]: float(node["Resources"].get("CPU", 0.0)) for node in ray.nodes() if node.get("Alive")}
 
 
 def cluster_shape() -> tuple[Bundle, list[Bundle]]:
@@ -158,7 +184,8 @@ class Placement:
 
     @property
     def learner(self) -> PlacementGroup:
-        return self._by_name["learner"]
+        """The learner ranks' group: rank i in bundle i."""
+        return self._by_name.get("learner") or self._by_name["colocated"]
 
     @property
     def reward(self) -> PlacementGroup:
@@ -166,6 +193,18 @@ class Placement:
 
     def engines(self) -> list[PlacementGroup]:
         return [group for spec, group in zip(self.specs, self.groups) if spec.name.startswith("rollout_")]
+
+    def engine_slot(self, index: int) -> tuple[PlacementGroup, int]:
+        """Engine ``index``'s group and its first bundle there: bundle 0 of a group of its own,
+        or bundle ``index`` of the colocated group (beside learner rank ``index``)."""
+        if "colocated" in self._by_name:
+            return self._by_name["colocated"], index
+        return self.engines()[index], 0
+
+    def nodes(self, group: PlacementGroup) -> list[str]:
+        """The node id of each bundle of ``group``, in bundle order."""
+        table = placement_group_table(group)["bundles_to_node_id"]
+        return [table[index] for index in sorted(table)]
 
     def remove(self) -> None:
         for group in self.groups:
@@ -178,4 +217,4 @@ class Placement:
 
 
 __all__ = ["GroupSpec", "Placement", "PlacementError", "check_fits", "cluster_shape", "in_bundle", "make_bundle",
-           "plan_groups", "totals"]
+           "node_cpus", "plan_groups", "totals"]

@@ -14,6 +14,7 @@ actors/supervision.py replaces a dead one with ``start_rollout_actor`` and resen
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -23,6 +24,7 @@ from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.placement import in_bundle
+from actors.threads import apply_threads, read_threads, runtime_env
 from personadual.fault_hooks import fault_window
 from personadual.modes import Mode
 from personadual.records import Prompt, Rollout
@@ -38,9 +40,13 @@ ENGINE_START_TIMEOUT_S = 1800.0  # a first start compiles kernels; 8B weights lo
 
 @ray.remote
 class RolloutActor:
-    def __init__(self, model_path: str, config: RolloutConfig, engine_index: int = 0) -> None:
+    def __init__(self, model_path: str, config: RolloutConfig, engine_index: int = 0,
+                 sleep_between_phases: bool = False) -> None:
         self.engine_index = engine_index
-        self.engine = make_engine(model_path, config, engine_index=engine_index)
+        # Before the engine: vLLM's CPU worker makes torch.set_num_threads a no-op once it starts.
+        apply_threads(config.threads)
+        self.engine = make_engine(model_path, config, engine_index=engine_index,
+                                  sleep_between_phases=sleep_between_phases)
         from actors.console import quiet_libraries
 
         quiet_libraries()  # after vLLM set up its loggers: drops its per-sync false alarm
@@ -64,6 +70,16 @@ class RolloutActor:
 
     def load_weights(self, named_tensors: NamedTensors, version: int | None = None) -> int:
         return self.engine.load_weights(named_tensors, version)
+
+    def threads(self) -> dict[str, Any]:
+        return read_threads()
+
+    def sleep(self) -> bool:
+        """Free the device for the learner (colocated schedule); False where the engine cannot."""
+        return self.engine.sleep()
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()
 
     def get_weight_version(self) -> int:
         return self.engine.weight_version
@@ -108,15 +124,19 @@ class RolloutActor:
 
 
 def actor_options(config: RolloutConfig, engine_index: int,
-                  group: PlacementGroup | None, *, own_group: bool = False) -> dict[str, Any]:
+                  group: PlacementGroup | None, *, own_group: bool = False,
+                  bundle: int | None = None) -> dict[str, Any]:
     """Ray options of engine ``engine_index``. In a placement group shared by the engines,
     engine i owns bundles [i*tp, (i+1)*tp) (bundle i without tensor parallelism); in a group
-    of its own (``own_group``, actors/placement.py), bundles [0, tp)."""
+    of its own (``own_group``, actors/placement.py), bundles [0, tp); ``bundle`` names the
+    first one outright (the colocated group: engine i beside learner rank i). With
+    ``config.threads`` set the actor's process starts with that many OpenMP threads."""
     tp = config.tensor_parallel_size
-    first = 0 if own_group else engine_index * tp
+    first = bundle if bundle is not None else 0 if own_group else engine_index * tp
+    threads = {"runtime_env": runtime_env(config.threads)} if config.threads is not None else {}
     if tp == 1:
         return {"num_cpus": config.num_cpus_per_engine, "num_gpus": config.num_gpus_per_engine,
-                **in_bundle(group, first)}
+                **in_bundle(group, first), **threads}
     bundles = list(range(first, first + tp)) if group is not None else list(range(tp))
     if group is None:
         group = placement_group([{"GPU": 1, "CPU": config.num_cpus_per_engine}] * tp, strategy="PACK")
@@ -125,22 +145,39 @@ def actor_options(config: RolloutConfig, engine_index: int,
     return {"num_cpus": 0, "num_gpus": 0,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 group, placement_group_bundle_index=bundles[0], placement_group_capture_child_tasks=True),
-            "runtime_env": {"env_vars": {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, bundles))}}}
+            "runtime_env": _with_threads(config.threads, {"env_vars": {"VLLM_RAY_BUNDLE_INDICES": ",".join(
+                map(str, bundles))}})}
+
+
+def _with_threads(threads: int | None, env: dict[str, Any]) -> dict[str, Any]:
+    return runtime_env(threads, env) if threads is not None else env
 
 
 def create_rollout_actors(model_path: str | Path, config: RolloutConfig,
                           placement_group: PlacementGroup | None = None, *,
                           placement_groups: Sequence[PlacementGroup] | None = None,
+                          slots: Sequence[tuple[PlacementGroup, int]] | None = None,
+                          threads: Sequence[int] | None = None, sleep_between_phases: bool = False,
                           start_timeout_s: float = ENGINE_START_TIMEOUT_S) -> list[ActorHandle]:
     """Start ``config.num_engines`` engines and wait until every one can generate; each in
-    ``placement_groups[i]`` when given (a group per engine), else in ``placement_group``."""
+    ``placement_groups[i]`` when given (a group per engine), or at ``slots[i]`` (group, first
+    bundle), else in ``placement_group``. ``threads[i]``: engine i's torch/OpenMP threads
+    (default ``config.threads``)."""
     config.validate()
     if placement_groups is not None and len(placement_groups) != config.num_engines:
         raise ValueError(f"{len(placement_groups)} placement groups for {config.num_engines} rollout engines")
-    actors = [RolloutActor.options(**(
-        actor_options(config, index, placement_groups[index], own_group=True) if placement_groups is not None
-        else actor_options(config, index, placement_group))).remote(str(model_path), config, index)
-        for index in range(config.num_engines)]
+
+    def options(index: int, own: RolloutConfig) -> dict[str, Any]:
+        if slots is not None:
+            return actor_options(own, index, slots[index][0], bundle=slots[index][1])
+        if placement_groups is not None:
+            return actor_options(own, index, placement_groups[index], own_group=True)
+        return actor_options(own, index, placement_group)
+
+    configs = [config if threads is None else dataclasses.replace(config, threads=threads[index])
+               for index in range(config.num_engines)]
+    actors = [RolloutActor.options(**options(index, own)).remote(str(model_path), own, index, sleep_between_phases)
+              for index, own in enumerate(configs)]
     try:
         ray.get([actor.ready.remote() for actor in actors], timeout=start_timeout_s)
     except Exception:
@@ -151,13 +188,15 @@ def create_rollout_actors(model_path: str | Path, config: RolloutConfig,
 
 
 def start_rollout_actor(model_path: str | Path, config: RolloutConfig, engine_index: int,
-                        placement_group: PlacementGroup | None = None, *,
+                        placement_group: PlacementGroup | None = None, *, bundle: int | None = None,
+                        sleep_between_phases: bool = False,
                         start_timeout_s: float = ENGINE_START_TIMEOUT_S) -> ActorHandle:
     """One engine, ``engine_index``, in its own ``placement_group`` when given (a replacement
-    takes the bundle its dead predecessor freed); returns once it can generate."""
+    takes the bundle its dead predecessor freed; ``bundle``: that bundle's index in a shared
+    group); returns once it can generate."""
     actor = RolloutActor.options(**actor_options(config, engine_index, placement_group,
-                                                 own_group=placement_group is not None)).remote(
-        str(model_path), config, engine_index)
+                                                 own_group=placement_group is not None, bundle=bundle)).remote(
+        str(model_path), config, engine_index, sleep_between_phases)
     try:
         ray.get(actor.ready.remote(), timeout=start_timeout_s)
     except Exception:

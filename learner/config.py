@@ -61,6 +61,9 @@ class LearnerConfig:
     num_ranks: int = 1  # data-parallel learner ranks (Ray actors), one placement bundle each
     num_cpus_per_rank: float = 1.0
     num_gpus_per_rank: float = 0.0  # > 0 puts the ranks on GPUs
+    # torch/OpenMP threads of each rank; null: its node's cores for the schedule (actors/threads.py),
+    # not Ray's OMP_NUM_THREADS (= num_cpus_per_rank, i.e. one thread).
+    threads: Optional[int] = None
     # Extra Ray resources each rank's bundle asks for, e.g. {node_a: 1}: pins the ranks to
     # nodes (checked with the placement keys in actors/config.py).
     resources: dict[str, float] = field(default_factory=dict)
@@ -95,6 +98,8 @@ class LearnerConfig:
         _check(self.num_ranks >= 1, f"{key}.num_ranks", f"must be >= 1, got {self.num_ranks!r}")
         # A placement bundle may not be empty: a rank's CPUs stay above zero.
         _check(self.num_cpus_per_rank > 0, f"{key}.num_cpus_per_rank", f"must be > 0, got {self.num_cpus_per_rank!r}")
+        _check(self.threads is None or self.threads >= 1, f"{key}.threads",
+               f"must be null or >= 1, got {self.threads!r}")
         _check(self.num_gpus_per_rank >= 0, f"{key}.num_gpus_per_rank", f"must be >= 0, got {self.num_gpus_per_rank!r}")
         _one_of(f"{key}.precision", self.precision, PRECISIONS)
         _check(self.micro_batch_tokens >= 1, f"{key}.micro_batch_tokens",

@@ -188,6 +188,10 @@ def make_weight_sender(learner: Any, *, rank: int, backend: str, master_address:
 
         info = NCCLTrainerInitInfo(rank=rank, master_address=master_address, master_port=master_port,
                                    world_size=world_size, packed=True, packed_buffer_size_bytes=bucket_bytes)
+    elif backend == "ipc":  # colocated on one GPU: CUDA IPC handles, no rendezvous (vLLM's engine)
+        from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
+
+        info = IPCTrainerInitInfo(rank=rank, packed=True, packed_buffer_size_bytes=bucket_bytes)
     else:
         raise ValueError(f"rollout.weight_transfer_backend: no trainer engine for {backend!r}")
     return WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)

@@ -39,7 +39,9 @@ class AlgoConfig:
     prompts_per_step: int = 16
     n_per_mode: int = 4  # forced-prefix: n per mode (2n per prompt); free mode: 2n per prompt
     forced_prefix: bool = True
-    max_staleness: int = 0  # RL steps a rollout's weights may lag the learner (0 or 1)
+    # RL steps a rollout's weights may lag the learner (0 or 1); null: what cluster.schedule
+    # gives (1 when pipelined, else 0). A value that contradicts the schedule exits 2.
+    max_staleness: Optional[int] = None
     # The objective (read by the learner).
     advantage: str = "dual"  # a name in personadual/estimators.py: dual | grpo | dual_released
     scale: str = "none"  # none | group_std
@@ -63,7 +65,8 @@ class AlgoConfig:
             _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)!r}")
         for name in ("prompts_per_step", "n_per_mode", "ppo_epochs", "mini_batches"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)!r}")
-        _check(self.max_staleness in (0, 1), "max_staleness", f"expected one of [0, 1], got {self.max_staleness!r}")
+        _check(self.max_staleness in (None, 0, 1), "max_staleness",
+               f"expected one of [null, 0, 1], got {self.max_staleness!r}")
         _check(self.advantage in ADVANTAGE_ESTIMATORS, "advantage",
                f"expected one of {list(ADVANTAGE_ESTIMATORS)}, got {self.advantage!r}")
         _check(self.scale in ADVANTAGE_SCALES, "scale", f"expected one of {list(ADVANTAGE_SCALES)}, got {self.scale!r}")
@@ -80,7 +83,7 @@ class AlgoConfig:
         rollouts may be one update old, none for on-policy runs."""
         if self.rollout_correction is not None:
             return self.rollout_correction
-        return "tis" if self.max_staleness >= 1 else "none"
+        return "tis" if (self.max_staleness or 0) >= 1 else "none"
 
     @property
     def updates_per_step(self) -> int:

@@ -8,7 +8,8 @@ from typing import Optional
 ENGINES = ("vllm", "hf")
 DTYPES = ("float32", "bfloat16", "float16")
 # "auto": "nccl" when the engine runs on a GPU, else our "gloo" (rollout/transfer_gloo.py).
-WEIGHT_TRANSFER_BACKENDS = ("auto", "gloo", "nccl", "none")
+# "ipc": CUDA IPC between processes on one GPU (cluster.schedule=colocated picks it on GPU).
+WEIGHT_TRANSFER_BACKENDS = ("auto", "gloo", "nccl", "ipc", "none")
 
 
 @dataclass
@@ -40,6 +41,9 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     num_cpus_per_engine: float = 1.0
     num_gpus_per_engine: float = 0.0  # > 0 puts the engine on GPUs (tensor_parallel_size of them)
+    # torch/OpenMP threads of each engine; null: its node's cores for the schedule (actors/threads.py),
+    # not Ray's OMP_NUM_THREADS (= num_cpus_per_engine rounded down, at least 1).
+    threads: Optional[int] = None
     # Extra Ray resources each engine's bundles ask for, e.g. {node_b: 1}: pins the engines to
     # nodes (checked with the placement keys in actors/config.py).
     resources: dict[str, float] = field(default_factory=dict)
@@ -72,6 +76,8 @@ class RolloutConfig:
                 raise ValueError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
         if self.num_cpus_per_engine <= 0:
             raise ValueError(f"{prefix}.num_cpus_per_engine: must be > 0, got {self.num_cpus_per_engine}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"{prefix}.threads: must be null or >= 1, got {self.threads}")
         if self.num_gpus_per_engine < 0:
             raise ValueError(f"{prefix}.num_gpus_per_engine: must be >= 0, got {self.num_gpus_per_engine}")
         if self.tensor_parallel_size > 1 and self.num_gpus_per_engine <= 0:

@@ -65,19 +65,31 @@ class RolloutEngine(Protocol):
 
     def shutdown_weight_transfer_engine(self) -> None: ...
 
+    def sleep(self) -> bool:
+        """Give the device up between generations (a colocated learner trains on it): KV cache
+        freed, weights dropped (the next weight update rewrites them all); False when this
+        engine cannot (vLLM's CPU worker has no sleep mode, the HF engine none at all)."""
+        ...
+
+    def wake_up(self) -> None:
+        """Take the device back after ``sleep`` (a no-op when it did not sleep)."""
+        ...
+
     def shutdown(self) -> None:
         """Release the engine (an in-process vLLM engine frees its distributed state)."""
         ...
 
 
-def make_engine(model_path: str | Path, config: RolloutConfig, *, engine_index: int = 0) -> RolloutEngine:
+def make_engine(model_path: str | Path, config: RolloutConfig, *, engine_index: int = 0,
+                sleep_between_phases: bool = False) -> RolloutEngine:
     """The engine ``config.engine`` names. ``engine_index`` offsets the sampling seed so
-    several engines do not draw the same random streams."""
+    several engines do not draw the same random streams; ``sleep_between_phases``: built so
+    that ``sleep`` frees the device (vLLM's sleep mode, on GPU)."""
     config.validate()
     if config.engine == "vllm":
         from rollout.vllm_engine import VllmEngine
 
-        return VllmEngine(model_path, config, engine_index=engine_index)
+        return VllmEngine(model_path, config, engine_index=engine_index, sleep_between_phases=sleep_between_phases)
     from rollout.hf_engine import HfEngine
 
     return HfEngine(model_path, config, engine_index=engine_index)

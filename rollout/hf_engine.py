@@ -55,6 +55,13 @@ class HfEngine:
         self._received = ReceivedUpdate()
         self.last_receive_s = 0.0
 
+    def sleep(self) -> bool:
+        """The HF engine keeps its weights where they are (a tiny-run and cross-check engine)."""
+        return False
+
+    def wake_up(self) -> None:
+        return None
+
     # ---- generation ---------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int,
                  greedy: bool = False, histories: Sequence[Sequence[dict[str, str]]] | None = None,

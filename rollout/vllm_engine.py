@@ -44,7 +44,8 @@ def resolve_weight_transfer_backend(config: RolloutConfig) -> str | None:
 
 
 class VllmEngine:
-    def __init__(self, model_path: str | Path, config: RolloutConfig, *, engine_index: int = 0) -> None:
+    def __init__(self, model_path: str | Path, config: RolloutConfig, *, engine_index: int = 0,
+                 sleep_between_phases: bool = False) -> None:
         import vllm
         import vllm.envs
         from vllm.config import WeightTransferConfig
@@ -70,8 +71,13 @@ class VllmEngine:
             distributed_executor_backend="uni" if tp == 1 else None,
             use_tqdm_on_load=False,  # a progress bar per (re)start is console noise in a run's log
         )
+        # vLLM's CPU worker has no sleep mode (it logs and ignores sleep/wake_up): GPU only.
+        self._sleeps = sleep_between_phases and config.num_gpus_per_engine > 0
+        self._asleep = False
         if config.num_gpus_per_engine > 0:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        if self._sleeps:
+            kwargs["enable_sleep_mode"] = True
         if self._backend is not None:
             kwargs["weight_transfer_config"] = WeightTransferConfig(backend=self._backend)
         self.llm = vllm.LLM(**kwargs)
@@ -186,6 +192,20 @@ class VllmEngine:
 
     def shutdown_weight_transfer_engine(self) -> None:
         self.llm.shutdown_weight_transfer_engine()
+
+    # ---- sharing the device with a colocated learner ------------------------------------
+    def sleep(self) -> bool:
+        if not self._sleeps or self._asleep:
+            return False
+        # Level 2 drops the weights too: the weight update after training rewrites every tensor.
+        self.llm.sleep(level=2)
+        self._asleep = True
+        return True
+
+    def wake_up(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
 
     # ---- lifetime -----------------------------------------------------------------------
     def shutdown(self) -> None:

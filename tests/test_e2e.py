@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from actors.threads import split_pipelined
 from tests.helpers import LAUNCH, ROOT, SMOKE, run_launch
 
 SETTINGS = ("no_persona", "unaligned", "aligned", "personalized")
@@ -348,10 +349,11 @@ def test_init_from_an_rl_checkpoint_exits_2(smoke_run, tmp_path):
 
 @pytest.mark.timeout(900)
 def test_pipelined_run_trains_on_rollouts_one_update_old(tmp_path):
-    """algo.max_staleness=1: the engines generate step t+1's rollouts while the learner trains
-    on step t's, so from step 2 on the learner trains on rollouts one update old."""
+    """cluster.schedule=pipelined (algo.max_staleness follows: 1): the engines generate step
+    t+1's rollouts while the learner trains on step t's, so from step 2 on the learner trains
+    on rollouts one update old; the node's cores are split between the two (read back)."""
     out = tmp_path / "runs"
-    result = run_launch("--config", str(SMOKE), f"run.out_dir={out}", "run.name=pipelined", "algo.max_staleness=1",
+    result = run_launch("--config", str(SMOKE), f"run.out_dir={out}", "run.name=pipelined", "cluster.schedule=pipelined",
                         "algo.steps=3", "eval.baselines=false", timeout=840)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = _rl_rows(out / "pipelined")
@@ -361,4 +363,7 @@ def test_pipelined_run_trains_on_rollouts_one_update_old(tmp_path):
         # Generated on the weights the engines held while the previous step trained.
         assert row["staleness"]["rollout_weight_version"] == previous["weight_version"] - 1
     assert [("generate_next" in r["timing_s"]) for r in rows] == [True, True, False]  # the last step prefetches nothing
+    learner_cores, rollout_cores = split_pipelined(os.cpu_count() or 1)  # one node: Ray counts its cores
+    assert {(r["perf"]["threads/learner"], r["perf"]["threads/rollout"]) for r in rows} == {(learner_cores,
+                                                                                             rollout_cores)}
     assert json.loads((out / "pipelined" / "summary.json").read_text())["eval"]["aligned"]["accuracy"] >= 0

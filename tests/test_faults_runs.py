@@ -236,7 +236,7 @@ def test_a_hung_engine_and_one_killed_mid_sync_are_replaced_in_place_and_the_run
     run_dir = tmp_path / "runs" / "hangs"
     generate_timeout_s = 20
     run = FaultRun(tmp_path / "faults", [*SMALL, f"run.out_dir={tmp_path / 'runs'}", "run.name=hangs",
-                                         "algo.steps=3", "run.save_every=0", "algo.max_staleness=1",
+                                         "algo.steps=3", "run.save_every=0", "cluster.schedule=pipelined",
                                          f"rollout.generate_timeout_s={generate_timeout_s}",
                                          "rollout.verify_every=1", "learner.bucket_bytes=262144",
                                          # Rewards that vary, and updates that move the weights

@@ -101,9 +101,9 @@ def test_correction_is_off_for_on_policy_runs_and_tis_with_a_one_update_lag_unle
         return section(load_config(None, list(overrides)), "algo").correction
 
     assert correction_of() is None  # null: chosen by the staleness the run allows
-    assert resolved() == "none"
-    assert resolved("algo.max_staleness=1") == "tis"
-    assert resolved("algo.max_staleness=1", "algo.rollout_correction=none") == "none"
+    assert resolved("cluster.schedule=serial") == "none"
+    assert resolved("cluster.schedule=pipelined") == "tis"  # rollouts one update old
+    assert resolved("cluster.schedule=pipelined", "algo.rollout_correction=none") == "none"
     chosen = load_config(None, ["algo.rollout_correction=mask", "algo.rollout_correction_cap=3"]).algo
     assert (chosen.rollout_correction, chosen.rollout_correction_cap) == ("mask", 3.0)
     with pytest.raises(ConfigError, match=r"^algo.rollout_correction: expected one of"):
