@@ -212,13 +212,13 @@ class Driver:
                                     total_rl_steps=max(self.rl_steps, 1),
                                     placement_group=self.placement.learner,
                                     rollout_temperature=cfg.rollout.sampling.temperature,
-                                    threads=self.threads.learner)
+                                    threads=self.threads.learner_sft)
         self.engines = create_rollout_actors(
             self.model_path, section(cfg, "rollout"), threads=self.threads.rollout,
             slots=[self.placement.engine_slot(i) for i in range(cfg.rollout.num_engines)],
             sleep_between_phases=self.phases.active)
-        self.threads_read = threads_metrics(self.learner.threads(),
-                                            ray.get([engine.threads.remote() for engine in self.engines]))
+        self.engine_threads = ray.get([engine.threads.remote() for engine in self.engines])
+        self.threads_read = threads_metrics(self.learner.threads(), self.engine_threads)
         print(f"schedule: {cfg.cluster.schedule}; {self.threads.describe()}; read back: "
               + ", ".join(f"{k.split('/')[1]} {v:g}" for k, v in self.threads_read.items()), flush=True)
         self.rewards = RewardPool(section(cfg, "reward"), num_workers=cfg.reward.num_workers,
@@ -576,6 +576,9 @@ class Driver:
                 self.tracker.log(self._global_step("rl", 0), {"stage": "eval", "tag": "sft", "step": 0,
                                                               "eval": result})
                 print(eval_line("sft", 0, result), flush=True)
+            if self.threads.learner != self.threads.learner_sft:  # pipelined: generation now runs beside
+                self.threads_read = threads_metrics(self.learner.set_threads(self.threads.learner),
+                                                    self.engine_threads)
             with StageProgress(method_label(to_container(cfg)), self.rl_steps, rl_start) as progress:
                 for step in range(rl_start + 1, self.rl_steps + 1):
                     metrics = {**self._rl_step(step), **self.faults.step_done()}

@@ -64,6 +64,10 @@ class LearnerActor:
     def threads(self) -> dict[str, Any]:
         return read_threads()
 
+    def set_threads(self, threads: int) -> dict[str, Any]:
+        apply_threads(threads)
+        return read_threads()
+
     def sft_step(self, samples: list[SftSample]) -> dict[str, float]:
         with fault_window("train", f"rank{self.rank}"):
             return self.learner.sft_step(samples)
@@ -220,6 +224,12 @@ class LearnerGroup:
     def threads(self) -> list[dict[str, Any]]:
         """Each rank's threads as read inside it (actors/threads.py, ``read_threads``)."""
         return self._gather([actor.threads.remote() for actor in self.actors], "threads")
+
+    def set_threads(self, threads: Sequence[int]) -> list[dict[str, Any]]:
+        """Each rank to ``threads[rank]`` threads (e.g. the RL stage's share of a node shared
+        with a pipelined engine); the counts read back."""
+        return self._gather([actor.set_threads.remote(count) for actor, count in zip(self.actors, threads)],
+                            "set_threads")
 
     def sft_step(self, samples: Sequence[SftSample]) -> dict[str, float]:
         results = self._all("sft_step", [shard(list(samples), r, self.num_ranks) for r in range(self.num_ranks)])

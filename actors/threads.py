@@ -32,17 +32,23 @@ THREADS_ENV = "OMP_NUM_THREADS"
 
 @dataclass(frozen=True)
 class ThreadPlan:
-    """Threads per learner rank and per rollout engine, in rank / engine order."""
+    """Threads per learner rank and per rollout engine, in rank / engine order. ``learner``
+    is the RL stage's; ``learner_sft`` the SFT stage's, when no generation runs beside it
+    (they differ only in the pipelined schedule)."""
 
     learner: list[int]
     rollout: list[int]
     derived: dict[str, bool] = field(default_factory=dict)  # role -> null in the config
+    learner_sft: list[int] = field(default_factory=list)
 
     def describe(self) -> str:
         def one(role: str, counts: list[int]) -> str:
             source = "derived" if self.derived.get(role) else "config"
             shown = str(counts[0]) if len(set(counts)) == 1 else "/".join(map(str, counts))
             return f"{role} {shown} ({source})"
+        if self.learner_sft and self.learner_sft != self.learner:
+            return ("threads: " + one("learner", self.learner) + f" in RL, {one('learner', self.learner_sft)}"
+                    f" in SFT, {one('rollout', self.rollout)}")
         return "threads: " + ", ".join([one("learner", self.learner), one("rollout", self.rollout)])
 
 
@@ -67,18 +73,20 @@ def plan_threads(schedule: str, *, learner_threads: int | None, rollout_threads:
     def cores(node: str) -> int:
         return max(1, int(node_cpus.get(node, 1)))
 
-    def share(node: str, role: str) -> int:
+    def share(node: str, role: str, overlapped: bool = True) -> int:
         own = list(learner_nodes if role == "learner" else engine_nodes).count(node)
         other = list(engine_nodes if role == "learner" else learner_nodes).count(node)
         total = cores(node)
-        if schedule == "pipelined" and other:
+        if schedule == "pipelined" and other and overlapped:
             learner_cores, rollout_cores = split_pipelined(total)
             total = learner_cores if role == "learner" else rollout_cores
         return max(1, total // max(own, 1))
 
     learner = [learner_threads or share(node, "learner") for node in learner_nodes]
     rollout = [rollout_threads or share(node, "rollout") for node in engine_nodes]
-    return ThreadPlan(learner, rollout, {"learner": learner_threads is None, "rollout": rollout_threads is None})
+    learner_sft = [learner_threads or share(node, "learner", overlapped=False) for node in learner_nodes]
+    return ThreadPlan(learner, rollout, {"learner": learner_threads is None, "rollout": rollout_threads is None},
+                      learner_sft)
 
 
 def plan_for_run(cfg: Any, placement: Any) -> ThreadPlan:

@@ -36,6 +36,7 @@ def test_pipelined_splits_a_shared_node_by_phase_cost_and_never_below_one_core_e
     two = plan_threads("pipelined", learner_threads=None, rollout_threads=None, learner_nodes=["a"],
                        engine_nodes=["a"], node_cpus={"a": 2.0})
     assert (two.learner, two.rollout) == ([1], [1])
+    assert two.learner_sft == [2]  # no generation beside SFT: the learner takes the node again
     sixteen = plan_threads("pipelined", learner_threads=None, rollout_threads=None, learner_nodes=["a"],
                            engine_nodes=["a"], node_cpus={"a": 16.0})
     rollout = round(16 * PIPELINED_ROLLOUT_SHARE)
