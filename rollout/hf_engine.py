@@ -51,16 +51,25 @@ class HfEngine:
         self._parameters = dict(self.model.named_parameters())  # tied weights appear once
         self._aliases = set(self.model.state_dict()) - set(self._parameters)
         self._group = None
+        self._asleep = False
         self._updating = False
         self._received = ReceivedUpdate()
         self.last_receive_s = 0.0
 
     def sleep(self) -> bool:
-        """The HF engine keeps its weights where they are (a tiny-run and cross-check engine)."""
-        return False
+        """On a GPU: the model moves to host memory and the device's cache is emptied, so a
+        colocated learner has the device; on CPU there is nothing to give up."""
+        if self.device.type != "cuda" or self._asleep:
+            return False
+        self.model.to("cpu")
+        torch.cuda.empty_cache()
+        self._asleep = True
+        return True
 
     def wake_up(self) -> None:
-        return None
+        if self._asleep:
+            self.model.to(self.device)
+            self._asleep = False
 
     # ---- generation ---------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], *, forced: bool, n: int,
