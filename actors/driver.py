@@ -417,9 +417,7 @@ class Driver:
         self._rl_cursor_state = self.rl_cursor.state()  # what a checkpoint of this step resumes from
         if cfg.algo.max_staleness >= 1 and step < self.rl_steps:
             self._next_generation = self._start_rl_generation(step + 1)
-        self.phases.learner_phase(self.engines)  # colocated: the engines free the device
-        learner_metrics = self.learner.policy_step(scored)
-        self.phases.rollout_phase(self.engines)
+        learner_metrics = self.phases.around(self.learner, self.engines).policy_step(scored)
         self._rl_versions.append(self.learner.weight_version)
         times["reference"] = learner_metrics.pop("time/reference", 0.0)
         times["train"] = learner_metrics.pop("time/train", 0.0)

@@ -106,12 +106,7 @@ def _summed(bundles: list[Bundle]) -> Bundle:
 
 
 def totals(specs: Iterable[GroupSpec]) -> Bundle:
-    summed: Bundle = {}
-    for spec in specs:
-        for bundle in spec.bundles:
-            for key, amount in bundle.items():
-                summed[key] = summed.get(key, 0.0) + amount
-    return summed
+    return _summed([bundle for spec in specs for bundle in spec.bundles])
 
 
 def check_fits(specs: list[GroupSpec], cluster_resources: Bundle, node_resources: list[Bundle]) -> None:

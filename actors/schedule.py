@@ -94,6 +94,11 @@ class PhaseSwitch:
 
         ray.get([engine.wake_up.remote() for engine in engines])
 
+    def around(self, learner: Any, engines: Sequence[Any]) -> Any:
+        """``learner`` as the RL step sees it: under the colocated schedule its policy step runs
+        with ``engines`` (the driver's list, kept current by engine replacement) asleep."""
+        return _EnginesAsleep(learner, engines, self) if self.active else learner
+
     def step_metrics(self) -> dict[str, float]:
         """This step's switches, then counters reset."""
         if not self.active:
@@ -101,6 +106,24 @@ class PhaseSwitch:
         metrics = {"schedule/engine_sleep_calls": float(self.switches), "schedule/engines_slept": float(self.slept)}
         self.switches = self.slept = 0
         return metrics
+
+
+class _EnginesAsleep:
+    """A learner whose policy step runs while the colocated engines sleep."""
+
+    def __init__(self, learner: Any, engines: Sequence[Any], phases: PhaseSwitch) -> None:
+        self.learner, self.engines, self.phases = learner, engines, phases
+
+    @property
+    def weight_version(self) -> int:
+        return self.learner.weight_version
+
+    def policy_step(self, scored: Any) -> dict[str, Any]:
+        self.phases.learner_phase(self.engines)
+        try:
+            return self.learner.policy_step(scored)
+        finally:
+            self.phases.rollout_phase(self.engines)
 
 
 __all__ = ["PhaseSwitch", "SCHEDULES", "ScheduleError", "resolve_schedule", "staleness_of"]
