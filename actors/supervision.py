@@ -10,7 +10,7 @@
 
 - A rollout engine that hangs in generation past ``rollout.generate_timeout_s`` is killed and
   replaced the same way, and its prompts generated again with the same seeds (the driver's
-  watchdog, actors/driver.py); counted in ``faults/generate_timeouts``.
+  watchdog, actors/generation.py); counted in ``faults/generate_timeouts``.
 - A rollout engine that dies during a weight sync is replaced and brought to the current
   version in place (``faults/sync_deaths``); the run goes on. One that freezes mid-sync fails
   the sync with an error naming it and the bucket: a frozen engine cannot be told from a slow

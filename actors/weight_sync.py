@@ -90,6 +90,16 @@ def _learner_response_logprobs(learner: Any, pairs: list[tuple[list[int], list[i
     return learner.response_logprobs(pairs)
 
 
+def verify_tolerance(cfg: Any) -> float:
+    """rollout.verify_tolerance, or its default for the run's precisions (rollout/config.py);
+    ``cfg`` is the run's config."""
+    if cfg.rollout.verify_tolerance is not None:
+        return float(cfg.rollout.verify_tolerance)
+    learner_fp32 = cfg.learner.precision == "fp32" or (cfg.learner.precision == "auto"
+                                                        and cfg.learner.num_gpus_per_rank == 0)
+    return 0.01 if cfg.rollout.dtype == "float32" and learner_fp32 else 0.25
+
+
 @dataclass
 class SyncVerification:
     """Every ``every`` syncs (0: never) each engine answers the fixed ``prompts`` greedily and

@@ -9,8 +9,9 @@ import random
 import pytest
 
 from actors.config import load_config
-from actors.driver import COMPLETE_MARKER, DataCursor, Driver, stage_steps
-from actors.step_metrics import rollout_metrics, zero_variance_fraction
+from actors.driver import Driver
+from actors.run_state import COMPLETE_MARKER, DataCursor, stage_steps
+from personadual.step_metrics import rollout_metrics, zero_variance_fraction
 from personadual.modes import Mode
 from tests.helpers import SMOKE, make_scored
 
