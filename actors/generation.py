@@ -15,6 +15,7 @@ from ray.actor import ActorHandle
 
 from actors.reward_pool import RewardPool
 from actors.supervision import EngineHung, EngineSupervisor, FaultLog
+from actors.waiting import unfinished
 from personadual.modes import Mode
 from personadual.records import Prompt, Rollout, Scored
 from personadual.seeds import step_seeds
@@ -81,10 +82,7 @@ class GenerationFanOut:
         """Wait until every engine's call is done (results left in place), replacing an engine
         that hangs past rollout.generate_timeout_s and rerunning its call."""
         while True:
-            next_deadline = self._replace_overdue(pending)
-            waiting = list(pending.refs)
-            _, not_ready = ray.wait(waiting, num_returns=len(waiting), timeout=next_deadline)
-            if not not_ready:
+            if not unfinished(pending.refs, self._replace_overdue(pending)):
                 return
 
     def finish(self, pending: PendingGeneration) -> tuple[list[Scored], dict[str, float], dict[str, int]]:
@@ -149,7 +147,7 @@ class GenerationFanOut:
         if not pending.refs:
             return [], None
         limit = self.generate_timeout_s
-        _, refs = ray.wait(list(pending.refs), num_returns=len(pending.refs), timeout=0)
+        refs = list(unfinished(pending.refs, 0))
         now = time.monotonic()
         late = [ref for ref in refs if now - pending.started[ref] >= limit]
         rest = [pending.started[ref] + limit - now for ref in refs if ref not in late]
