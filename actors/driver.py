@@ -101,7 +101,7 @@ class Driver:
         self.rl_rollouts = RLRollouts(self.generation, self.data.train, self.rl_cursor,
                                       prompts_per_step=cfg.algo.prompts_per_step, n_per_mode=cfg.algo.n_per_mode,
                                       forced_prefix=bool(cfg.algo.forced_prefix), run_seed=cfg.run.seed)
-        self.rl_step = RLStep(self.rl_rollouts, self.learner, self.supervisor.sync,
+        self.rl_stepper = RLStep(self.rl_rollouts, self.learner, self.supervisor.sync,
                               max_staleness=cfg.algo.max_staleness, total_steps=self.rl_steps)
 
     def _start_engine(self, index: int) -> Any:
@@ -121,7 +121,7 @@ class Driver:
 
     def _rl_step(self, step: int) -> dict[str, Any]:
         """One DualGRPO step (personadual/rl_step.py) and its metrics record."""
-        done = self.rl_step(step)
+        done = self.rl_stepper(step)
         self._log_training_samples(step, done.scored)
         return rl_step_record(done.scored, done.learner_metrics, done.times, reward_counts=done.reward_counts,
                               sync=done.sync, staleness=done.staleness, weight_version=self.learner.weight_version)

@@ -180,8 +180,10 @@ class RLRollouts:
 
     def finish(self, started: tuple[PendingGeneration, dict[str, int]],
                ) -> tuple[list[Scored], dict[str, float], dict[str, int]]:
-        pending, self.cursor_state = started
-        return self.generation.finish(pending)
+        pending, cursor_state = started
+        finished = self.generation.finish(pending)
+        self.cursor_state = cursor_state  # only once scored: a stop while scoring resumes before this step
+        return finished
 
     def wait(self, started: tuple[PendingGeneration, dict[str, int]]) -> None:
         self.generation.wait(started[0])
