@@ -114,6 +114,33 @@ def threads_metrics(learner: Sequence[dict[str, Any]], rollout: Sequence[dict[st
     return metrics
 
 
+class RunThreads:
+    """A run's thread plan and the counts its actors read back, stage by stage."""
+
+    def __init__(self, plan: ThreadPlan, schedule: str) -> None:
+        self.plan, self.schedule = plan, schedule
+        self.read: dict[str, float] = {}
+        self._engines: list[dict[str, Any]] = []
+
+    def read_back(self, learner: Any, engines: Sequence[Any]) -> str:
+        """Ask every rank and engine what it computes on; the console line saying so."""
+        import ray
+
+        self._engines = ray.get([engine.threads.remote() for engine in engines])
+        self.read = threads_metrics(learner.threads(), self._engines)
+        read = ", ".join(f"{key.split('/')[1]} {value:g}" for key, value in self.read.items())
+        return f"schedule: {self.schedule}; {self.plan.describe()}; read back: {read}"
+
+    def enter_rl(self, learner: Any) -> None:
+        """The RL stage starts: ranks whose share differs from SFT's (pipelined) switch to it."""
+        if self.plan.learner != self.plan.learner_sft:
+            self.read = threads_metrics(learner.set_threads(self.plan.learner), self._engines)
+
+    def metrics(self, stage: str) -> dict[str, float]:
+        """``perf`` entries of a step of ``stage`` (an SFT step has no engine working)."""
+        return dict(self.read) if stage == "rl" else {k: v for k, v in self.read.items() if k == "threads/learner"}
+
+
 def runtime_env(threads: int, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """Ray's ``runtime_env`` for an actor computing on ``threads`` threads (``base``'s
     env_vars kept): Ray leaves an ``OMP_NUM_THREADS`` given here as it is."""
@@ -142,5 +169,5 @@ def read_threads() -> dict[str, Any]:
             "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
 
 
-__all__ = ["PIPELINED_ROLLOUT_SHARE", "ThreadPlan", "split_pipelined", "apply_threads", "plan_for_run", "plan_threads", "read_threads",
+__all__ = ["PIPELINED_ROLLOUT_SHARE", "RunThreads", "ThreadPlan", "split_pipelined", "apply_threads", "plan_for_run", "plan_threads", "read_threads",
            "runtime_env", "threads_metrics"]
