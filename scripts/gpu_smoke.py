@@ -72,7 +72,9 @@ def engine_process(conn: Connection, model_path: str, config_fields: dict[str, A
 
     try:
         sampling = SamplingConfig(**config_fields.pop("sampling"))
-        engine = make_engine(model_path, RolloutConfig(**config_fields, sampling=sampling))
+        sleeps = config_fields.pop("sleep_between_phases", False)  # --schedule colocated
+        engine = make_engine(model_path, RolloutConfig(**config_fields, sampling=sampling),
+                             sleep_between_phases=sleeps)
         conn.send(("ok", {"engine": type(engine).__name__, "device": str(getattr(engine, "device", "cuda"))}))
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the stage
         conn.send(("error", traceback.format_exc()))
@@ -84,6 +86,10 @@ def engine_process(conn: Connection, model_path: str, config_fields: dict[str, A
         try:
             if method == "weight_version":
                 result = engine.weight_version
+            elif method == "load_ipc":  # --schedule colocated on CUDA (scripts/smoke_colocated.py)
+                from smoke_colocated import load_ipc
+
+                result = load_ipc(engine, *args)
             elif method == "weight_sums":
                 result = {name: float(p.detach().double().sum()) for name, p in engine.model.named_parameters()}
             else:
@@ -233,7 +239,7 @@ def rl_steps(args: argparse.Namespace, model_path: Path) -> bool:
     engine_fields = {"engine": engine_kind, "num_gpus_per_engine": 1.0 if on_gpu else 0.0,
                      "dtype": "bfloat16" if on_gpu else "float32",
                      "gpu_memory_utilization": 0.3, "max_model_len": 512, "weight_transfer_backend": "gloo",
-                     "sampling": sampling}
+                     "sampling": sampling, "sleep_between_phases": args.schedule == "colocated"}
     start = time.perf_counter()
     engine = EngineHandle(model_path, dict(engine_fields), args.timeout_s)
     emit("engine_start", seconds=round(time.perf_counter() - start, 2), **engine.info)
@@ -250,14 +256,27 @@ def rl_steps(args: argparse.Namespace, model_path: Path) -> bool:
          gpu_memory_gib=round(torch.cuda.memory_allocated() / 2**30, 2) if on_gpu else None)
 
     start = time.perf_counter()
-    sync = Sync(learner, engine, bucket_bytes=64 << 20, timeout_s=args.timeout_s)
+    colocated = args.schedule == "colocated"
+    if colocated and on_gpu:  # one GPU for both: the weights go by CUDA IPC, not through the host
+        from smoke_colocated import IpcSync
+
+        sync, transport = IpcSync(learner, engine), "cuda ipc"
+    else:
+        sync, transport = Sync(learner, engine, bucket_bytes=64 << 20, timeout_s=args.timeout_s), "gloo (host-staged)"
+        if colocated:
+            REPORT["not_run"]["cuda_ipc"] = "no CUDA device: the colocated smoke syncs through the host"
     first = sync.push()
-    emit("sync_start", seconds=round(time.perf_counter() - start, 2), transport="gloo (host-staged)",
+    emit("sync_start", seconds=round(time.perf_counter() - start, 2), transport=transport, schedule=args.schedule,
          first_push_s=round(first["seconds"], 3), bytes=int(first["bytes"]))
 
     initial_sums = weight_sums(learner)
     rollouts = SmokeRollouts(engine, PersonaWorld(WorldConfig()).train_prompts(), args.prompts, algo.n_per_mode)
-    rl_step = RLStep(rollouts, SmokeLearner(learner, algo), sync.push, max_staleness=0, total_steps=args.steps)
+    policy: Any = SmokeLearner(learner, algo)
+    if colocated:  # the engine sleeps while the learner holds the device
+        from smoke_colocated import EnginesAsleepLearner
+
+        policy = EnginesAsleepLearner(policy, engine)
+    rl_step = RLStep(rollouts, policy, sync.push, max_staleness=0, total_steps=args.steps)
     for step in range(1, args.steps + 1):
         done = rl_step(step)
         engine_version = engine.call("weight_version")
@@ -272,7 +291,8 @@ def rl_steps(args: argparse.Namespace, model_path: Path) -> bool:
              train_s=round(times["train"], 3), sync_s=round(done.sync["seconds"], 3),
              sync_bytes=int(done.sync["bytes"]), generate_tokens_per_s=round(tokens / times["generate"], 1),
              learner_version=learner.weight_version, engine_version=engine_version,
-             step_s=round(times["step"], 3),
+             step_s=round(times["step"], 3), engine_slept=policy.slept[-1] if colocated else None,
+             gpu_free_gib_while_engine_slept=round(metrics.get("gpu_free_gib_while_engine_slept", float("nan")), 2),
              gpu_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None)
         if engine_version != learner.weight_version:
             raise RuntimeError(f"step {step}: engine at weight version {engine_version}, "
@@ -347,6 +367,9 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--timeout-s", type=float, default=180.0)
     parser.add_argument("--no-nccl-probe", action="store_true")
+    # colocated: the engine sleeps while the learner trains and the weights go by CUDA IPC
+    # (scripts/smoke_colocated.py), as cluster.schedule=colocated does on a Ray cluster.
+    parser.add_argument("--schedule", default="serial", choices=("serial", "colocated"))
     parser.add_argument("--preset", default=PRESET, choices=sorted(PRESETS))
     # cpu: the same stages on a CPU-only machine (tests/test_gpu_smoke_script.py runs it so).
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))

@@ -3,7 +3,10 @@
 # CUDA, DeepSpeed ZeRO-2 bf16 on CUDA and the bucketed weight sync for 3 DualGRPO steps,
 # printing one JSON line per stage. Runs in a few minutes on one H100.
 #
-#   bash scripts/gpu_smoke.sh [--steps N] [--prompts P] [--no-nccl-probe]
+#   bash scripts/gpu_smoke.sh [--steps N] [--prompts P] [--no-nccl-probe] [--schedule colocated]
+#
+# --schedule colocated: the engine sleeps while the learner trains on the same GPU and the new
+# weights go by CUDA IPC (scripts/smoke_colocated.py), as cluster.schedule=colocated does.
 #
 # Uses the `python3` on PATH (or $PYTHON), which must hold a CUDA torch. A machine with no
 # package index can get the rest as wheels in .whl/ (deepspeed built with DS_BUILD_OPS=0,
