@@ -169,5 +169,5 @@ def read_threads() -> dict[str, Any]:
             "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
 
 
-__all__ = ["PIPELINED_ROLLOUT_SHARE", "RunThreads", "ThreadPlan", "split_pipelined", "apply_threads", "plan_for_run", "plan_threads", "read_threads",
-           "runtime_env", "threads_metrics"]
+__all__ = ["PIPELINED_ROLLOUT_SHARE", "RunThreads", "ThreadPlan", "apply_threads", "plan_for_run", "plan_threads",
+           "read_threads", "runtime_env", "split_pipelined", "threads_metrics"]

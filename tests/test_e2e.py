@@ -353,8 +353,8 @@ def test_pipelined_run_trains_on_rollouts_one_update_old(tmp_path):
     t+1's rollouts while the learner trains on step t's, so from step 2 on the learner trains
     on rollouts one update old; the node's cores are split between the two (read back)."""
     out = tmp_path / "runs"
-    result = run_launch("--config", str(SMOKE), f"run.out_dir={out}", "run.name=pipelined", "cluster.schedule=pipelined",
-                        "algo.steps=3", "eval.baselines=false", timeout=840)
+    result = run_launch("--config", str(SMOKE), f"run.out_dir={out}", "run.name=pipelined",
+                        "cluster.schedule=pipelined", "algo.steps=3", "eval.baselines=false", timeout=840)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = _rl_rows(out / "pipelined")
     assert [r["step"] for r in rows] == [1, 2, 3]
