@@ -172,13 +172,23 @@ def send_buckets(group: dist.ProcessGroup, metas: Sequence[TensorMeta], tensors:
                  checksums: list[int | None] | None = None, buffers: BucketBuffers | None = None) -> int:
     """Broadcast ``tensors`` (in ``metas`` order) from rank 0, one collective per bucket;
     ``before_each`` runs before every broadcast (a chance to surface a receiver's failure
-    instead of blocking on it); each bucket's ``bucket_checksum`` is appended to ``checksums``
-    (computed beside the broadcast: both only read the bucket). ``buffers``, kept by the
-    caller, saves allocating the buckets again at every update. Returns the bytes sent; a
-    failed broadcast raises ``BucketBroadcastError``."""
-    sent = 0
+    instead of blocking on it); each bucket's ``bucket_checksum`` is appended to ``checksums``.
+    ``buffers``, kept by the caller, saves allocating the buckets again at every update.
+    Returns the bytes sent; a failed broadcast raises ``BucketBroadcastError``.
+
+    Pipelined: bucket k+1 is packed (and its checksum taken, in a thread) while bucket k is
+    on the wire; every bucket has its own buffer, so nothing in flight is overwritten."""
     plan = (buffers or BucketBuffers()).plan(metas, bucket_bytes)
     pending: list[Future] = []
+    in_flight: tuple[int, dist.Work] | None = None
+
+    def complete(index: int, work: dist.Work) -> None:
+        try:
+            work.wait()
+            _acknowledge(group)
+        except RuntimeError as error:  # gloo: a timeout, or a peer's connection closed
+            raise BucketBroadcastError(index, len(plan), [metas[i].name for i in plan[index][0]], error) from error
+
     with ThreadPoolExecutor(max_workers=1) as hasher:
         for index, (bucket, buffer) in enumerate(plan):
             pack_into(buffer, (next(tensors) for _ in bucket))
@@ -188,18 +198,16 @@ def send_buckets(group: dist.ProcessGroup, metas: Sequence[TensorMeta], tensors:
                 if checksums is not None:
                     pending[-1].result()  # the checksum is of the bytes as packed
                 buffer[buffer.numel() // 2] ^= 0xFF
+            if in_flight is not None:
+                complete(*in_flight)
             if before_each is not None:
                 before_each()
-            try:
-                group.broadcast(buffer, 0).wait()
-                _acknowledge(group)
-            except RuntimeError as error:  # gloo: a timeout, or a peer's connection closed
-                raise BucketBroadcastError(index, len(plan), [metas[i].name for i in bucket], error) from error
-            sent += buffer.numel()
-            # The next bucket overwrites no buffer a pending checksum reads (one buffer per bucket).
-    if checksums is not None:
-        checksums.extend(future.result() for future in pending)
-    return sent
+            in_flight = (index, group.broadcast(buffer, 0))
+        if in_flight is not None:
+            complete(*in_flight)
+        if checksums is not None:
+            checksums.extend(future.result() for future in pending)
+    return sum(buffer.numel() for _, buffer in plan)
 
 
 @dataclass
@@ -229,18 +237,34 @@ def receive_buckets(group: dist.ProcessGroup, metas: Sequence[TensorMeta], bucke
     """The receiving side of ``send_buckets``: each bucket's (name, tensor) pairs, as views
     of the buffer it was received into (``buffers``, kept by the caller, reuses them from
     one update to the next; the views are valid until the next update); ``record`` (reset
-    here) notes each bucket's checksum and the tensors handed on."""
+    here, complete once the iteration ends) notes each bucket's checksum and the tensors
+    handed on.
+
+    Pipelined: bucket k+1 is already on its way in (and bucket k's checksum being taken, in a
+    thread) while the caller loads bucket k."""
     if record is not None:
         record.checksums.clear(), record.loaded.clear(), record.buckets.clear()
     skip = fault_text("skip_tensor")  # FAULT INJECTION (tests only): a tensor silently not loaded
-    for number, (bucket, buffer) in enumerate((buffers or BucketBuffers()).plan(metas, bucket_bytes), start=1):
+    plan = (buffers or BucketBuffers()).plan(metas, bucket_bytes)
+    pending: list[Future] = []
+
+    def post(number: int) -> dist.Work:
         fault_point("bucket", str(number))  # tests freeze or kill a receiver before bucket N
-        bucket_metas = [metas[i] for i in bucket]
-        group.broadcast(buffer, 0).wait()
-        _acknowledge(group)
-        named = [(name, tensor) for name, tensor in unpack(buffer, bucket_metas) if name != skip]
+        return group.broadcast(plan[number - 1][1], 0)
+
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        incoming = post(1) if plan else None
+        for number, (bucket, buffer) in enumerate(plan, start=1):
+            incoming.wait()
+            _acknowledge(group)
+            if number < len(plan):
+                incoming = post(number + 1)
+            bucket_metas = [metas[i] for i in bucket]
+            named = [(name, tensor) for name, tensor in unpack(buffer, bucket_metas) if name != skip]
+            if record is not None:
+                pending.append(hasher.submit(bucket_checksum, buffer))
+                record.buckets.append([m.name for m in bucket_metas])
+                record.loaded.extend(name for name, _ in named)
+            yield named
         if record is not None:
-            record.checksums.append(bucket_checksum(buffer))
-            record.buckets.append([m.name for m in bucket_metas])
-            record.loaded.extend(name for name, _ in named)
-        yield named
+            record.checksums.extend(future.result() for future in pending)
