@@ -45,6 +45,7 @@ from bench.ours import (COMPLETIONS_PER_PROMPT, KL_COEF, PRESET_SIZES, PROMPTS_P
                         SAMPLED_TOKENS, TEMPERATURE, OurRun, run_ours)
 
 PHASES = ("generate", "score", "reference", "train", "sync")
+NOT_PHASES = {"step", "idle", "train_old_logprob"}  # the whole, the rest, and a part of train
 TARGETS = {"rollout_over_raw_vllm": 0.8, "sync_over_raw_gloo": 0.5, "learner_over_matmul": 0.7}
 
 
@@ -164,7 +165,10 @@ def matmul_parameters(preset: str) -> int:
 
 def breakdown(run: OurRun) -> dict:
     step = run.median("step")
-    phases = {phase: run.median(phase) for phase in PHASES}
+    # Phases a schedule adds (e.g. generate_next: waiting for the next step's rollouts) are
+    # listed by their own names; "idle" is recomputed below as orchestration.
+    extra = sorted({key for row in run.rows for key in row["timing_s"]} - set(PHASES) - NOT_PHASES)
+    phases = {phase: run.median(phase) for phase in (*PHASES, *extra)}
     phases["orchestration"] = max(0.0, step - sum(phases.values()))
     return {"step_s": round(step, 3),
             "phases_s": {k: round(v, 4) for k, v in phases.items()},

@@ -52,7 +52,7 @@ def test_the_step_benchmark_runs_one_tiny_step_and_reports_every_phase_and_ratio
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)["results"][0]
     phases = result["phases_s"]
-    assert set(phases) == {"generate", "score", "reference", "train", "sync", "orchestration"}
+    assert set(phases) >= {"generate", "score", "reference", "train", "sync", "orchestration"}
     assert all(seconds >= 0 for seconds in phases.values()) and phases["generate"] > 0 and phases["train"] > 0
     assert sum(phases.values()) == pytest.approx(result["step_s"], abs=0.01)
     model = build_tiny_model("tiny")
