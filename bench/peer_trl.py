@@ -160,6 +160,8 @@ def main() -> None:
     if not trl_python().exists():
         sys.exit("bench/peer_trl.py: TRL's environment is missing: run `bench/peer_trl.py --setup` first")
 
+    # Run as a script, bench/ comes first on sys.path and bench/rollout.py would shadow rollout/.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
     sys.path.insert(0, str(ROOT))
     from bench.ours import (COMPLETIONS_PER_PROMPT, KL_COEF, PRESET_SIZES, PROMPTS_PER_STEP, SAMPLED_TOKENS,
                             TEMPERATURE, run_ours)
