@@ -197,6 +197,10 @@ def report(preset: str, run: OurRun, vllm: dict, gloo: dict, matmul: dict, args:
                         "raw_vllm_sampled_tokens_per_s": round(vllm["tokens_per_s"], 1),
                         "raw_vllm_median": round(vllm["tokens_per_s_median"], 1)},
             "sync": {"bytes": int(sync_bytes), "ours_s": round(run.median("sync"), 4),
+                     # Inside the learner's round: engines' start, buckets on the wire and loaded,
+                     # engines' finish; the rest of ours_s is the driver's call to the learner.
+                     **{f"ours_{key}": round(statistics.median(float(row["sync"].get(key, 0.0)) for row in rows), 4)
+                        for key in ("start_s", "transfer_s", "finish_s")},
                      "raw_gloo_s": round(gloo["seconds"], 4), "raw_gloo_median_s": round(gloo["seconds_median"], 4),
                      "ours_gb_per_s": round(sync_rate / 1e9, 3), "raw_gloo_gb_per_s": round(gloo_rate / 1e9, 3)},
             "learner": {"token_positions": positions, "train_gflops": round(train_flops / 1e9, 2),

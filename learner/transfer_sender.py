@@ -105,6 +105,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         update_info = {"names": [m.name for m in metas], "dtype_names": [m.dtype for m in metas],
                        "shapes": [list(m.shape) for m in metas], "bucket_bytes": self.bucket_bytes}
         self.client.start_weight_update()
+        started = time.perf_counter()
         pool = ThreadPoolExecutor(max_workers=1)
         checksums: list[int | None] = []
         try:
@@ -122,6 +123,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                 grace = BLAME_TIMEOUTS * getattr(self.client, "timeout_s", 0.0) + BLAME_MARGIN_S
                 raise _blame(error, future, grace) from error
             future.result()
+            transferred = time.perf_counter()
         finally:
             # Never join a worker RPC stuck in a broken collective: let the error out.
             pool.shutdown(wait=False)
@@ -132,8 +134,12 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             finish(checksums=checksums)
         else:
             finish()
-        self.last_round = {"seconds": time.perf_counter() - start, "bytes": float(sent_bytes),
-                           "buckets": float(len(checksums))}
+        end = time.perf_counter()
+        # Where a round goes: the engines' start (vLLM readies its reload), the buckets on the
+        # wire and loaded, and the finish (the engines' post-load processing and checks).
+        self.last_round = {"seconds": end - start, "bytes": float(sent_bytes), "buckets": float(len(checksums)),
+                           "start_s": started - start, "transfer_s": transferred - started,
+                           "finish_s": end - transferred}
 
     def shutdown(self) -> None:
         self.group = None
