@@ -20,8 +20,9 @@ is empty. This teacher knows the answers of the recipe's SFT rows and nothing el
   ones), in the format the run's judge parses.
 
 Training stops when greedy decoding reproduces every reply exactly (checked by teacher
-forcing: the argmax at each reply position is the reply's token), or fails saying how many do
-not after ``max_steps``.
+forcing: the argmax at each reply position is the reply's token) and sampling at the recipe's
+temperature (0.7) gives each whole reply with probability at least 0.99; or fails saying how
+far it got after ``max_steps``.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class TrainReport:
     seconds: float
     final_loss: float
     exact: int  # examples whose reply greedy decoding reproduces token for token
+    min_reply_probability: float  # the least likely whole reply when sampling at `temperature`
     longest_chat_tokens: int
     shape: dict[str, int] = field(default_factory=dict)
 
@@ -204,8 +206,8 @@ def build_base(target: Path, *, corpus: Sequence[str] = (), padded_rows: int = 0
 
 
 def train_teacher(examples: Sequence[Example], target: Path, *, shape: TeacherShape | None = None,
-                  batch_size: int = 8, lr: float = 3e-3, max_steps: int = 2000,
-                  check_every: int = 25) -> TrainReport:
+                  batch_size: int = 8, lr: float = 3e-3, max_steps: int = 3000,
+                  check_every: int = 25, temperature: float = 0.7, min_probability: float = 0.99) -> TrainReport:
     """Train a fresh Qwen3-architecture model on ``examples`` until greedy decoding gives every
     reply exactly; save it (HF format, with a chat template) to ``target``."""
     import torch
@@ -219,13 +221,15 @@ def train_teacher(examples: Sequence[Example], target: Path, *, shape: TeacherSh
     torch.set_num_threads(1)
     try:
         return _train(examples, target, shape, batch_size=batch_size, lr=lr, max_steps=max_steps,
-                      check_every=check_every, start=start)
+                      check_every=check_every, start=start, temperature=temperature,
+                      min_probability=min_probability)
     finally:
         torch.set_num_threads(threads)
 
 
 def _train(examples: Sequence[Example], target: Path, shape: TeacherShape, *, batch_size: int, lr: float,
-           max_steps: int, check_every: int, start: float) -> TrainReport:
+           max_steps: int, check_every: int, start: float, temperature: float,
+           min_probability: float) -> TrainReport:
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
@@ -256,21 +260,22 @@ def _train(examples: Sequence[Example], target: Path, shape: TeacherShape, *, ba
     model = Qwen3ForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     order = random.Random(shape.seed)
-    steps, loss_value, exact, best = 0, float("nan"), 0, 0
+    steps, loss_value, exact, best, least = 0, float("nan"), 0, 0, 0.0
     while True:
         if steps % check_every == 0 and steps:
-            exact = _exact_replies(model, encoded, tokenizer.pad_token_id)
-            print(f"tiny teacher: step {steps}, loss {loss_value:.4f}, {exact}/{len(encoded)} replies exact",
-                  file=sys.stderr, flush=True)
-            if exact == len(encoded):
+            exact, least = _check_replies(model, encoded, tokenizer.pad_token_id, temperature)
+            print(f"tiny teacher: step {steps}, loss {loss_value:.4f}, {exact}/{len(encoded)} replies exact, "
+                  f"least likely reply {least:.3f} at temperature {temperature}", file=sys.stderr, flush=True)
+            if exact == len(encoded) and least >= min_probability:
                 break
-            if exact <= best:  # no better than before: a smaller step settles the last replies
+            if exact < len(encoded) and exact <= best:  # stalled: a smaller step settles the last replies
                 for group in optimizer.param_groups:
                     group["lr"] = max(group["lr"] / 2, lr / 20)
             best = max(best, exact)
         if steps >= max_steps:
             raise RuntimeError(f"tiny teacher: after {steps} steps greedy decoding reproduces {exact} of "
-                               f"{len(encoded)} replies (raise max_steps or the model's size)")
+                               f"{len(encoded)} replies and the least likely has probability {least:.3f} "
+                               f"(raise max_steps or the model's size)")
         batch = order.sample(encoded, min(batch_size, len(encoded)))
         input_ids, labels, mask = _pad(batch, tokenizer.pad_token_id, with_labels=True)
         model.train()
@@ -288,7 +293,8 @@ def _train(examples: Sequence[Example], target: Path, shape: TeacherShape, *, ba
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         report = TrainReport(dict(sorted(_count_roles(examples).items())), steps,
-                             round(time.perf_counter() - start, 1), round(loss_value, 5), exact, longest,
+                             round(time.perf_counter() - start, 1), round(loss_value, 5), exact, round(least, 4),
+                             longest,
                              {k: v for k, v in vars(shape).items()})
         (staging / "personadual_tiny_teacher.json").write_text(json.dumps(vars(report), indent=2) + "\n")
         if target.exists():
@@ -321,22 +327,25 @@ def _pad(batch, pad_id: int, *, with_labels: bool):
     return ids, labels, mask
 
 
-def _exact_replies(model, encoded, pad_id: int, chunk: int = 32) -> int:
-    """Examples whose every reply token is the argmax after the tokens before it: exactly the
-    ones greedy decoding reproduces."""
+def _check_replies(model, encoded, pad_id: int, temperature: float, chunk: int = 32) -> tuple[int, float]:
+    """How many examples greedy decoding reproduces (every reply token the argmax after the
+    tokens before it), and the least probability of a whole reply sampled at ``temperature``."""
     import torch
 
     model.eval()
-    exact = 0
+    exact, least = 0, 1.0
     with torch.no_grad():
         for begin in range(0, len(encoded), chunk):
             batch = encoded[begin:begin + chunk]
             ids, labels, mask = _pad(batch, pad_id, with_labels=True)
-            predicted = model(input_ids=ids, attention_mask=mask).logits.argmax(dim=-1)
-            # logits at position t predict token t+1
-            hits = (predicted[:, :-1] == labels[:, 1:]) | (labels[:, 1:] == -100)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # position t predicts t+1
+            targets, scored = labels[:, 1:], labels[:, 1:] != -100
+            hits = (logits.argmax(dim=-1) == targets) | ~scored
             exact += int(hits.all(dim=1).sum())
-    return exact
+            log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+            token = log_probs.gather(2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            least = min(least, float(torch.exp((token * scored).sum(dim=1)).min()))
+    return exact, least
 
 
 def build_tiny_models(recipe: RecipeConfig, out: Path, judge_messages: JudgeMessages, *,
