@@ -111,6 +111,7 @@ def _manifest(data: Path, name: str) -> dict:
 def test_vllm_writes_the_personas_answers_as_trained_and_judges_and_sft_keeps_the_papers_mode(recipe):
     data = recipe["data"]
     prompts = {row["id"]: row for name in ("rl", "eval") for row in _rows(data / f"{name}.jsonl")}
+    prompts.update({row["prompt"]["id"]: row["prompt"] for row in _rows(data / "sft.jsonl")})
     aligned = [p for p in prompts.values() if p["persona_setting"] == "aligned" and p["task_type"] == "objective"]
     # The persona writer (vLLM, sampling at 0.7) wrote each aligned persona of its question's domain.
     assert aligned and all(p["persona"] == DOMAIN_PERSONAS[p["benchmark"]] for p in aligned)
