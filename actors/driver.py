@@ -31,7 +31,9 @@ from actors.supervision import EngineHung, EngineSupervisor, FaultLog, RunStoppe
 from actors.weight_sync import SyncVerification, WeightSync, WeightSyncError
 from learner.batch import SftSample
 from personadual.data import load_run_data, resolve_model
-from personadual.evaluation import forced_mode_summary, mode_alignment, summarize
+from actors.mode_probe import mode_token_logprobs
+from personadual.evaluation import (forced_mode_summary, item_rows, mode_alignment, probe_prompts, probe_summary,
+                                    summarize, write_eval_items)
 from personadual.modes import Mode
 from personadual.prompts import format_question
 from personadual.records import Prompt, Rollout, Scored
@@ -47,6 +49,7 @@ COMPLETE_MARKER = "COMPLETE"
 REFERENCE_DIR = "reference"  # checkpoints/reference: the frozen KL reference, written once per run
 SFT_LINE_EVERY = 10  # without a terminal, SFT steps (fast, many) print one line per ten
 PROBE_PROMPTS = 4  # the fixed batch a weight-sync check asks every engine (rollout.verify_every)
+MODE_PROBE_PER_SETTING = 50  # eval prompts per setting whose mode-token probability is logged every RL step
 
 
 @dataclass
@@ -217,6 +220,7 @@ class Driver:
             raise RuntimeError(f"rollout engines report weight-transfer backends {sorted(map(str, backends))}; "
                                f"set rollout.weight_transfer_backend")
         probe = (self.data.eval or self.data.train)[:PROBE_PROMPTS]
+        self.mode_probe_set = probe_prompts(self.data.eval, MODE_PROBE_PER_SETTING, cfg.run.seed)
         self.weight_sync = WeightSync(self.learner, self.engines, backend=backends.pop(),
                                       bucket_bytes=cfg.learner.bucket_bytes,
                                       timeout_s=cfg.learner.collective_timeout_s,
@@ -365,18 +369,30 @@ class Driver:
                                                      seeds=self._seeds(f"{tag}/free", step, count, greedy))
         result = summarize(scored)
         result["reward_counts"] = counts
+        forced: list[Scored] = []
         if tag in ("sft", "final") and self.cfg.eval.baselines:
             forced, _, _ = self._generate_and_score(self.data.eval, forced=True, n=1, greedy=greedy,
                                                     seeds=self._seeds(f"{tag}/forced", step, count, greedy))
             result["baselines"] = forced_mode_summary(forced)
             if self.data.world is not None and self.cfg.eval.two_turn_cases:
                 result["two_turn_alignment"] = self._two_turn_alignment(step, tag)
+        probe = dict(zip((p.id for p in self.data.eval), mode_token_logprobs(self.learner, self.tokenizer,
+                                                                             self.data.eval)))
+        result["probe"] = probe_summary(self.mode_probe_set, [probe[p.id] for p in self.mode_probe_set])
+        write_eval_items(self.run_dir, tag, step, item_rows(scored + forced, kinds=self.data.world, probe=probe))
         result["timing_s"] = time.perf_counter() - start
         if self.tracker is not None:
             shown = self.rng.sample(scored, min(self.cfg.eval.samples_logged, len(scored)))
             self.tracker.log_samples(self._global_step("eval", step), "eval/samples",
                                      [{"tag": tag, **sample_row(s)} for s in shown])
         return result
+
+    def _mode_probe_metrics(self) -> dict[str, float]:
+        """``mode/probe/<setting>/p_personalized`` and ``.../logit_gap`` on the fixed probe set."""
+        logprobs = mode_token_logprobs(self.learner, self.tokenizer, self.mode_probe_set)
+        return {f"mode/probe/{setting}/{name}": value
+                for setting, values in probe_summary(self.mode_probe_set, logprobs).items()
+                for name, value in values.items()}
 
     def _start_rl_generation(self, step: int) -> PendingGeneration:
         cfg = self.cfg
@@ -559,7 +575,7 @@ class Driver:
                 print(eval_line("sft", 0, result), flush=True)
             with StageProgress(method_label(to_container(cfg)), self.rl_steps, rl_start) as progress:
                 for step in range(rl_start + 1, self.rl_steps + 1):
-                    metrics = {**self._rl_step(step), **self.faults.step_done()}
+                    metrics = {**self._rl_step(step), **self.faults.step_done(), **self._mode_probe_metrics()}
                     self._last_done = ("rl", step, self.learner.weight_version)
                     metrics["perf"].update(clock.step_done("rl", metrics["timing_s"]["step"]))
                     if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != self.rl_steps:
