@@ -35,6 +35,7 @@ from learner.batch import (MicroBatch, PolicyBatch, PolicySample, SftSample, mic
 from learner.checkpoint import (LEARNER_DIR, publish, read_json, rng_state, set_rng_state, staging_dir,
                                 weights_only_loads, write_json)
 from learner.config import LearnerConfig, OptimConfig
+from learner.mode_diagnostics import TERMS as MODE_TERMS, mode_token_metrics, mode_token_terms
 from learner.losses import (MismatchSums, logprob_mismatch, policy_loss, rollout_correction_weights, sft_loss,
                             token_entropy, token_logprobs)
 from personadual.algo_config import AlgoConfig
@@ -325,6 +326,7 @@ class Learner:
         mode_prob = torch.zeros(len(EVAL_SETTINGS) + 1, 2, 2, dtype=torch.float64, device=self.device)
 
         mismatch = torch.zeros(4, 3, dtype=torch.float64, device=self.device)  # abs sum, count, max, over
+        mode_terms = torch.zeros(len(MODE_TERMS), dtype=torch.float64, device=self.device)
 
         def row_modes_of(mb: MicroBatch) -> torch.Tensor:
             return torch.tensor([samples[i].mode for i in mb.indices], dtype=torch.long, device=self.device)
@@ -401,6 +403,10 @@ class Learner:
                     parts = policy_loss(logprobs, old_logprobs, reference[index][position], advantages[index][position],
                                         mb.response_mask, clip_range=algo.clip_range, kl_coef=algo.kl_coef,
                                         denominator=max(totals[index], 1), correction=correction)
+                    if epoch == 0 and mb.indices:
+                        mode_terms += mode_token_terms(logits.detach(), logprobs.detach(), reference[index][position],
+                                                       advantages[index][position], mb.response_mask,
+                                                       kl_coef=algo.kl_coef)
                     if correction is not None:
                         sums["correction"] += (correction * mb.sampled_mask).sum().double()
                         sums["corrected"] += ((correction != 1.0).float() * mb.sampled_mask).sum().double()
@@ -433,6 +439,7 @@ class Learner:
         prob = per_setting.sum(0).tolist()
         mismatch_sums = reduced[len(keys) + prob_cells:].view(3, 3).tolist()
         mismatch_max = distributed.all_reduce(mismatch[2].clone(), dist.ReduceOp.MAX).tolist()
+        mode_terms = distributed.all_reduce(mode_terms)
         updates = algo.updates_per_step
         tokens = max(values["tokens"], 1.0)
         first_pass_tokens = float(sum(totals))
@@ -472,6 +479,7 @@ class Learner:
             metrics["rollout_correction/weight_mean"] = values["correction"] / values["sampled"]
             metrics["rollout_correction/corrected_fraction"] = values["corrected"] / values["sampled"]
         metrics.update(batch.stats)
+        metrics.update(mode_token_metrics(mode_terms.tolist()))
         return metrics
 
     @torch.no_grad()

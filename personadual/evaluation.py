@@ -21,9 +21,12 @@ EVALS_DIR = "evals"  # per-item outcomes of every eval: evals/<tag>_step_<N>.jso
 
 
 class KindSource(Protocol):
-    """What names an eval item's kind (the synthetic world does: its entity kinds)."""
+    """What names an eval item's kind and pool (the synthetic world does: entity kinds, and
+    whether training taught the entity's colour)."""
 
     def kind_of(self, prompt: Prompt) -> str: ...
+
+    def pool_of(self, prompt: Prompt) -> str: ...
 
 
 def setting_of(prompt: Prompt) -> str:
@@ -120,7 +123,8 @@ def mode_alignment(turns: Iterable[tuple[str, Scored, Mode]]) -> dict[str, float
 def item_rows(scored: Iterable[Scored], *, kinds: KindSource | None = None,
               probe: dict[str, tuple[float, float]] | None = None) -> list[dict[str, Any]]:
     """One row per scored response: item id, setting, kind (the world's entity kind or
-    "preference"; otherwise the benchmark), the forced mode (null: the model chose), the mode
+    "preference"; otherwise the benchmark), pool (the world's entity pool: known or unseen;
+    otherwise null), the forced mode (null: the model chose), the mode
     it answered in, and whether it was right (null when its score was dropped). ``probe``:
     per prompt id, log p of the general and personalized mode token at the first response
     position (``mode_probe_values``), added as ``p_personalized`` and ``logit_gap``
@@ -132,6 +136,7 @@ def item_rows(scored: Iterable[Scored], *, kinds: KindSource | None = None,
         row: dict[str, Any] = {
             "id": prompt.id, "setting": setting_of(prompt),
             "kind": kinds.kind_of(prompt) if kinds is not None else prompt.benchmark,
+            "pool": kinds.pool_of(prompt) if kinds is not None else None,
             "benchmark": prompt.benchmark,
             "forced": item.rollout.mode.name.lower() if item.rollout.forced and mode is not None else None,
             "mode": mode.name.lower() if mode is not None else None,

@@ -284,6 +284,11 @@ class PersonaWorld:
         entity = self.facts(prompt).entity
         return entity.kind if entity is not None else "preference"
 
+    def pool_of(self, prompt: Prompt) -> str:
+        """The entity's pool (known, unseen, ...); "preference" for personalized prompts."""
+        entity = self.facts(prompt).entity
+        return entity.pool if entity is not None else "preference"
+
     def is_knowable(self, prompt: Prompt) -> bool:
         """Whether general mode can know the answer: the entity's colour is stated in
         general-mode training text (known entities; the others appear once at most, told by

@@ -84,6 +84,7 @@ def test_item_kinds_come_from_the_world():
     preference = next(p for p in prompts if p.task_type == "personalized")
     rows = item_rows([_scored(objective, Mode.GENERAL, True), _scored(preference, Mode.PERSONALIZED, True)], kinds=world)
     assert [r["kind"] for r in rows] == [world.facts(objective).entity.kind, "preference"]
+    assert [r["pool"] for r in rows] == [world.facts(objective).entity.pool, "preference"]
 
 
 def test_probe_set_is_a_fixed_sample_of_each_setting_and_its_summary_averages_per_setting():
