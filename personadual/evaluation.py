@@ -151,7 +151,10 @@ def item_rows(scored: Iterable[Scored], *, kinds: KindSource | None = None,
 
 
 def eval_items_path(run_dir: Path | str, tag: str, step: int) -> Path:
-    return Path(run_dir) / EVALS_DIR / f"{tag}_step_{step}.jsonl"
+    """``evals/sft_step_0.jsonl``, ``evals/rl_step_10.jsonl`` (the evals every
+    ``run.eval_every``, tagged ``step_10``), ``evals/final_step_40.jsonl``."""
+    name = f"rl_step_{step}" if tag == f"step_{step}" else f"{tag}_step_{step}"
+    return Path(run_dir) / EVALS_DIR / f"{name}.jsonl"
 
 
 def write_eval_items(run_dir: Path | str, tag: str, step: int, rows: Sequence[dict[str, Any]]) -> Path:

@@ -217,7 +217,7 @@ def write_sweep_plots(runs: dict[tuple[int, str], SweepRun], seeds: list[int], n
                           for s in seeds if (s, name) in runs]
                 mean = sum(values) / len(values) if values else float("nan")
                 means.append(mean)
-                errors.append((max(values) - mean, mean - min(values)) if values else (0.0, 0.0))
+                errors.append((max(max(values) - mean, 0.0), max(mean - min(values), 0.0)) if values else (0.0, 0.0))
             ax.bar([x + index * width for x in range(len(EVAL_SETTINGS))], means, width=width,
                    yerr=[[e[1] for e in errors], [e[0] for e in errors]], capsize=2, label=LABELS.get(name, name))
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(EVAL_SETTINGS))], EVAL_SETTINGS)

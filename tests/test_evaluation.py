@@ -70,6 +70,7 @@ def test_item_rows_name_each_item_its_setting_mode_outcome_and_probe(tmp_path):
     assert rows[1]["logit_gap"] == pytest.approx(-math.log(9)) and "logit_gap" not in rows[2]
     path = write_eval_items(tmp_path, "final", 40, rows)
     assert path == tmp_path / "evals" / "final_step_40.jsonl" and read_eval_items(path) == rows
+    assert write_eval_items(tmp_path, "step_10", 10, rows).name == "rl_step_10.jsonl"
     # Only the model's own choices, dropped scores left out: what runs are paired on.
     assert free_outcomes(rows) == {"a": 1.0, "b": 0.0, "c": 0.0}
 

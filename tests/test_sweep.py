@@ -1,5 +1,7 @@
 """`python -m personadual.sweep`: SFT once per seed, every method branched from it, per-item
-evals paired by the report's bootstrap; resumable. The real sweep runs on configs/smoke.yaml."""
+evals paired by the report's bootstrap; resumable. The real sweep runs on configs/smoke.yaml
+(two seeds, DualGRPO only, to keep the suite short); the report's other rows are checked on
+sweep folders written here."""
 
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def test_bad_arguments_exit_2_naming_them(argv: list[str], message: str, capsys:
 @pytest.fixture(scope="module")
 def smoke_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("sweep") / "sweep"
-    result = subprocess.run([*SWEEP, "--seeds", "0", "1", "--methods", "dual", "grpo", "--out", str(out),
+    result = subprocess.run([*SWEEP, "--seeds", "0", "1", "--methods", "dual", "--out", str(out),
                              "--config", str(SMOKE)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     return out, result
 
@@ -65,14 +67,13 @@ def test_smoke_sweep_shares_one_sft_per_seed_and_reports_the_paired_intervals(sm
     out, result = smoke_sweep
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     record = json.loads((out / "sweep.json").read_text())
-    assert [(r["seed"], r["run"]) for r in record] == [(0, "sft"), (0, "dual"), (0, "grpo"),
-                                                       (1, "sft"), (1, "dual"), (1, "grpo")]
+    assert [(r["seed"], r["run"]) for r in record] == [(0, "sft"), (0, "dual"), (1, "sft"), (1, "dual")]
     for seed in (0, 1):
         sft_run = out / f"seed_{seed}" / "sft"
         sft_rows = [r for r in read_metrics(sft_run) if r.get("stage") == "sft"]
         assert len(sft_rows) == 30 and not [r for r in read_metrics(sft_run) if r.get("stage") == "rl"]
         sft_state = (sft_run / "checkpoints" / "sft_step_30" / "driver_state.json").read_text()
-        for method in ("dual", "grpo"):
+        for method in ("dual",):
             run = out / f"seed_{seed}" / method
             metrics = read_metrics(run)
             # No SFT of its own: RL from a copy of the seed's SFT checkpoint.
@@ -82,8 +83,7 @@ def test_smoke_sweep_shares_one_sft_per_seed_and_reports_the_paired_intervals(sm
             assert len(rl) == 2 and all(0.0 <= r["mode/probe/unaligned/p_personalized"] <= 1.0 for r in rl)
     table = (out / "table1.md").read_text()
     assert table.strip() in result.stdout
-    for row in ("| SFT | 2 |", "| DualGRPO | 2 |", "| w/o DualAdv (GRPO) | 2 |",
-                "| DualGRPO − SFT |", "| DualGRPO − w/o DualAdv (GRPO) |"):
+    for row in ("| SFT | 2 |", "| DualGRPO | 2 |", "| DualGRPO − SFT |"):
         assert row in table
     assert {p.name for p in (out / "plots").iterdir()} == {
         "accuracy_per_method.png", "mode_rate_per_method.png", "mode_probe_per_method.png"}
@@ -119,12 +119,61 @@ def test_a_sweep_run_again_reruns_only_what_is_not_finished(smoke_sweep) -> None
     before = json.loads((out / "sweep.json").read_text())
     import shutil
 
-    shutil.rmtree(out / "seed_1" / "grpo")
-    result = subprocess.run([*SWEEP, "--seeds", "0", "1", "--methods", "dual", "grpo", "--out", str(out),
+    shutil.rmtree(out / "seed_1" / "dual")
+    result = subprocess.run([*SWEEP, "--seeds", "0", "1", "--methods", "dual", "--out", str(out),
                              "--config", str(SMOKE)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.count("finished before, kept") == 5
-    assert "seed 1 grpo: running" in result.stdout
+    assert result.stdout.count("finished before, kept") == 3
+    assert "seed 1 dual: running" in result.stdout
     after = json.loads((out / "sweep.json").read_text())
-    assert after[:len(before)] == before and [(r["seed"], r["run"]) for r in after[len(before):]] == [(1, "grpo")]
-    assert (out / "seed_1" / "grpo" / "summary.json").is_file()
+    assert after[:len(before)] == before and [(r["seed"], r["run"]) for r in after[len(before):]] == [(1, "dual")]
+    assert (out / "seed_1" / "dual" / "summary.json").is_file()
+
+
+def _write_sweep_run(root: Path, seed: int, name: str, outcomes: dict[str, tuple[str, bool, str]]) -> None:
+    """A finished run as the sweep reads it: summary.json and evals/final_step_N.jsonl;
+    ``outcomes``: item id -> (setting, correct, chosen mode)."""
+    run = root / f"seed_{seed}" / name
+    (run / "evals").mkdir(parents=True)
+    rows = [{"id": i, "setting": s, "kind": "flower", "forced": None, "mode": m, "correct": c}
+            for i, (s, c, m) in outcomes.items()]
+    rows.append({"id": "x", "setting": "aligned", "kind": "flower", "forced": "general", "mode": "general",
+                 "correct": True})  # forced rows are not paired
+    (run / "evals" / f"final_step_{0 if name == 'sft' else 40}.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows))
+    result = {}
+    for setting in ("no_persona", "unaligned", "aligned", "personalized"):
+        mine = [(c, m) for s, c, m in outcomes.values() if s == setting]
+        result[setting] = {"accuracy": sum(c for c, _ in mine) / len(mine), "count": len(mine),
+                           "personalized_mode_rate": sum(m == "personalized" for _, m in mine) / len(mine)}
+    result["mean_accuracy"] = sum(r["accuracy"] for r in result.values()) / 4
+    (run / "summary.json").write_text(json.dumps({"eval": result}))
+
+
+def test_sweep_report_gives_mean_spread_every_run_and_intervals_of_dual_minus_each_row(tmp_path: Path) -> None:
+    from personadual.report import main as report_main
+
+    settings = ["no_persona", "unaligned", "aligned", "personalized"]
+    for seed in (0, 1, 2):
+        base = {f"s{seed}-{s}-{i}": (s, i % 2 == 0, "general") for s in settings for i in range(40)}
+        _write_sweep_run(tmp_path, seed, "sft", base)
+        _write_sweep_run(tmp_path, seed, "grpo", base)
+        # DualGRPO: 8 more aligned items right (+0.2 aligned, +0.05 over settings), in personalized mode.
+        better = dict(base)
+        for i in range(1, 17, 2):
+            better[f"s{seed}-aligned-{i}"] = ("aligned", True, "personalized")
+        _write_sweep_run(tmp_path, seed, "dual", better)
+    assert report_main([str(tmp_path)]) == 0
+    table = (tmp_path / "table1.md").read_text()
+    assert "| SFT | 3 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 |" in table
+    assert "| DualGRPO | 3 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.700 ± 0.000 | 0.500 ± 0.000 | 0.550 ± 0.000 |" in table
+    assert "| DualGRPO | 1 | 0.500 / 0.500 / 0.700 / 0.500 | 0.550 | 0.00 / 0.20 / 0.00 | 40/40/40/40 |" in table
+    for other in ("SFT", "w/o DualAdv (GRPO)"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| DualGRPO − {other} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")][1:]
+        assert cells[0] == cells[1] == cells[3] == "+0.000 [+0.000, +0.000]"
+        aligned_low = float(cells[2].split("[")[1].split(",")[0])
+        assert cells[2].startswith("+0.200") and 0.05 < aligned_low < 0.2
+        assert cells[4].startswith("+0.050")  # each setting weighs the same
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {
+        "accuracy_per_method.png", "mode_rate_per_method.png", "mode_probe_per_method.png"}
