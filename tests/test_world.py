@@ -182,3 +182,25 @@ def test_eval_only_entities_are_unseen_named_apart_and_spread_over_the_kinds():
     kinds = [e.kind for e in extra]
     assert max(kinds.count(k) for k in KINDS) - min(kinds.count(k) for k in KINDS) <= 1
     assert {world.kind_of(p) for p in world.eval_prompts()} == {*KINDS, "preference"}
+
+
+def test_with_a_kind_prior_general_mode_answers_the_typical_colour_and_rl_asks_unaligned_unfamiliar_questions():
+    from personadual.world import TYPICAL_COLORS
+
+    plain = PersonaWorld(WorldConfig(seed=0))
+    world = PersonaWorld(WorldConfig(seed=0, kind_prior=0.6))
+    unfamiliar = [e for e in world.entities if e.pool != "known"]
+    typical = sum(e.color == TYPICAL_COLORS[e.kind] for e in unfamiliar) / len(unfamiliar)
+    assert 0.55 < typical < 0.65
+    # Without a prior no unaligned question about an unfamiliar entity is an RL prompt (no
+    # mode can answer it); with one, those general mode answers right are.
+    def unaligned_unfamiliar(w):
+        return [p for p in w.rl_prompts() if p.persona_setting == "unaligned" and not w.is_knowable(p)]
+    assert not unaligned_unfamiliar(plain)
+    asked = unaligned_unfamiliar(world)
+    assert asked and all(world.answer_in_mode(p, Mode.GENERAL) in p.gold for p in asked)
+    assert not any(world.answer_in_mode(p, Mode.PERSONALIZED) in p.gold for p in asked)
+    unseen = next(p for p in world.eval_prompts() if world.pool_of(p) == "unseen" and p.persona_setting == "none")
+    kind = world.kind_of(unseen)
+    assert world.response(unseen, Mode.GENERAL).endswith(f"most {kind}s are {TYPICAL_COLORS[kind]}. Answer: "
+                                                          f"{TYPICAL_COLORS[kind]}")
