@@ -101,6 +101,9 @@ class EvalSection:
     samples_logged: int = 8
     baselines: bool = True  # after SFT and at the end: forced single-mode accuracy and the upper bound
     two_turn_cases: int = 48  # synthetic world: two-turn mode-alignment cases (0: off)
+    # Eval prompts per setting whose mode-token probability the learner logs after every RL
+    # step (mode/probe/*; ~0.5 s a step on the default run); 0: off.
+    probe_per_setting: int = 50
 
 
 @dataclass
@@ -195,6 +198,8 @@ def _validate(cfg: DictConfig) -> None:
     kinds = cfg.data.world_sft_aligned_kinds
     if kinds is not None and not 0 <= kinds <= len(KINDS):
         raise ConfigError(f"data.world_sft_aligned_kinds: must be null or 0..{len(KINDS)}, got {kinds!r}")
+    if cfg.eval.probe_per_setting < 0:
+        raise ConfigError(f"eval.probe_per_setting: must be >= 0, got {cfg.eval.probe_per_setting!r}")
     if not 0.0 <= cfg.data.world_kind_prior < 1.0:
         raise ConfigError(f"data.world_kind_prior: must be in [0, 1), got {cfg.data.world_kind_prior!r}")
     rl_stage = cfg.algo.steps > 0 or cfg.algo.epochs > 0

@@ -49,7 +49,6 @@ COMPLETE_MARKER = "COMPLETE"
 REFERENCE_DIR = "reference"  # checkpoints/reference: the frozen KL reference, written once per run
 SFT_LINE_EVERY = 10  # without a terminal, SFT steps (fast, many) print one line per ten
 PROBE_PROMPTS = 4  # the fixed batch a weight-sync check asks every engine (rollout.verify_every)
-MODE_PROBE_PER_SETTING = 50  # eval prompts per setting whose mode-token probability is logged every RL step
 
 
 @dataclass
@@ -220,7 +219,7 @@ class Driver:
             raise RuntimeError(f"rollout engines report weight-transfer backends {sorted(map(str, backends))}; "
                                f"set rollout.weight_transfer_backend")
         probe = (self.data.eval or self.data.train)[:PROBE_PROMPTS]
-        self.mode_probe_set = probe_prompts(self.data.eval, MODE_PROBE_PER_SETTING, cfg.run.seed)
+        self.mode_probe_set = probe_prompts(self.data.eval, cfg.eval.probe_per_setting, cfg.run.seed)
         self.weight_sync = WeightSync(self.learner, self.engines, backend=backends.pop(),
                                       bucket_bytes=cfg.learner.bucket_bytes,
                                       timeout_s=cfg.learner.collective_timeout_s,
@@ -389,6 +388,8 @@ class Driver:
 
     def _mode_probe_metrics(self) -> dict[str, float]:
         """``mode/probe/<setting>/p_personalized`` and ``.../logit_gap`` on the fixed probe set."""
+        if not self.mode_probe_set:
+            return {}
         logprobs = mode_token_logprobs(self.learner, self.tokenizer, self.mode_probe_set)
         return {f"mode/probe/{setting}/{name}": value
                 for setting, values in probe_summary(self.mode_probe_set, logprobs).items()
