@@ -19,7 +19,7 @@ from personadual.records import Scored
 from personadual.prompts import format_question
 from personadual.step_metrics import sample_row
 from personadual.tracking import RunTracker
-from personadual.world import two_turn_cases
+from personadual.two_turn import two_turn_cases
 
 
 class Evaluator:

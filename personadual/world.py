@@ -376,34 +376,3 @@ class PersonaWorld:
             yield prompt.question
             for mode in Mode:
                 yield self.response(prompt, mode)
-
-
-@dataclass(frozen=True)
-class TwoTurnCase:
-    """A two-turn chat under one persona: the second turn's best mode differs from the first's."""
-
-    first: Prompt
-    second: Prompt
-    order: str  # general_then_personalized | personalized_then_general
-
-
-def two_turn_cases(world: PersonaWorld, count: int = 48, seed: int = 0) -> list[TwoTurnCase]:
-    """Pairs of eval prompts under one persona (the preference question's persona, which
-    carries no cue for the objective question): objective -> personalized and back. The
-    objective question is about a known entity, so general mode is its best mode."""
-    rng = random.Random(seed)
-    preferences = [p for p in world.eval_prompts() if p.task_type == "personalized"]
-    objective = [p for p in world.eval_prompts()
-                 if p.task_type == "objective" and p.persona_setting == "none" and world.is_knowable(p)]
-    cases = []
-    for index in range(min(count, len(preferences))):
-        preference = preferences[index]
-        question = rng.choice(objective)
-        under_persona = Prompt(
-            id=f"{question.id}-under-{preference.id}", question=question.question,
-            persona=preference.persona, persona_setting="unaligned", task_type="objective",
-            gold=question.gold, scorer=question.scorer, benchmark=question.benchmark)
-        order = ("general_then_personalized", "personalized_then_general")[index % 2]
-        first, second = (under_persona, preference) if index % 2 == 0 else (preference, under_persona)
-        cases.append(TwoTurnCase(first, second, order))
-    return cases
