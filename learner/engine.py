@@ -37,6 +37,7 @@ from learner.checkpoint import (LEARNER_DIR, publish, read_json, rng_state, set_
 from learner.config import LearnerConfig, OptimConfig
 from learner.losses import (MismatchSums, logprob_mismatch, policy_loss, rollout_correction_weights, sft_loss,
                             token_entropy, token_logprobs)
+from learner.shared_prefix import forward_packed
 from personadual.algo_config import AlgoConfig
 from personadual.evaluation import EVAL_SETTINGS
 from personadual.fault_hooks import fault_point
@@ -68,6 +69,8 @@ def lr_lambda(optim: OptimConfig):
 def forward_logits(model: Any, batch: MicroBatch) -> torch.Tensor:
     """(B, K, V) logits aligned with ``batch.targets``; positions before the shortest
     prompt's last token are never projected onto the vocabulary."""
+    if batch.layout is not None:
+        return forward_packed(model, batch.input_ids, batch.layout, next(iter(model.parameters())).dtype)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 logits_to_keep=batch.logits_to_keep, use_cache=False)
     return out.logits[:, :-1]
@@ -185,9 +188,10 @@ class Learner:
         self.reference = reference
 
     # ---- forward helpers ----------------------------------------------------------------
-    def _plan(self, samples: Sequence[SftSample | PolicySample]) -> list[MicroBatch]:
+    def _plan(self, samples: Sequence[SftSample | PolicySample], *, shared_prefix: bool = False,
+              ) -> list[MicroBatch]:
         return [mb.to(self.device) for mb in micro_batches(samples, self.config.micro_batch_tokens,
-                                                           self.pad_token_id)]
+                                                           self.pad_token_id, shared_prefix=shared_prefix)]
 
     def _empty_micro_batch(self) -> MicroBatch:
         ids = torch.full((1, 2), self.pad_token_id, dtype=torch.long, device=self.device)
@@ -300,7 +304,7 @@ class Learner:
         start = time.perf_counter()
         samples = batch.samples
         chunks = split_even(list(range(len(samples))), algo.mini_batches)
-        plans = [self._plan([samples[i] for i in chunk]) for chunk in chunks]
+        plans = [self._plan([samples[i] for i in chunk], shared_prefix=cfg.shared_prefix) for chunk in chunks]
         # micro-batch indices are relative to their chunk; make them index the shard.
         for chunk, plan in zip(chunks, plans):
             for mb in plan:
