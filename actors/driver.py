@@ -32,6 +32,7 @@ from actors.weight_sync import SyncVerification, WeightSync, WeightSyncError
 from learner.batch import SftSample
 from personadual.data import load_run_data, resolve_model
 from personadual.evaluation import forced_mode_summary, mode_alignment, summarize
+from personadual.group_filter import fill_batch
 from personadual.modes import Mode
 from personadual.prompts import format_question
 from personadual.records import Prompt, Rollout, Scored
@@ -397,6 +398,9 @@ class Driver:
         self._next_generation = None
         assert pending.step == step, f"rollouts of step {pending.step} offered to step {step}"
         scored, times, counts = self._finish_generation(pending)
+        filter_metrics: dict[str, float] = {}
+        if cfg.algo.filter_groups:
+            scored, filter_metrics = self._filter_groups(step, scored, times, counts)
         staleness = check_staleness(step, [s.rollout.weight_version for s in scored], self._rl_versions,
                                     cfg.algo.max_staleness)
         self._rl_cursor_state = self.rl_cursor.state()  # what a checkpoint of this step resumes from
@@ -423,12 +427,35 @@ class Driver:
                 "train_tokens_per_s": float(learner_metrics.get("tokens", 0.0)) / max(times["train"], 1e-9)}
         mode_probs = {mode_prob_name(key): learner_metrics[key]
                       for key in learner_metrics if key.startswith("mode_token_prob")}
-        return {"stage": "rl", **rollout_metrics(scored), **{f"mode/{k}": v for k, v in mode_probs.items()},
+        return {"stage": "rl", **rollout_metrics(scored), **filter_metrics,
+                **{f"mode/{k}": v for k, v in mode_probs.items()},
                 "reward_counts": counts, "learner": learner_metrics, "sync": sync, "timing_s": times, "perf": perf,
                 "weight_version": self.learner.weight_version,
                 "staleness": {"max": max(staleness, default=0),
                               "mean": sum(staleness) / len(staleness) if staleness else 0.0,
                               "rollout_weight_version": min((s.rollout.weight_version for s in scored), default=0)}}
+
+    def _filter_groups(self, step: int, scored: list[Scored], times: dict[str, float],
+                       counts: dict[str, int]) -> tuple[list[Scored], dict[str, float]]:
+        """Dynamic sampling: the step's groups with a reward spread, topped up by further rounds
+        of fresh prompts (their generate/score seconds and reward counts added to the step's)."""
+        cfg = self.cfg
+        forced = bool(cfg.algo.forced_prefix)
+        n = cfg.algo.n_per_mode if forced else 2 * cfg.algo.n_per_mode
+
+        def generate(round_index: int, count: int) -> list[Scored]:
+            prompts = [self.data.train[i] for i in self.rl_cursor.take(count)]
+            more, round_times, round_counts = self._generate_and_score(
+                prompts, forced=forced, n=n, seeds=self._seeds(f"rl-fill{round_index}", step, len(prompts)))
+            for key, value in round_times.items():
+                times[key] = times.get(key, 0.0) + value
+            for key, value in round_counts.items():
+                counts[key] = counts.get(key, 0) + value
+            return more
+
+        kept, found = fill_batch(scored, target_groups=cfg.algo.prompts_per_step,
+                                 max_rounds=cfg.algo.filter_max_rounds, generate=generate)
+        return kept, found.metrics()
 
     def _log_training_samples(self, step: int, scored: list[Scored]) -> None:
         every = self.cfg.run.log_samples_every

@@ -168,5 +168,8 @@ def test_deepspeed_policy_steps_are_the_same_with_the_prompt_shared_or_repeated(
         for key in ("loss", "pg_loss", "kl", "entropy", "grad_norm", "mode_token_prob", "tokens"):
             assert shared[key] == pytest.approx(plain[key], abs=TOLERANCE, rel=TOLERANCE), key
         assert shared["padded_tokens"] < plain["padded_tokens"]  # positions computed, packed vs repeated
+    # Adam divides each gradient element by its own running scale, so an element whose gradient
+    # is ~0 moves by up to lr on float noise alone: the weights agree to a fraction of one step.
+    lr_fraction = 0.1 * config.optim.lr
     for name, tensor in plain_state.items():
-        torch.testing.assert_close(shared_state[name], tensor, atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(shared_state[name], tensor, atol=lr_fraction, rtol=0)
