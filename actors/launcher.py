@@ -63,7 +63,7 @@ def _migrated(saved: Path) -> tuple[DictConfig, bool]:
 # agree, or its "SFT" row would describe another model, world or stage length.
 BRANCH_KEYS = ("model.path", "model.tiny_preset", "data.source", "data.world_seed", "data.world_sft_aligned_kinds",
                "data.sft_files", "sft.steps", "sft.epochs", "sft.batch_size", "sft.max_length")
-CHECKPOINT_COMPLETE = "COMPLETE"  # actors/driver.py COMPLETE_MARKER (not imported here: it imports Ray)
+CHECKPOINT_COMPLETE = "COMPLETE"  # actors/run_state.py COMPLETE_MARKER (not imported here: it imports the data loaders)
 
 
 def check_init_from(cfg: DictConfig, checkpoint: Path) -> None:
@@ -94,7 +94,7 @@ def check_init_from(cfg: DictConfig, checkpoint: Path) -> None:
 def branch_run_dir(cfg: DictConfig, checkpoint: Path) -> Path:
     """A new run folder holding a copy of ``checkpoint``: the driver restores it as a resumed
     run would, so the SFT stage is skipped and RL starts from the same state."""
-    from actors.driver import CHECKPOINTS, prepare_run_dir
+    from actors.run_state import CHECKPOINTS, prepare_run_dir
 
     run_dir = prepare_run_dir(cfg)
     target = run_dir / CHECKPOINTS / checkpoint.name
@@ -170,7 +170,8 @@ def launch(cfg: DictConfig, resume: Path | None, init_from: Path | None = None) 
     ``init_from``: an SFT checkpoint (``check_init_from`` passed) that RL starts from."""
     from actors import cluster
     from actors.console import quiet_libraries
-    from actors.driver import Driver, prepare_run_dir
+    from actors.driver import Driver
+    from actors.run_state import prepare_run_dir
     from personadual.data import DataError
     from personadual.report import format_eval_table, method_label
 

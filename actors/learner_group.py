@@ -19,6 +19,7 @@ import torch
 
 from actors.placement import in_bundle
 from actors.supervision import dead_actors, one_line
+from actors.waiting import gather_first_failure
 from learner.batch import PolicyBatch, SftSample, build_policy_batch, shard
 from learner.config import LearnerConfig
 from personadual.algo_config import AlgoConfig
@@ -129,15 +130,6 @@ class LearnerRankDied(RuntimeError):
     the group cannot go on (the run stops; ``--resume`` continues from a checkpoint)."""
 
 
-def gather(refs: list[ray.ObjectRef]) -> list[Any]:
-    """Every rank's result, raising the FIRST failure as soon as it happens: its peers are
-    then stuck in a collective until the timeout, and waiting for them would hide the cause."""
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        ray.get(done[0])
-    return ray.get(refs)
-
 
 def configure(config: LearnerConfig, algo: AlgoConfig, *, total_sft_steps: int | None = None,
               total_rl_steps: int | None = None) -> LearnerConfig:
@@ -173,8 +165,9 @@ class LearnerGroup:
                                                     **in_bundle(placement_group, rank)).remote(rank, self.num_ranks))
         try:
             self.master_address, self.master_port = ray.get(self.actors[0].address.remote())
-            versions = gather([actor.setup.remote(self.config, self.algo, self.model_path, self.master_address,
-                                                   self.master_port) for actor in self.actors])
+            versions = gather_first_failure([actor.setup.remote(self.config, self.algo, self.model_path,
+                                                                self.master_address, self.master_port)
+                                             for actor in self.actors])
         except BaseException:
             self.shutdown()
             raise
@@ -191,10 +184,10 @@ class LearnerGroup:
         return self._gather(refs, method)
 
     def _gather(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
-        """``gather``, naming the rank when a failure comes from a rank that died (its peers
+        """``gather_first_failure``, naming the rank when a failure comes from a rank that died (its peers
         then fail too, e.g. a gloo "connection closed", which would hide the cause)."""
         try:
-            return gather(refs)
+            return gather_first_failure(refs)
         except Exception as error:
             dead = list(dead_actors(self.actors, "pid"))
             if not dead:
@@ -232,7 +225,7 @@ class LearnerGroup:
         stream = self.actors[0].export_weights.options(_generator_backpressure_num_objects=2).remote(bucket_bytes)
         for ref in stream:
             yield ray.get(ref)
-        gather(others)
+        gather_first_failure(others)
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """``fn(learner, *args, **kwargs)`` on every rank at once (for collectives such as a

@@ -25,6 +25,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.config import ConfigError
+from actors.waiting import unfinished
 
 Bundle = dict[str, float]
 
@@ -145,9 +146,9 @@ class Placement:
 
     def wait(self, timeout_s: float) -> None:
         refs = {group.ready(): spec for spec, group in zip(self.specs, self.groups)}
-        _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        pending = unfinished(refs, timeout_s)
         if pending:
-            waiting = [refs[ref] for ref in pending]
+            waiting = list(pending.values())
             others = f" (and {len(waiting) - 1} more)" if len(waiting) > 1 else ""
             available = {k: round(v, 3) for k, v in sorted(ray.available_resources().items())
                          if k in ("CPU", "GPU") or not (k.startswith("node:") or "_group_" in k

@@ -10,7 +10,7 @@
 
 - A rollout engine that hangs in generation past ``rollout.generate_timeout_s`` is killed and
   replaced the same way, and its prompts generated again with the same seeds (the driver's
-  watchdog, actors/driver.py); counted in ``faults/generate_timeouts``.
+  watchdog, actors/generation.py); counted in ``faults/generate_timeouts``.
 - A rollout engine that dies during a weight sync is replaced and brought to the current
   version in place (``faults/sync_deaths``); the run goes on. One that freezes mid-sync fails
   the sync with an error naming it and the bucket: a frozen engine cannot be told from a slow
@@ -34,6 +34,7 @@ import ray
 from ray.actor import ActorHandle
 
 from actors.errors import one_line
+from actors.waiting import outcomes, unfinished
 from actors.weight_sync import WeightSync, WeightSyncError
 
 log = logging.getLogger(__name__)
@@ -59,13 +60,14 @@ def dead_actors(actors: list[ActorHandle], ping: str, timeout_s: float = PING_TI
     busy with other work (or stuck in a collective) may not answer ``ping`` in time: it counts
     as alive."""
     refs = {getattr(actor, ping).remote(): index for index, actor in enumerate(actors)}
-    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    pending = unfinished(refs, timeout_s)
+    answered = {ref: index for ref, index in refs.items() if ref not in pending}
     dead = {}
-    for ref in ready:
-        try:
-            ray.get(ref)
-        except ray.exceptions.RayActorError as error:
-            dead[refs[ref]] = error
+    for index, _, error in outcomes(answered):
+        if isinstance(error, ray.exceptions.RayActorError):
+            dead[index] = error
+        elif error is not None:
+            raise error
     return dict(sorted(dead.items()))
 
 

@@ -17,6 +17,7 @@ import ray
 from ray.actor import ActorHandle
 
 from actors.errors import one_line
+from actors.waiting import outcomes, unfinished
 from personadual.records import Prompt
 
 
@@ -40,23 +41,21 @@ class EngineSyncClient:
     def _all(self, method: str, per_engine: list[tuple] | None = None) -> list[Any]:
         refs = {getattr(engine, method).remote(*(per_engine[i] if per_engine else ())): i
                 for i, engine in enumerate(self.engines)}
-        _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.timeout_s)
+        pending = unfinished(refs, self.timeout_s)
         if pending:
             # A frozen engine leaves the others stuck in the same collective: they come back
             # with their own timeout error within one more timeout; the frozen one does not.
-            _, still = ray.wait(pending, num_returns=len(pending), timeout=self.timeout_s)
-            stuck = sorted(refs[ref] for ref in (still or pending))
+            stuck = sorted((unfinished(pending, self.timeout_s) or pending).values())
             raise WeightSyncError(f"weight sync: rollout engine(s) {stuck} did not finish {method} "
                                   f"within {self.timeout_s:.0f} s")
         own_errors = []
         results: dict[int, Any] = {}
-        for ref, index in refs.items():
-            try:
-                results[index] = ray.get(ref)
-            except ray.exceptions.RayActorError:  # a death explains the others' errors: it comes first
+        for index, value, error in outcomes(refs):
+            if isinstance(error, ray.exceptions.RayActorError):  # a death explains the others' errors: it comes first
                 raise WeightSyncError(f"weight sync: rollout engine {index} died during {method}") from None
-            except ray.exceptions.RayTaskError as error:
+            if isinstance(error, ray.exceptions.RayTaskError):
                 own_errors.append((index, error.cause if error.cause is not None else error))
+            results[index] = value
         if own_errors:
             index, error = own_errors[0]
             raise WeightSyncError(f"weight sync: rollout engine {index} failed {method} ({one_line(error)})") from error
@@ -88,6 +87,16 @@ class SyncVerificationError(WeightSyncError):
 
 def _learner_response_logprobs(learner: Any, pairs: list[tuple[list[int], list[int]]]) -> list[list[float]]:
     return learner.response_logprobs(pairs)
+
+
+def verify_tolerance(cfg: Any) -> float:
+    """rollout.verify_tolerance, or its default for the run's precisions (rollout/config.py);
+    ``cfg`` is the run's config."""
+    if cfg.rollout.verify_tolerance is not None:
+        return float(cfg.rollout.verify_tolerance)
+    learner_fp32 = cfg.learner.precision == "fp32" or (cfg.learner.precision == "auto"
+                                                        and cfg.learner.num_gpus_per_rank == 0)
+    return 0.01 if cfg.rollout.dtype == "float32" and learner_fp32 else 0.25
 
 
 @dataclass
@@ -158,16 +167,17 @@ class WeightSync:
         past the tolerance fails the sync, named with the tensors it did not load."""
         prompts = self.verification.prompts
         refs = {engine.probe.remote(prompts): index for index, engine in enumerate(self.engines)}
-        _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.timeout_s)
+        pending = unfinished(refs, self.timeout_s)
         if pending:
-            raise WeightSyncError(f"weight sync check: rollout engine(s) {sorted(refs[r] for r in pending)} did "
+            raise WeightSyncError(f"weight sync check: rollout engine(s) {sorted(pending.values())} did "
                                   f"not answer the probe within {self.timeout_s:.0f} s")
         answers = []
-        for ref, index in refs.items():
-            try:
-                answers.append(ray.get(ref))
-            except ray.exceptions.RayActorError:
+        for index, value, error in outcomes(refs):
+            if isinstance(error, ray.exceptions.RayActorError):
                 raise WeightSyncError(f"weight sync check: rollout engine {index} died during the probe") from None
+            if error is not None:
+                raise error
+            answers.append(value)
         pairs = [(list(r.prompt_token_ids), list(r.response_token_ids)) for rollouts in answers for r in rollouts]
         learner = self.learner.call(_learner_response_logprobs, pairs)[0]
         worst, position = [], 0

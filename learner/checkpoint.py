@@ -1,5 +1,6 @@
-"""Checkpoint pieces that are not DeepSpeed's: RNG state and JSON state, stored as plain
-JSON (nothing that needs unpickling), and the atomic publication of a finished folder."""
+"""A learner rank's checkpoint: DeepSpeed's state beside what is not DeepSpeed's (RNG state
+and JSON state, stored as plain JSON: nothing that needs unpickling), the shared frozen
+reference, and the atomic publication of a finished folder."""
 
 from __future__ import annotations
 
@@ -8,13 +9,18 @@ import os
 import random
 import shutil
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
+from learner import distributed
+from personadual.fault_hooks import fault_point
+
 LEARNER_DIR = "learner"
+DS_TAG = "state"
 
 
 def deepspeed_safe_globals() -> list[type]:
@@ -113,3 +119,76 @@ def publish(staging: Path, final: Path) -> None:
         final.rename(old)
     staging.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_learner(learner: Any, path: str | Path, client_state: dict[str, Any],
+                 reference_dir: str | Path | None = None) -> None:
+    """``learner``'s model, optimizer, scheduler, step counters, RNG, the reference (in the RL stage) and
+    the caller's ``client_state`` (JSON: e.g. the data position), under ``path/learner``,
+    which appears only complete.
+
+    The reference is frozen for the whole RL stage, so with ``reference_dir`` it is written
+    there once (skipped when already complete) and the checkpoint only names it, instead of
+    a full copy of the model in every checkpoint."""
+    final = Path(path) / LEARNER_DIR
+    staging = staging_dir(final)
+    if learner.rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    distributed.barrier()
+    learner.engine.save_checkpoint(str(staging / "deepspeed"), tag=DS_TAG, save_latest=False)
+    fault_point("save", f"rank{learner.rank}")  # tests crash a save here: written, not yet published
+    write_json(staging / f"rng_rank{learner.rank}.json", rng_state())
+    reference_link = None
+    if learner.reference is not None and reference_dir is not None:
+        shared = Path(reference_dir)
+        if not (shared / "config.json").is_file():  # published whole, so present means complete
+            if learner.rank == 0:
+                shutil.rmtree(staging_dir(shared), ignore_errors=True)
+                shared.parent.mkdir(parents=True, exist_ok=True)
+            learner._write_hf(learner.reference, staging_dir(shared), tokenizer=False)
+            if learner.rank == 0:
+                publish(staging_dir(shared), shared)
+        reference_link = os.path.relpath(shared, final)
+    elif learner.reference is not None:
+        learner._write_hf(learner.reference, staging / "reference", tokenizer=False)
+    distributed.barrier()
+    if learner.rank == 0:
+        write_json(staging / "client_state.json", client_state)
+        write_json(staging / "learner_state.json", {
+            "stage": learner.stage, "weight_version": learner.weight_version, "steps": learner.steps,
+            "world_size": learner.world_size, "zero_stage": learner.config.zero_stage, "precision": learner.precision,
+            "has_reference": learner.reference is not None, "reference_dir": reference_link,
+            "config": asdict(learner.config), "algo": asdict(learner.algo)})
+        publish(staging, final)
+    distributed.barrier()
+
+def load_learner(learner: Any, path: str | Path) -> dict[str, Any]:
+    """Restore into ``learner`` what ``save_learner`` wrote; returns its ``client_state``."""
+    root = Path(path) / LEARNER_DIR
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint {path}: no learner state ({root} is missing)")
+    state = read_json(root / "learner_state.json")
+    if (state["world_size"], state["zero_stage"]) != (learner.world_size, learner.config.zero_stage):
+        raise ValueError(f"checkpoint {path}: saved by {state['world_size']} ranks at ZeRO-{state['zero_stage']}, "
+                         f"this learner has {learner.world_size} at ZeRO-{learner.config.zero_stage}")
+    stage = state["stage"]
+    if stage is not None:
+        learner._reset_optimizer(stage)
+    learner.reference = None
+    if state["has_reference"]:
+        linked = state.get("reference_dir")
+        reference = (root / linked).resolve() if linked else root / "reference"
+        if not (reference / "config.json").is_file():
+            raise FileNotFoundError(f"checkpoint {path}: its reference model {reference} is missing")
+        learner._build_reference(reference)
+    with weights_only_loads(learner.engine):
+        learner.engine.load_checkpoint(str(root / "deepspeed"), tag=DS_TAG, load_optimizer_states=True,
+                                    load_lr_scheduler_states=True)
+    learner.stage = stage
+    learner.weight_version = int(state["weight_version"])
+    learner.steps = {key: int(value) for key, value in state["steps"].items()}
+    rng_file = root / f"rng_rank{learner.rank}.json"
+    if rng_file.is_file():
+        set_rng_state(read_json(rng_file))
+    return read_json(root / "client_state.json")

@@ -1,4 +1,5 @@
-"""The learner: one DeepSpeed engine per rank, an SFT step and a DualGRPO policy step.
+"""The learner: one DeepSpeed engine per rank, an SFT step and a DualGRPO policy step
+(learner/policy_step.py), checkpoints (learner/checkpoint.py) and the weights' export.
 
 One instance per data-parallel rank, in-process (no Ray: ``actors/learner_group.py`` wraps
 it). Every public method except the metadata ones is a collective over the learner ranks:
@@ -7,18 +8,15 @@ all ranks call it together, each with its own shard.
 One optimizer step = one call. Its loss is the SUM of per-token losses over the step's
 response tokens divided by their count across ALL ranks and micro-batches
 (docs/ARCHITECTURE.md, "Loss and weight-sync rules"); DeepSpeed averages gradients over
-ranks, so each rank's loss is scaled by the world size before backward. Micro-batches are sized by padded token count; ranks with fewer
-run empty ones so the ZeRO collectives inside forward/backward stay in lockstep.
+ranks, so each rank's loss is scaled by the world size before backward. Micro-batches are
+sized by padded token count; ranks with fewer run empty ones so the ZeRO collectives inside forward/backward stay in lockstep.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -30,50 +28,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
 from learner import distributed, weights
-from learner.batch import (MicroBatch, PolicyBatch, PolicySample, SftSample, micro_batch_advantages, micro_batches,
-                           split_even)
-from learner.checkpoint import (LEARNER_DIR, publish, read_json, rng_state, set_rng_state, staging_dir,
-                                weights_only_loads, write_json)
-from learner.config import LearnerConfig, OptimConfig
-from learner.losses import (MismatchSums, logprob_mismatch, policy_loss, rollout_correction_weights, sft_loss,
-                            token_entropy, token_logprobs)
-from learner.shared_prefix import forward_packed
+from learner.batch import MicroBatch, PolicyBatch, PolicySample, SftSample, micro_batches
+from learner.checkpoint import load_learner, publish, save_learner, staging_dir
+from learner.config import LearnerConfig
+from learner.forward import first_response_logprob, micro_batch_logprobs
+from learner.losses import sft_loss
+from learner.optim import deepspeed_config, lr_lambda, param_groups
+from learner.policy_step import policy_step
 from personadual.algo_config import AlgoConfig
-from personadual.evaluation import EVAL_SETTINGS
-from personadual.fault_hooks import fault_point
-from personadual.modes import Mode
 
 log = logging.getLogger(__name__)
 STAGES = ("sft", "rl")
-DS_TAG = "state"
-
-
-def lr_lambda(optim: OptimConfig):
-    """Multiplier of the peak rate at optimizer step ``step`` (0-based): linear warm-up from 0,
-    then cosine or linear decay to 0 at ``total_steps``, or constant."""
-    warmup = int(math.ceil(optim.warmup_ratio * optim.total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if optim.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, optim.total_steps - warmup))
-        if optim.schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def forward_logits(model: Any, batch: MicroBatch) -> torch.Tensor:
-    """(B, K, V) logits aligned with ``batch.targets``; positions before the shortest
-    prompt's last token are never projected onto the vocabulary."""
-    if batch.layout is not None:
-        return forward_packed(model, batch.input_ids, batch.layout, next(iter(model.parameters())).dtype)
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                logits_to_keep=batch.logits_to_keep, use_cache=False)
-    return out.logits[:, :-1]
 
 
 class Learner:
@@ -101,14 +66,14 @@ class Learner:
         torch.manual_seed(0 if config.seed is None else config.seed)
 
         self.zero3 = config.zero_stage == 3
-        self._ds_config = self._deepspeed_config()
+        self._ds_config = deepspeed_config(config, world_size=world_size, precision=self.precision)
         # Kept alive for the learner's lifetime: while it exists, transformers builds models
         # partitioned (zero.Init), here and for the reference model.
         self._hf_ds_config = HfDeepSpeedConfig(self._ds_config) if self.zero3 else None
         model = self._load_model(self.model_path)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(model),
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model),
                                                     config=self._ds_config)
         self.pad_token_id = int(model.config.pad_token_id or 0)
         self.stage: str | None = None
@@ -118,32 +83,6 @@ class Learner:
         self.consecutive_skipped = 0  # updates skipped in a row (non-finite loss or gradients)
 
     # ---- set-up -------------------------------------------------------------------------
-    def _deepspeed_config(self) -> dict[str, Any]:
-        cfg = self.config
-        zero: dict[str, Any] = {"stage": cfg.zero_stage}
-        if self.zero3:
-            # Without 0, parameters smaller than the threshold stay whole on every rank:
-            # with small models nothing would be partitioned (docs/ARCHITECTURE.md, "The real stack on CPU").
-            zero["stage3_param_persistence_threshold"] = 0
-        optim = cfg.optim
-        return {
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": 1,
-            "train_batch_size": self.world_size,
-            # We own the accumulation boundary: a step holds as many micro-batches as its
-            # tokens need, and engine.step() closes it.
-            "managed_gradient_accumulation": False,
-            "gradient_clipping": cfg.max_grad_norm,
-            "zero_optimization": zero,
-            "bf16": {"enabled": self.precision == "bf16"},
-            # torch's AdamW: DeepSpeed's FusedAdam costs a 139 s JIT build on CPU
-            # (docs/ARCHITECTURE.md, "The real stack on CPU").
-            "optimizer": {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
-                                                      "weight_decay": optim.weight_decay, "torch_adam": True}},
-            "steps_per_print": 1 << 30,
-            "wall_clock_breakdown": False,
-        }
-
     def _load_model(self, path: str | Path) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         model.config.use_cache = False
@@ -190,6 +129,7 @@ class Learner:
     # ---- forward helpers ----------------------------------------------------------------
     def _plan(self, samples: Sequence[SftSample | PolicySample], *, shared_prefix: bool = False,
               ) -> list[MicroBatch]:
+        """Micro-batches on this rank's device; ``shared_prefix``: each prompt computed once."""
         return [mb.to(self.device) for mb in micro_batches(samples, self.config.micro_batch_tokens,
                                                            self.pad_token_id, shared_prefix=shared_prefix)]
 
@@ -268,11 +208,11 @@ class Learner:
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, mode nll, mode count, padded tokens
         loss_finite = True
         for batch in plan:
-            logprobs = token_logprobs(forward_logits(self.engine, batch), batch.targets)
+            logprobs = micro_batch_logprobs(self.engine, batch)[1]
             loss = sft_loss(logprobs, batch.response_mask, denominator=total)
             loss_finite &= bool(torch.isfinite(loss.detach()))
             self._backward(loss)
-            first = _first_response_logprob(logprobs.detach(), batch)
+            first = first_response_logprob(logprobs.detach(), batch)
             sums += torch.stack([loss.detach().double(), -first.sum().double(),
                                  torch.tensor(float(first.numel()), dtype=torch.float64, device=self.device),
                                  torch.tensor(float(batch.input_ids.numel() if batch.indices else 0),
@@ -288,195 +228,9 @@ class Learner:
                 **self._skip_metrics(int(grad_norm is None))}
 
     # ---- DualGRPO -----------------------------------------------------------------------
-    @torch.no_grad()
-    def _reference_logprobs(self, plans: list[list[MicroBatch]]) -> list[list[torch.Tensor | None]]:
-        if self.reference is None:
-            return [[None] * len(plan) for plan in plans]
-        return [[token_logprobs(forward_logits(self.reference, mb), mb.targets) for mb in plan] for plan in plans]
-
     def policy_step(self, batch: PolicyBatch) -> dict[str, float]:
-        """DualGRPO on this rank's shard: ``mini_batches`` optimizer steps per pass,
-        ``ppo_epochs`` passes. Old log-probabilities are this learner's own, before the
-        update: with one step per batch they ARE the current ones (ratio 1, detached, the
-        clipped objective's gradient still flows); otherwise a no-grad pass computes them."""
-        cfg, algo = self.config, self.algo
-        self._enter_stage("rl")
-        start = time.perf_counter()
-        samples = batch.samples
-        chunks = split_even(list(range(len(samples))), algo.mini_batches)
-        plans = [self._plan([samples[i] for i in chunk], shared_prefix=cfg.shared_prefix) for chunk in chunks]
-        # micro-batch indices are relative to their chunk; make them index the shard.
-        for chunk, plan in zip(chunks, plans):
-            for mb in plan:
-                mb.indices = [chunk[i] for i in mb.indices]
-        totals = self._lockstep(plans)
-        if sum(totals) == 0:
-            raise ValueError("policy step: the batch holds no response tokens")
-        advantages = [[micro_batch_advantages(samples, mb, prefix_tokens=algo.prefix_tokens, beta=algo.beta)
-                       for mb in plan] for plan in plans]
-
-        ref_start = time.perf_counter()
-        self.engine.eval()
-        reference = self._reference_logprobs(plans)
-        reference_time = time.perf_counter() - ref_start
-
-        # Metric sums, reduced across ranks at the end.
-        sums = {key: torch.zeros((), dtype=torch.float64, device=self.device) for key in
-                ("loss", "pg", "kl", "clipped", "ratio", "tokens", "entropy", "padded", "correction", "corrected",
-                 "sampled")}
-        # [setting, mode] -> (sum, count) of the mode token's probability; the last setting row
-        # collects samples of unknown setting, so rows summed give the whole batch's.
-        mode_prob = torch.zeros(len(EVAL_SETTINGS) + 1, 2, 2, dtype=torch.float64, device=self.device)
-
-        mismatch = torch.zeros(4, 3, dtype=torch.float64, device=self.device)  # abs sum, count, max, over
-
-        def row_modes_of(mb: MicroBatch) -> torch.Tensor:
-            return torch.tensor([samples[i].mode for i in mb.indices], dtype=torch.long, device=self.device)
-
-        def behaviour(logits: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-            """The policy-before-update's log-probs of the tempered distribution the engine sampled
-            from, beside the engine's own; their gap, per mode, is a metric, and their ratio the
-            rollout correction's weight. Unknown engine log-probs: sampled_mask is 0 there."""
-            tempered = token_logprobs(logits.detach() / batch.sampling_temperature, mb.targets)
-            if mb.engine_logprobs is None or not mb.indices:
-                return tempered, torch.zeros_like(tempered)
-            found = logprob_mismatch(tempered, mb.engine_logprobs, mb.sampled_mask, row_modes_of(mb),
-                                     threshold=algo.mismatch_threshold)
-            mismatch[0] += found.abs_sum
-            mismatch[1] += found.count
-            mismatch[2] = torch.maximum(mismatch[2], found.max)
-            mismatch[3] += found.over
-            return tempered, mb.sampled_mask
-
-        def correction_of(tempered: torch.Tensor, sampled: torch.Tensor, mb: MicroBatch) -> torch.Tensor | None:
-            if algo.correction == "none" or mb.engine_logprobs is None:
-                return None
-            return rollout_correction_weights(tempered, mb.engine_logprobs, sampled, kind=algo.correction,
-                                              cap=algo.rollout_correction_cap)
-
-        def observe(logits: torch.Tensor, logprobs: torch.Tensor, mb: MicroBatch) -> None:
-            """Entropy and mode-token probability of the policy before the update."""
-            sums["entropy"] += (token_entropy(logits) * mb.response_mask).sum().double()
-            sums["padded"] += float(mb.input_ids.numel() if mb.indices else 0)
-            if mb.indices:
-                first = _first_response_logprob(logprobs, mb).exp().double()
-                for row, index in enumerate(mb.indices):
-                    mode, setting = samples[index].mode, samples[index].setting
-                    if mode >= 0:
-                        mode_prob[setting, mode, 0] += first[row]
-                        mode_prob[setting, mode, 1] += 1
-
-        single_pass = algo.ppo_epochs == 1 and algo.mini_batches == 1
-        old_start = time.perf_counter()
-        old: list[list[torch.Tensor]] = []
-        corrections: list[list[torch.Tensor | None]] = []
-        if not single_pass:
-            with torch.no_grad():
-                for plan in plans:
-                    old.append([])
-                    corrections.append([])
-                    for mb in plan:
-                        logits = forward_logits(self.engine, mb)
-                        logprobs = token_logprobs(logits, mb.targets)
-                        observe(logits, logprobs, mb)
-                        old[-1].append(logprobs)
-                        corrections[-1].append(correction_of(*behaviour(logits, mb), mb))
-        old_time = time.perf_counter() - old_start
-
-        self.engine.train()
-        lrs, grad_norms = [], []
-        skipped = 0
-        # FAULT INJECTION (tests only): rank 0's loss times NaN, so the other ranks learn of it
-        # only through the all-reduced flag.
-        poison = self.rank == 0 and self.steps["rl"] + 1 in cfg.fault_nan_loss_at_rl_steps
-        for epoch in range(algo.ppo_epochs):
-            for index, plan in enumerate(plans):
-                lrs.append(self._lr())
-                loss_finite = True
-                for position, mb in enumerate(plan):
-                    logits = forward_logits(self.engine, mb)
-                    logprobs = token_logprobs(logits, mb.targets)
-                    if single_pass:
-                        observe(logits.detach(), logprobs.detach(), mb)
-                        correction = correction_of(*behaviour(logits, mb), mb)
-                    else:
-                        correction = corrections[index][position]
-                    old_logprobs = logprobs.detach() if single_pass else old[index][position]
-                    parts = policy_loss(logprobs, old_logprobs, reference[index][position], advantages[index][position],
-                                        mb.response_mask, clip_range=algo.clip_range, kl_coef=algo.kl_coef,
-                                        denominator=max(totals[index], 1), correction=correction)
-                    if correction is not None:
-                        sums["correction"] += (correction * mb.sampled_mask).sum().double()
-                        sums["corrected"] += ((correction != 1.0).float() * mb.sampled_mask).sum().double()
-                        sums["sampled"] += mb.sampled_mask.sum().double()
-                    del logits
-                    if poison:
-                        parts.loss = parts.loss * float("nan")
-                    loss_finite &= bool(torch.isfinite(parts.loss.detach()))
-                    self._backward(parts.loss)
-                    sums["loss"] += parts.loss.detach().double()
-                    sums["pg"] += parts.pg_sum.double()
-                    sums["kl"] += parts.kl_sum.double()
-                    sums["clipped"] += parts.clipped_sum.double()
-                    sums["ratio"] += parts.ratio_sum.double()
-                    sums["tokens"] += float(mb.num_response_tokens)
-                grad_norm = self._optimizer_step(loss_finite)
-                if grad_norm is None:
-                    skipped += 1
-                else:
-                    grad_norms.append(grad_norm)
-        self.steps["rl"] += 1
-        train_time = time.perf_counter() - start - reference_time
-
-        keys = list(sums)
-        reduced = distributed.all_reduce(torch.cat([torch.stack([sums[k] for k in keys]), mode_prob.flatten(),
-                                                    mismatch[[0, 1, 3]].flatten()]))
-        values = dict(zip(keys, reduced[:len(keys)].tolist()))
-        prob_cells = mode_prob.numel()
-        per_setting = reduced[len(keys):len(keys) + prob_cells].view_as(mode_prob)
-        prob = per_setting.sum(0).tolist()
-        mismatch_sums = reduced[len(keys) + prob_cells:].view(3, 3).tolist()
-        mismatch_max = distributed.all_reduce(mismatch[2].clone(), dist.ReduceOp.MAX).tolist()
-        updates = algo.updates_per_step
-        tokens = max(values["tokens"], 1.0)
-        first_pass_tokens = float(sum(totals))
-        metrics: dict[str, float] = {
-            "loss": values["loss"] / updates,
-            "pg_loss": values["pg"] / tokens,
-            "kl": values["kl"] / tokens,
-            "clip_fraction": values["clipped"] / tokens,
-            "ratio_mean": values["ratio"] / tokens,
-            "entropy": values["entropy"] / first_pass_tokens,
-            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),  # applied updates
-            "lr": lrs[0],
-            "updates": float(updates),
-            "tokens": first_pass_tokens,
-            "padded_tokens": values["padded"],
-            "time/reference": reference_time,
-            "time/train": train_time,
-            "time/old_logprob": old_time,  # part of time/train
-            "weight_version": float(self.weight_version),
-            **self._skip_metrics(skipped),
-        }
-        # Probability the policy gives each response's mode token (forced or chosen); a
-        # metric is left out, not NaN, when no response carries that mode.
-        total_mode = prob[0][1] + prob[1][1]
-        if total_mode:
-            metrics["mode_token_prob"] = (prob[0][0] + prob[1][0]) / total_mode
-        for mode in Mode:
-            if prob[mode][1]:
-                metrics[f"mode_token_prob/{mode.name.lower()}"] = prob[mode][0] / prob[mode][1]
-            for setting, name in enumerate(EVAL_SETTINGS):  # which mode each persona setting leans to
-                total, count = per_setting[setting, mode].tolist()
-                if count:
-                    metrics[f"mode_token_prob/{name}/{mode.name.lower()}"] = total / count
-        metrics.update(_mismatch_metrics(MismatchSums(*(torch.tensor(v) for v in mismatch_sums[:2]),
-                                                      torch.tensor(mismatch_max), torch.tensor(mismatch_sums[2]))))
-        if algo.correction != "none" and values["sampled"]:
-            metrics["rollout_correction/weight_mean"] = values["correction"] / values["sampled"]
-            metrics["rollout_correction/corrected_fraction"] = values["corrected"] / values["sampled"]
-        metrics.update(batch.stats)
-        return metrics
+        """DualGRPO on this rank's shard (learner/policy_step.py: plan, reference, update, reduce)."""
+        return policy_step(self, batch)
 
     @torch.no_grad()
     def response_logprobs(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[list[float]]:
@@ -487,7 +241,7 @@ class Learner:
         found: list[list[float]] = [[] for _ in samples]
         self.engine.eval()
         for batch in self._plan(samples):
-            logprobs = token_logprobs(forward_logits(self.engine, batch), batch.targets)
+            logprobs = micro_batch_logprobs(self.engine, batch)[1]
             for row, index in enumerate(batch.indices):
                 found[index] = logprobs[row][batch.response_mask[row] > 0].tolist()
         return found
@@ -531,78 +285,13 @@ class Learner:
             publish(staging, final)
         distributed.barrier()
 
-    # ---- checkpoints --------------------------------------------------------------------
+    # ---- checkpoints (learner/checkpoint.py) ---------------------------------------------
     def save_checkpoint(self, path: str | Path, client_state: dict[str, Any],
                         reference_dir: str | Path | None = None) -> None:
-        """Model, optimizer, scheduler, step counters, RNG, the reference (in the RL stage) and
-        the caller's ``client_state`` (JSON: e.g. the data position), under ``path/learner``,
-        which appears only complete.
-
-        The reference is frozen for the whole RL stage, so with ``reference_dir`` it is written
-        there once (skipped when already complete) and the checkpoint only names it, instead of
-        a full copy of the model in every checkpoint."""
-        final = Path(path) / LEARNER_DIR
-        staging = staging_dir(final)
-        if self.rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        distributed.barrier()
-        self.engine.save_checkpoint(str(staging / "deepspeed"), tag=DS_TAG, save_latest=False)
-        fault_point("save", f"rank{self.rank}")  # tests crash a save here: written, not yet published
-        write_json(staging / f"rng_rank{self.rank}.json", rng_state())
-        reference_link = None
-        if self.reference is not None and reference_dir is not None:
-            shared = Path(reference_dir)
-            if not (shared / "config.json").is_file():  # published whole, so present means complete
-                if self.rank == 0:
-                    shutil.rmtree(staging_dir(shared), ignore_errors=True)
-                    shared.parent.mkdir(parents=True, exist_ok=True)
-                self._write_hf(self.reference, staging_dir(shared), tokenizer=False)
-                if self.rank == 0:
-                    publish(staging_dir(shared), shared)
-            reference_link = os.path.relpath(shared, final)
-        elif self.reference is not None:
-            self._write_hf(self.reference, staging / "reference", tokenizer=False)
-        distributed.barrier()
-        if self.rank == 0:
-            write_json(staging / "client_state.json", client_state)
-            write_json(staging / "learner_state.json", {
-                "stage": self.stage, "weight_version": self.weight_version, "steps": self.steps,
-                "world_size": self.world_size, "zero_stage": self.config.zero_stage, "precision": self.precision,
-                "has_reference": self.reference is not None, "reference_dir": reference_link,
-                "config": asdict(self.config), "algo": asdict(self.algo)})
-            publish(staging, final)
-        distributed.barrier()
+        save_learner(self, path, client_state, reference_dir)
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
-        """Restore what ``save_checkpoint`` wrote; returns its ``client_state``."""
-        root = Path(path) / LEARNER_DIR
-        if not root.is_dir():
-            raise FileNotFoundError(f"checkpoint {path}: no learner state ({root} is missing)")
-        state = read_json(root / "learner_state.json")
-        if (state["world_size"], state["zero_stage"]) != (self.world_size, self.config.zero_stage):
-            raise ValueError(f"checkpoint {path}: saved by {state['world_size']} ranks at ZeRO-{state['zero_stage']}, "
-                             f"this learner has {self.world_size} at ZeRO-{self.config.zero_stage}")
-        stage = state["stage"]
-        if stage is not None:
-            self._reset_optimizer(stage)
-        self.reference = None
-        if state["has_reference"]:
-            linked = state.get("reference_dir")
-            reference = (root / linked).resolve() if linked else root / "reference"
-            if not (reference / "config.json").is_file():
-                raise FileNotFoundError(f"checkpoint {path}: its reference model {reference} is missing")
-            self._build_reference(reference)
-        with weights_only_loads(self.engine):
-            self.engine.load_checkpoint(str(root / "deepspeed"), tag=DS_TAG, load_optimizer_states=True,
-                                        load_lr_scheduler_states=True)
-        self.stage = stage
-        self.weight_version = int(state["weight_version"])
-        self.steps = {key: int(value) for key, value in state["steps"].items()}
-        rng_file = root / f"rng_rank{self.rank}.json"
-        if rng_file.is_file():
-            set_rng_state(read_json(rng_file))
-        return read_json(root / "client_state.json")
+        return load_learner(self, path)
 
     def close(self) -> None:
         """Drop the engines (and the ZeRO-3 marker transformers reads)."""
@@ -610,43 +299,4 @@ class Learner:
         self.engine = None
         self._hf_ds_config = None
 
-
-def _param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
-    """Weight decay on matrices only (not norms or biases); ``decay`` marks the group."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if len(weights.full_shape(p)) >= 2]
-    rest = [p for p in params if len(weights.full_shape(p)) < 2]
-    groups = [{"params": decay, "decay": True}]
-    if rest:
-        groups.append({"params": rest, "decay": False, "weight_decay": 0.0})
-    return groups
-
-
-MISMATCH_SLOTS = ("general", "personalized", "none")
-
-
-def _mismatch_metrics(found: MismatchSums) -> dict[str, float]:
-    """mismatch/<mode>/{mean,max,over_fraction} over the engine-sampled tokens of each mode
-    (a mode without sampled tokens is left out, not NaN), and the same over all modes."""
-    metrics: dict[str, float] = {}
-    for index, name in enumerate(MISMATCH_SLOTS):
-        count = float(found.count[index])
-        if count:
-            metrics[f"mismatch/{name}/mean"] = float(found.abs_sum[index]) / count
-            metrics[f"mismatch/{name}/max"] = float(found.max[index])
-            metrics[f"mismatch/{name}/over_fraction"] = float(found.over[index]) / count
-    total = float(found.count.sum())
-    if total:
-        metrics["mismatch/mean"] = float(found.abs_sum.sum()) / total
-        metrics["mismatch/max"] = float(found.max.max())
-        metrics["mismatch/over_fraction"] = float(found.over.sum()) / total
-    return metrics
-
-
-def _first_response_logprob(logprobs: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
-    """Log-probability of each real row's first response token (the mode token)."""
-    if not batch.indices:
-        return logprobs.new_zeros(0)
-    first = batch.response_mask.argmax(dim=1)
-    return logprobs.gather(1, first.unsqueeze(1)).squeeze(1)
 

@@ -49,7 +49,7 @@ class RolloutConfig:
     enforce_eager: bool = True
     weight_transfer_backend: str = "auto"  # auto | gloo | nccl | none
     # An engine whose generation call runs longer is taken for hung: killed, replaced, resynced,
-    # and its prompts generated again with the same seeds (actors/driver.py).
+    # and its prompts generated again with the same seeds (actors/generation.py).
     generate_timeout_s: float = 1800.0
     # Every verify_every weight syncs (0: never) the engines' log-probs of their greedy answers to
     # a fixed probe batch are compared with the learner's; past verify_tolerance the run stops.

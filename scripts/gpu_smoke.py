@@ -4,7 +4,9 @@ A random-init Qwen3 of Qwen3-0.6B's shape (``personadual.tiny`` preset, ~0.44B p
 goes through forced-prefix generation on CUDA (vLLM when it imports, else the HF engine),
 exact-match rewards, a DeepSpeed ZeRO-2 bf16 DualGRPO step on CUDA with the KL reference,
 and a bucketed weight sync into the engine after every step, then checks the engine holds
-exactly the learner's weights. Each stage prints one JSON line; the last line sums up.
+exactly the learner's weights. Each RL step is the driver's own (``personadual/rl_step.py``:
+generate, score, learner step, sync), with an engine process and an in-process learner in
+place of Ray actors. Each stage prints one JSON line; the last line sums up.
 
     bash scripts/gpu_smoke.sh                     # wraps this file (and carried wheels)
     python scripts/gpu_smoke.py --steps 3 --prompts 16 --n-per-mode 4
@@ -37,6 +39,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from personadual.modes import Mode  # noqa: E402
+from personadual.rl_step import RLStep  # noqa: E402
 from personadual.tiny import PRESETS, build_tiny_model  # noqa: E402
 from personadual.weight_wire import TensorMeta, open_transfer_group, send_buckets  # noqa: E402
 from personadual.world import PersonaWorld, WorldConfig  # noqa: E402
@@ -156,15 +159,71 @@ class Sync:
         return {"seconds": time.perf_counter() - start, "bytes": float(sent)}
 
 
-# ---- the steps ------------------------------------------------------------------------------
+# ---- the pieces of one RL step (personadual/rl_step.py runs them, as the driver does) --------
+class SmokeRollouts:
+    """``RolloutSource`` over the engine process: each step's prompts drawn from ``rng``,
+    forced-prefix groups, exact-match rewards plus a personalized-mode bonus."""
+
+    def __init__(self, engine: EngineHandle, prompts: list[Any], count: int, n_per_mode: int) -> None:
+        from rewards.config import RewardConfig
+        from rewards.exact_match import ExactMatchScorer
+
+        self.engine, self.prompts, self.count, self.n_per_mode = engine, prompts, count, n_per_mode
+        self.rng = random.Random(0)
+        self.scorer = ExactMatchScorer(RewardConfig())
+
+    def start(self, step: int) -> dict[str, Any]:
+        batch = self.rng.sample(self.prompts, self.count)
+        pending = {"step": step, "sent": time.perf_counter()}
+        self.engine.send("generate", batch, forced=True, n=self.n_per_mode)
+        return pending
+
+    def wait(self, pending: dict[str, Any]) -> None:
+        if "rollouts" not in pending:
+            pending["rollouts"] = self.engine.reply()
+            pending["generated"] = time.perf_counter()
+
+    def finish(self, pending: dict[str, Any]) -> tuple[list[Any], dict[str, float], dict[str, int]]:
+        from personadual.records import Scored
+
+        self.wait(pending)
+        scored = []
+        for rollout in pending["rollouts"]:
+            reward, _detail = self.scorer.score(rollout.prompt, rollout.text)
+            # A random-init model answers nothing right, so every advantage would be 0 and no
+            # weight would move: the smoke also rewards the personalized mode, which gives
+            # the inter-mode advantage (and the beta-weighted mode token) a signal.
+            reward += float(rollout.mode is Mode.PERSONALIZED)
+            scored.append(Scored(rollout, reward, reward >= 1.0))
+        times = {"generate": pending["generated"] - pending["sent"], "score": time.perf_counter() - pending["generated"]}
+        return scored, times, {}
+
+
+class SmokeLearner:
+    """``PolicyLearner`` over the in-process learner: the policy batch built as the learner
+    group builds it, and the GPU's queue drained so the step's time is the step's."""
+
+    def __init__(self, learner: Any, algo: Any) -> None:
+        self.learner, self.algo = learner, algo
+
+    @property
+    def weight_version(self) -> int:
+        return self.learner.weight_version
+
+    def policy_step(self, scored: list[Any]) -> dict[str, Any]:
+        from learner.batch import build_policy_batch
+
+        metrics = self.learner.policy_step(build_policy_batch(scored, advantage=self.algo.advantage,
+                                                              scale=self.algo.scale))
+        if self.learner.device.type == "cuda":
+            torch.cuda.synchronize()
+        return metrics
+
+
 def rl_steps(args: argparse.Namespace, model_path: Path) -> bool:
-    from learner.batch import build_policy_batch
     from learner.config import LearnerConfig, OptimConfig
     from learner.engine import Learner
     from personadual.algo_config import AlgoConfig
-    from personadual.records import Scored
-    from rewards.config import RewardConfig
-    from rewards.exact_match import ExactMatchScorer
 
     engine_kind = "vllm" if REPORT["versions"]["vllm"] and args.device == "cuda" else "hf"
     if engine_kind == "hf" and args.device == "cuda":
@@ -196,40 +255,24 @@ def rl_steps(args: argparse.Namespace, model_path: Path) -> bool:
     emit("sync_start", seconds=round(time.perf_counter() - start, 2), transport="gloo (host-staged)",
          first_push_s=round(first["seconds"], 3), bytes=int(first["bytes"]))
 
-    prompts = PersonaWorld(WorldConfig()).train_prompts()
-    rng = random.Random(0)
-    scorer = ExactMatchScorer(RewardConfig())
     initial_sums = weight_sums(learner)
+    rollouts = SmokeRollouts(engine, PersonaWorld(WorldConfig()).train_prompts(), args.prompts, algo.n_per_mode)
+    rl_step = RLStep(rollouts, SmokeLearner(learner, algo), sync.push, max_staleness=0, total_steps=args.steps)
     for step in range(1, args.steps + 1):
-        batch_prompts = rng.sample(prompts, args.prompts)
-        t0 = time.perf_counter()
-        rollouts = engine.call("generate", batch_prompts, forced=True, n=algo.n_per_mode)
-        t1 = time.perf_counter()
-        scored = []
-        for rollout in rollouts:
-            reward, _detail = scorer.score(rollout.prompt, rollout.text)
-            # A random-init model answers nothing right, so every advantage would be 0 and no
-            # weight would move: the smoke also rewards the personalized mode, which gives
-            # the inter-mode advantage (and the beta-weighted mode token) a signal.
-            reward += float(rollout.mode is Mode.PERSONALIZED)
-            scored.append(Scored(rollout, reward, reward >= 1.0))
-        t2 = time.perf_counter()
-        metrics = learner.policy_step(build_policy_batch(scored, advantage=algo.advantage, scale=algo.scale))
-        if on_gpu:
-            torch.cuda.synchronize()
-        t3 = time.perf_counter()
-        pushed = sync.push()
+        done = rl_step(step)
         engine_version = engine.call("weight_version")
-        t4 = time.perf_counter()
-        tokens = sum(len(r.response_token_ids) for r in rollouts)
-        emit("rl_step", step=step, samples=len(rollouts), response_tokens=tokens,
+        times, metrics, scored = done.times, done.learner_metrics, done.scored
+        tokens = sum(len(s.rollout.response_token_ids) for s in scored)
+        emit("rl_step", step=step, samples=len(scored), response_tokens=tokens,
              reward_mean=round(sum(s.reward for s in scored) / len(scored), 4),
              loss=round(metrics["loss"], 5), mode_token_prob_personalized=round(
-                 metrics.get("mode_token_prob/personalized", float("nan")), 5), kl=round(metrics["kl"], 6), grad_norm=round(metrics["grad_norm"], 4),
-             generate_s=round(t1 - t0, 3), score_s=round(t2 - t1, 3), reference_s=round(metrics["time/reference"], 3),
-             train_s=round(t3 - t2, 3), sync_s=round(pushed["seconds"], 3), sync_bytes=int(pushed["bytes"]),
-             generate_tokens_per_s=round(tokens / (t1 - t0), 1), learner_version=learner.weight_version,
-             engine_version=engine_version, step_s=round(t4 - t0, 3),
+                 metrics.get("mode_token_prob/personalized", float("nan")), 5), kl=round(metrics["kl"], 6),
+             grad_norm=round(metrics["grad_norm"], 4), generate_s=round(times["generate"], 3),
+             score_s=round(times["score"], 3), reference_s=round(times["reference"], 3),
+             train_s=round(times["train"], 3), sync_s=round(done.sync["seconds"], 3),
+             sync_bytes=int(done.sync["bytes"]), generate_tokens_per_s=round(tokens / times["generate"], 1),
+             learner_version=learner.weight_version, engine_version=engine_version,
+             step_s=round(times["step"], 3),
              gpu_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None)
         if engine_version != learner.weight_version:
             raise RuntimeError(f"step {step}: engine at weight version {engine_version}, "

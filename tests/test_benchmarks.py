@@ -7,18 +7,14 @@ column names and types. Aligned personas are generated against a real HTTP serve
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import socket
-import threading
 from pathlib import Path
 from typing import Any, Iterator
 
 import datasets
 import huggingface_hub.constants
 import pytest
-from aiohttp import web
 
 from personadual.benchmarks import (SPECS, AlignedPersonaConfig, AlignedPersonaError,
                                     AlignedPersonaGenerator, BenchmarkConfig, PersonaHubConfig,
@@ -30,6 +26,7 @@ from personadual.data import DataError
 from personadual.modes import Mode
 from personadual.prompts import format_question
 from personadual.records import Prompt
+from tests.judge_server import JudgeServer, Reply
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 API_KEY = "sk-test-never-logged-4242"
@@ -272,69 +269,29 @@ def test_every_spec_has_a_loader_and_a_default_scorer() -> None:
 # ---------------------------------------------------------------- aligned personas over HTTP
 
 
-class ChatServer:
-    """A real OpenAI-compatible chat-completions endpoint on 127.0.0.1, recording requests."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.fail = False
-        self._loop = asyncio.new_event_loop()
-        self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}/v1"
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.requests.append({"authorization": request.headers.get("Authorization"), "body": body})
-        if self.fail:
-            return web.json_response({"error": {"message": "overloaded", "type": "server_error"}}, status=500)
-        question = body["messages"][-1]["content"].splitlines()[1]
-        return web.json_response({
-            "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": 0,
-            "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                "role": "assistant", "content": f'"Persona: A quiz-league veteran who knows: {question[:30]}"'}}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}})
-
-    def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._handle)
-        self._runner = web.AppRunner(app)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._setup(), self._loop).result(timeout=10)
-
-    async def _setup(self) -> None:
-        await self._runner.setup()
-        await web.SockSite(self._runner, self._socket).start()
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
+# The persona writer's reply: free text (no verdict), the same for every question.
+PERSONA_REPLY = Reply.garbage('"Persona: A quiz-league veteran who knows the answer."')
 
 
 @pytest.fixture(scope="module")
-def chat_server() -> Iterator[ChatServer]:
-    server = ChatServer()
-    server.start()
-    yield server
-    server.stop()
+def chat_server() -> Iterator[JudgeServer]:
+    with JudgeServer(PERSONA_REPLY) as server:
+        yield server
 
 
-def aligned_config(server: ChatServer, cache: Path, **overrides: Any) -> AlignedPersonaConfig:
-    return AlignedPersonaConfig(**{"base_url": server.url, "model": "persona-writer-1",
+def aligned_config(server: JudgeServer, cache: Path, **overrides: Any) -> AlignedPersonaConfig:
+    return AlignedPersonaConfig(**{"base_url": server.base_url, "model": "persona-writer-1",
                                    "api_key_env": "PD_TEST_ALIGNED_KEY", "cache_path": str(cache),
                                    "max_retries": 0, "timeout_s": 10.0, "concurrency": 2, **overrides})
 
 
 @pytest.mark.timeout(120)
 def test_aligned_personas_come_from_the_model_once_then_from_the_cache(
-        chat_server: ChatServer, cache_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        chat_server: JudgeServer, cache_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("PD_TEST_ALIGNED_KEY", API_KEY)
     caplog.set_level(logging.DEBUG)
-    chat_server.requests.clear()
+    chat_server.reset()
     cache = tmp_path / "aligned.jsonl"
     generator = AlignedPersonaGenerator(aligned_config(chat_server, cache))
     prompts = load("mmlu_pro", "mmlu_pro_test.jsonl", cache_dir, persona_settings=("none", "aligned"),
@@ -343,15 +300,15 @@ def test_aligned_personas_come_from_the_model_once_then_from_the_cache(
     assert [p.id for p in aligned] == ["mmlu_pro-70-aligned", "mmlu_pro-71-aligned", "mmlu_pro-72-aligned",
                                        "mmlu_pro-73-aligned"]
     assert generator.calls == 4 and len(chat_server.requests) == 4
-    assert {r["authorization"] for r in chat_server.requests} == {f"Bearer {API_KEY}"}
-    sent = {r["body"]["messages"][-1]["content"] for r in chat_server.requests}
+    assert {r.authorization for r in chat_server.requests} == {f"Bearer {API_KEY}"}
+    sent = {r.body["messages"][-1]["content"] for r in chat_server.requests}
     first = prompts[0]
     # The model sees the question with its options and the right answer in words.
     expected = (f"Question:\n{format_question(first.question, first.choices)}\n\n"
                 "Correct answer: Unsafe practices, Distress, Fear, Serious")
     assert expected in sent
-    assert all(r["body"]["model"] == "persona-writer-1" for r in chat_server.requests)
-    assert aligned[0].persona.startswith("A quiz-league veteran who knows:")  # quotes, "Persona:" cut
+    assert all(r.body["model"] == "persona-writer-1" for r in chat_server.requests)
+    assert aligned[0].persona == "A quiz-league veteran who knows the answer."  # quotes, "Persona:" cut
 
     entries = [json.loads(line) for line in cache.read_text().splitlines()]
     assert sorted(e["question_id"] for e in entries) == ["mmlu_pro-70", "mmlu_pro-71", "mmlu_pro-72", "mmlu_pro-73"]
@@ -372,20 +329,20 @@ def test_aligned_personas_come_from_the_model_once_then_from_the_cache(
 
 @pytest.mark.timeout(120)
 def test_aligned_persona_failures_are_one_line_and_keyless(
-        chat_server: ChatServer, cache_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        chat_server: JudgeServer, cache_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "aligned.jsonl"
     monkeypatch.delenv("PD_TEST_ALIGNED_KEY", raising=False)
     with pytest.raises(DataError, match="environment variable PD_TEST_ALIGNED_KEY is not set"):
         load("math500", "math500_test.jsonl", cache_dir, persona_settings=("aligned",),
              aligned=AlignedPersonaGenerator(aligned_config(chat_server, cache)))
     monkeypatch.setenv("PD_TEST_ALIGNED_KEY", API_KEY)
-    chat_server.fail = True
+    chat_server.reset(Reply.error(500))
     try:
         with pytest.raises(AlignedPersonaError) as error:
             load("math500", "math500_test.jsonl", cache_dir, persona_settings=("aligned",),
                  aligned=AlignedPersonaGenerator(aligned_config(chat_server, cache)))
     finally:
-        chat_server.fail = False
+        chat_server.reset(PERSONA_REPLY)
     message = str(error.value)
     assert "\n" not in message and "persona-writer-1" in message and "math500-test/" in message
     assert "(and 1 more)" in message and API_KEY not in message

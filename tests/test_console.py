@@ -54,7 +54,7 @@ def test_vllm_rotary_false_alarm_is_dropped_and_other_warnings_pass(caplog):
 
 
 def test_time_left_costs_each_stage_at_its_own_step_time_and_is_not_guessed_before():
-    from actors.step_metrics import RunClock
+    from personadual.step_metrics import RunClock
 
     clock = RunClock(sft_left=3, rl_left=2)
     first = clock.step_done("sft", 1.0)

@@ -9,8 +9,9 @@ import random
 import pytest
 
 from actors.config import load_config
-from actors.driver import COMPLETE_MARKER, DataCursor, Driver, stage_steps
-from actors.step_metrics import rollout_metrics, zero_variance_fraction
+from actors.driver import Driver
+from actors.run_state import COMPLETE_MARKER, CheckpointStore, DataCursor, stage_steps
+from personadual.step_metrics import rollout_metrics, zero_variance_fraction
 from personadual.modes import Mode
 from tests.helpers import SMOKE, make_scored
 
@@ -111,3 +112,40 @@ def test_the_latest_checkpoint_is_the_last_complete_one_rl_after_sft(tmp_path):
     _checkpoint(tmp_path, "step_11", "rl", 11, complete=False)  # cut short while saving
     _checkpoint(tmp_path, ".tmp-step_12", "rl", 12)  # a staging folder never counts
     assert driver.latest_checkpoint() == tmp_path / "checkpoints" / "step_10"
+
+
+class _WritesFolders:
+    """What CheckpointStore.save asks of a learner: write its part into the staging folder."""
+
+    def save_checkpoint(self, path, client_state, reference_dir=None) -> None:
+        (path / "learner").mkdir()
+        (path / "learner" / "client_state.json").write_text(json.dumps(client_state))
+
+    def save_hf(self, path) -> None:
+        path.mkdir()
+
+
+def test_keep_last_drops_the_oldest_rl_checkpoints_and_never_the_sft_one(tmp_path):
+    store = CheckpointStore(tmp_path, keep_last=2)
+    store.save(_WritesFolders(), "sft", 30, {"stage": "sft", "step": 30})
+    for step in (1, 2, 3):
+        store.save(_WritesFolders(), "rl", step, {"stage": "rl", "step": step})
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["sft_step_30", "step_2", "step_3"]
+    assert store.latest() == root / "step_3" and store.state(root / "step_3") == {"stage": "rl", "step": 3}
+    # A complete checkpoint is never written again (a stop right after a save saves the same step).
+    (root / "step_3" / "driver_state.json").write_text(json.dumps({"stage": "rl", "step": 3, "kept": True}))
+    store.save(_WritesFolders(), "rl", 3, {"stage": "rl", "step": 3})
+    assert store.state(root / "step_3")["kept"] is True
+
+
+def test_resuming_cuts_the_metrics_back_to_the_checkpoint_in_run_order(tmp_path):
+    records = [{"stage": "sft", "step": s} for s in (1, 2)] + [{"stage": "eval", "tag": "sft", "step": 0}]
+    records += [{"stage": "rl", "step": s} for s in (1, 2, 3)] + [{"stage": "eval", "tag": "final", "step": 3}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    store = CheckpointStore(tmp_path)
+    store.truncate_metrics("rl", 2)
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == records[:5]
+    store.truncate_metrics("sft", 1)
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == records[:1]

@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 from learner.batch import (PolicyBatch, PolicySample, SftSample, build_policy_batch, collate, micro_batch_advantages,
                            micro_batches, plan_micro_batches, shard, shard_indices)
 from learner.config import LearnerConfig, LearnerConfigError, OptimConfig
-from learner.engine import forward_logits, lr_lambda
+from learner.forward import forward_logits
+from learner.optim import lr_lambda
 from learner.losses import k3_kl, policy_loss, sft_loss, token_logprobs
 from personadual.advantage import batch_advantages
 from personadual.evaluation import EVAL_SETTINGS

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from learner.batch import PolicySample, build_policy_batch, micro_batches
 from learner.config import LearnerConfig, OptimConfig
-from learner.engine import Learner, forward_logits
+from learner.engine import Learner
+from learner.forward import forward_logits
 from learner.losses import token_logprobs
 from personadual.algo_config import AlgoConfig
 from personadual.modes import Mode

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.driver import StaleRolloutsError, check_staleness, rollout_staleness
+from personadual.staleness import StaleRolloutsError, check_staleness, rollout_staleness
 
 
 def test_staleness_counts_learner_updates_after_the_rollouts_weights():

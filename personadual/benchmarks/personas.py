@@ -25,6 +25,7 @@ import openai
 
 from personadual.benchmarks.source import load_rows, text
 from personadual.data import DataError
+from personadual.endpoint import EndpointConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +67,16 @@ class PersonaPool:
 
 
 @dataclass
-class AlignedPersonaConfig:
+class AlignedPersonaConfig(EndpointConfig):
+    """The persona writer: an endpoint (a hosted model by default, short replies), where its
+    personas are cached, and what it is asked."""
+
     base_url: str = "https://api.openai.com/v1"
     model: str = "gpt-4o-mini"
-    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the environment variable holding the key
-    cache_path: str = "data/aligned_personas.jsonl"
-    instruction: str = DEFAULT_INSTRUCTION
-    temperature: float = 0.7
     max_tokens: int = 200
     timeout_s: float = 60.0
-    max_retries: int = 3  # the openai client's own retries, with backoff, on 429/5xx/timeouts
-    concurrency: int = 8
+    cache_path: str = "data/aligned_personas.jsonl"
+    instruction: str = DEFAULT_INSTRUCTION
 
 
 @dataclass(frozen=True)

@@ -16,25 +16,16 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import openai
 
 from personadual.data import DataError
+from personadual.endpoint import EndpointConfig
 
-
-@dataclass
-class EndpointConfig:
-    base_url: str = "http://127.0.0.1:8000/v1"
-    model: str = ""  # the served model name (required when the teacher is used)
-    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable holding the key
-    temperature: float = 0.7
-    max_tokens: int = 1024
-    timeout_s: float = 120.0
-    max_retries: int = 3  # the openai client's own retries, with backoff, on 429/5xx/timeouts
-    concurrency: int = 8
+__all__ = ["CachedChat", "CallStats", "ChatRequest", "EndpointConfig", "EndpointError"]
 
 
 @dataclass(frozen=True)

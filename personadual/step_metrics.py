@@ -1,10 +1,12 @@
-"""What one step or eval reports: the RL step's rollout metrics (named as TRL and verl users
-look for them; README: Metrics), sample-table rows, the console's eval line, and the clock
-behind ``perf/elapsed_s``, ``perf/stage_eta_s`` and ``perf/eta_s``."""
+"""What one step or eval reports, as pure functions of what the step produced: the RL step's
+record (rollout metrics named as TRL and verl users look for them; README: Metrics), the SFT
+step's, sample-table rows, the console's eval line, and the clock behind ``perf/elapsed_s``,
+``perf/stage_eta_s`` and ``perf/eta_s``."""
 
 from __future__ import annotations
 
 import math
+import random
 import time
 from typing import Any, Sequence
 
@@ -76,6 +78,31 @@ def mode_prob_name(learner_key: str) -> str:
     return "/".join([*parts[:-1], f"token_prob{mode}"])
 
 
+def sft_step_record(learner_metrics: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """One SFT step's metrics record (``learner_metrics`` loses its ``time/train``)."""
+    learner_metrics.pop("time/train", None)
+    return {"stage": "sft", "sft": learner_metrics, "timing_s": {"train": seconds, "step": seconds},
+            "perf": {"train_tokens_per_s": float(learner_metrics.get("tokens", 0.0)) / max(seconds, 1e-9)}}
+
+
+def rl_step_record(scored: list[Scored], learner_metrics: dict[str, Any], times: dict[str, float], *,
+                   reward_counts: dict[str, int], sync: dict[str, float], staleness: list[int],
+                   weight_version: int) -> dict[str, Any]:
+    """One RL step's metrics record. ``times`` holds the step's phases (``generate``,
+    ``train``...) and its total ``step``; ``learner_metrics`` has lost its ``time/*`` keys."""
+    generated = sum(len(s.rollout.response_token_ids) for s in scored)
+    perf = {"tokens_per_s": generated / max(times["generate"], 1e-9),
+            "train_tokens_per_s": float(learner_metrics.get("tokens", 0.0)) / max(times["train"], 1e-9)}
+    mode_probs = {mode_prob_name(key): learner_metrics[key]
+                  for key in learner_metrics if key.startswith("mode_token_prob")}
+    return {"stage": "rl", **rollout_metrics(scored), **{f"mode/{k}": v for k, v in mode_probs.items()},
+            "reward_counts": reward_counts, "learner": learner_metrics, "sync": sync, "timing_s": times,
+            "perf": perf, "weight_version": weight_version,
+            "staleness": {"max": max(staleness, default=0),
+                          "mean": sum(staleness) / len(staleness) if staleness else 0.0,
+                          "rollout_weight_version": min((s.rollout.weight_version for s in scored), default=0)}}
+
+
 def sample_row(item: Scored) -> dict[str, Any]:
     """A sample table row: what was asked, under which persona, what came back, and its score."""
     prompt = item.rollout.prompt
@@ -85,6 +112,13 @@ def sample_row(item: Scored) -> dict[str, Any]:
             "mode": item.rollout.mode.name.lower() if item.rollout.mode is not None else "none",
             "response": item.rollout.text, "gold": " | ".join(prompt.gold), "reward": item.reward,
             "correct": item.correct}
+
+
+def training_samples(scored: list[Scored], run_seed: int, step: int, count: int) -> list[dict[str, Any]]:
+    """The sample-table rows shown for RL step ``step``: ``count`` of its rollouts, drawn by a
+    generator of their own, so which are shown changes nothing else the run draws."""
+    shown = random.Random(f"{run_seed}/samples/{step}").sample(scored, min(count, len(scored)))
+    return [{"rl_step": step, **sample_row(s)} for s in shown]
 
 
 def eval_line(tag: str, step: int, result: dict[str, Any]) -> str:
