@@ -69,8 +69,8 @@ def positions_processed(scored: list[Scored], ranks: int, micro_batch_tokens: in
     the model, over every rank's micro-batches): the same plan the learner makes."""
     batch = build_policy_batch(scored)
     return sum(int(mb.attention_mask.sum()) for rank in range(ranks)
-               for mb in micro_batches(shard(batch, rank, ranks).samples, micro_batch_tokens,
-                                       shared_prefix=shared_prefix))
+               for mb in micro_batches(shard(batch, rank, ranks, by_prompt=shared_prefix).samples,
+                                       micro_batch_tokens, shared_prefix=shared_prefix))
 
 
 def run_one(model_dir: Path, *, zero_stage: int, ranks: int, steps: int, warmup: int, batches: list[list[Scored]],

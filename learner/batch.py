@@ -130,12 +130,23 @@ def shard_indices(lengths: Sequence[int], world_size: int) -> list[list[int]]:
     return [sorted(indices) for indices in assigned]
 
 
-def shard(batch: PolicyBatch | Sequence[SftSample], rank: int, world_size: int):
-    """This rank's part of a batch (a PolicyBatch keeps the whole-batch stats)."""
+def shard(batch: PolicyBatch | Sequence[SftSample], rank: int, world_size: int, *, by_prompt: bool = False):
+    """This rank's part of a batch (a PolicyBatch keeps the whole-batch stats). ``by_prompt``
+    keeps the samples of one prompt on one rank (balanced by the positions they take packed,
+    learner/shared_prefix.py), so each prompt is computed once in the whole step."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank: expected 0 <= rank < {world_size}, got {rank}")
     samples = batch.samples if isinstance(batch, PolicyBatch) else list(batch)
-    indices = shard_indices([s.num_tokens for s in samples], world_size)[rank]
+    if by_prompt:
+        units: dict[tuple[int, ...], list[int]] = {}
+        for index, sample in enumerate(samples):
+            units.setdefault(tuple(sample.prompt_token_ids), []).append(index)
+        members = list(units.values())
+        sizes = [len(samples[m[0]].prompt_token_ids) + sum(len(samples[i].response_token_ids) for i in m)
+                 for m in members]
+        indices = sorted(i for unit in shard_indices(sizes, world_size)[rank] for i in members[unit])
+    else:
+        indices = shard_indices([s.num_tokens for s in samples], world_size)[rank]
     part = [samples[i] for i in indices]
     return replace(batch, samples=part) if isinstance(batch, PolicyBatch) else part
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from learner.batch import PolicySample, build_policy_batch, micro_batches
+from learner.batch import PolicySample, build_policy_batch, micro_batches, shard
 from learner.config import LearnerConfig, OptimConfig
 from learner.engine import Learner
 from learner.forward import forward_logits
@@ -106,6 +106,23 @@ def test_shared_prefix_log_probs_and_gradients_equal_the_unshared_forward(model,
         assert packed_positions == responses + sum(len(p) for p in distinct_prompts)
     else:
         assert responses + sum(len(p) for p in distinct_prompts) <= packed_positions < plain_positions
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_sharding_by_prompt_puts_each_prompt_on_one_rank_and_every_sample_on_exactly_one(world_size):
+    samples = random_groups(7, groups=5, per_group=4, vocab=500, repeat_prompt=True)
+    parts = [shard(samples, rank, world_size, by_prompt=True) for rank in range(world_size)]
+    assert sorted(map(id, [s for part in parts for s in part])) == sorted(map(id, samples))
+    owners: dict[tuple[int, ...], set[int]] = {}
+    for rank, part in enumerate(parts):
+        for sample in part:
+            owners.setdefault(tuple(sample.prompt_token_ids), set()).add(rank)
+    assert all(len(ranks) == 1 for ranks in owners.values())
+    assert len(owners) == 4  # five groups, two of them with the same prompt ids
+    # Samples keep batch order within a rank.
+    for part in parts:
+        positions = [next(i for i, s in enumerate(samples) if s is sample) for sample in part]
+        assert positions == sorted(positions)
 
 
 def test_a_response_never_sees_another_response_of_its_group(model):
