@@ -106,7 +106,8 @@ def run_one(model_dir: Path, *, zero_stage: int, ranks: int, steps: int, warmup:
         "step_s": statistics.median(walls),
         "reference_s": statistics.median(m["time/reference"] for m in metrics),
         "train_s": statistics.median(m["time/train"] for m in metrics),
-        "padding_fraction": 1 - sum(total_tokens) / max(sum(m["padded_tokens"] for m in metrics), 1),
+        # Of the positions the rows hold, the share that is padding.
+        "padding_fraction": 1 - sum(positions) / max(sum(m["padded_tokens"] for m in metrics), 1),
         "startup_s": startup,
         # 1-minute load average around the run: other work on shared cores skews the timings.
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
