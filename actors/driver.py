@@ -24,7 +24,7 @@ from actors.learner_group import LearnerGroup, LearnerRankDied
 from actors.placement import Placement, check_fits, cluster_shape, plan_groups
 from actors.reward_pool import RewardPool
 from actors.rollout_actor import create_rollout_actors, start_rollout_actor
-from actors.run_state import CheckpointStore, DataCursor, load_stages, prepare_run_dir, rng_state, set_rng_state
+from actors.run_state import CheckpointStore, DataCursor, load_stages, rng_state, set_rng_state
 from actors.supervision import EngineSupervisor, FaultLog, RunStopped, one_line
 from actors.weight_sync import SyncVerification, WeightSync, WeightSyncError, verify_tolerance
 from learner.batch import SftSample
@@ -37,7 +37,7 @@ from personadual.step_metrics import (RunClock, duration, eval_line, rl_step_rec
 from personadual.tracking import RunTracker, WandbSettings, read_metrics
 from rewards.judge import JudgeError
 
-__all__ = ["Driver", "prepare_run_dir"]
+__all__ = ["Driver"]
 
 log = logging.getLogger(__name__)
 SFT_LINE_EVERY = 10  # without a terminal, SFT steps (fast, many) print one line per ten

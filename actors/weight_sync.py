@@ -152,7 +152,8 @@ class WeightSync:
             raise
         self.syncs += 1
         result = {"seconds": time.perf_counter() - start, "bytes": float(stats.get("bytes", 0.0)),
-                  "version": float(version)}
+                  "version": float(version),
+                  **{key: float(stats[key]) for key in ("start_s", "transfer_s", "finish_s") if key in stats}}
         every = self.verification.every
         if every and self.verification.prompts and self.syncs % every == 0:
             probe_start = time.perf_counter()

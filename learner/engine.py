@@ -251,9 +251,11 @@ class Learner:
         """(name, dtype, full shape) of every exported tensor; no collective."""
         return weights.metadata(self.engine.module)
 
-    def full_weights(self, device: str | torch.device | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor, full, by HF name (a collective under ZeRO-3: all ranks iterate)."""
-        return weights.full_tensors(self.engine.module, self.config.bucket_bytes, device=device)
+    def full_weights(self, device: str | torch.device | None = None,
+                     copy: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, full, by HF name (a collective under ZeRO-3: all ranks iterate);
+        ``copy=False``: see ``weights.full_tensor_buckets``."""
+        return weights.full_tensors(self.engine.module, self.config.bucket_bytes, device=device, copy=copy)
 
     def export_weights(self, bucket_bytes: int | None = None, *, device: str | torch.device | None = None,
                        ) -> Iterator[list[tuple[str, torch.Tensor]]]:

@@ -19,7 +19,8 @@ from vllm.distributed.weight_transfer.base import (ParamMeta, TrainerInitInfo, T
                                                    VLLMWeightSyncClient, WeightSource)
 from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-from personadual.weight_wire import BucketBroadcastError, TensorMeta, open_transfer_group, send_buckets
+from personadual.weight_wire import (BucketBroadcastError, BucketBuffers, TensorMeta, open_transfer_group,
+                                     send_buckets)
 
 GLOO = "gloo"
 # After a bucket failed, how long (in collective timeouts, plus a margin) to wait for the
@@ -69,6 +70,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         super().__init__(client=client, source=source, is_sender=is_sender)
         self.bucket_bytes = bucket_bytes
         self.group = None
+        self.buffers = BucketBuffers()  # the flat buckets, allocated at the first update only
         self.last_round: dict[str, float] = {}
 
     @classmethod
@@ -103,6 +105,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         update_info = {"names": [m.name for m in metas], "dtype_names": [m.dtype for m in metas],
                        "shapes": [list(m.shape) for m in metas], "bucket_bytes": self.bucket_bytes}
         self.client.start_weight_update()
+        started = time.perf_counter()
         pool = ThreadPoolExecutor(max_workers=1)
         checksums: list[int | None] = []
         try:
@@ -114,11 +117,13 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
 
             try:
                 sent_bytes = send_buckets(self.group, metas, _checked(source, metas), self.bucket_bytes,
-                                          before_each=surface_worker_failure, checksums=checksums)
+                                          before_each=surface_worker_failure, checksums=checksums,
+                                          buffers=self.buffers)
             except BucketBroadcastError as error:
                 grace = BLAME_TIMEOUTS * getattr(self.client, "timeout_s", 0.0) + BLAME_MARGIN_S
                 raise _blame(error, future, grace) from error
             future.result()
+            transferred = time.perf_counter()
         finally:
             # Never join a worker RPC stuck in a broken collective: let the error out.
             pool.shutdown(wait=False)
@@ -129,8 +134,12 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             finish(checksums=checksums)
         else:
             finish()
-        self.last_round = {"seconds": time.perf_counter() - start, "bytes": float(sent_bytes),
-                           "buckets": float(len(checksums))}
+        end = time.perf_counter()
+        # Where a round goes: the engines' start (vLLM readies its reload), the buckets on the
+        # wire and loaded, and the finish (the engines' post-load processing and checks).
+        self.last_round = {"seconds": end - start, "bytes": float(sent_bytes), "buckets": float(len(checksums)),
+                           "start_s": started - start, "transfer_s": transferred - started,
+                           "finish_s": end - transferred}
 
     def shutdown(self) -> None:
         self.group = None
@@ -156,7 +165,7 @@ def _checked(source: WeightSource, metas: list[TensorMeta]) -> Iterator[torch.Te
             expected = metas[count].name if count < len(metas) else "nothing"
             raise ValueError(f"weight update: source yielded {name!r} where metadata declared {expected!r}")
         count += 1
-        yield tensor.detach().to("cpu", metas[count - 1].torch_dtype)
+        yield tensor.detach().to("cpu", metas[count - 1].torch_dtype)  # no copy when already so
     if count != len(metas):
         raise ValueError(f"weight update: source yielded {count} tensors, metadata declared {len(metas)}")
 
@@ -178,7 +187,9 @@ def make_weight_sender(learner: Any, *, rank: int, backend: str, master_address:
     """The trainer engine for ``backend`` over this rank's learner: rank 0 sends, the
     others join the gathers. "gloo" on CPU, vLLM's "nccl" on GPU; same handshake."""
     device = "cpu" if backend == GLOO else None  # gloo sends host memory; NCCL sends from the GPU
-    source = LearnerWeightSource(learner.weight_metadata, lambda: learner.full_weights(device=device))
+    # copy=False: every tensor is packed into its bucket before the next one is read, so
+    # the learner's own (unpartitioned) tensors need no copy of their own on the way.
+    source = LearnerWeightSource(learner.weight_metadata, lambda: learner.full_weights(device=device, copy=False))
     if backend == GLOO:
         info: TrainerInitInfo = GlooTrainerInitInfo(rank=rank, master_address=master_address,
                                                     master_port=master_port, world_size=world_size,

@@ -37,23 +37,25 @@ def metadata(module: nn.Module) -> list[tuple[str, torch.dtype, tuple[int, ...]]
     return [(name, tensor.dtype, full_shape(tensor)) for name, tensor in named_tensors(module)]
 
 
-def full_tensor_buckets(module: nn.Module, bucket_bytes: int, *,
-                        device: torch.device | str | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def full_tensor_buckets(module: nn.Module, bucket_bytes: int, *, device: torch.device | str | None = None,
+                        copy: bool = True) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Buckets of (name, full tensor copy); each bucket's partitioned parameters are gathered
-    together (one collective per bucket, not per parameter) and released before it is yielded."""
+    together (one collective per bucket, not per parameter) and released before it is yielded.
+    ``copy=False`` hands out an unpartitioned tensor already on ``device`` as is (a detached
+    view of the live parameter): only for a consumer done with it before the next update."""
     tensors = named_tensors(module)
     metas = [TensorMeta(name, str(t.dtype).removeprefix("torch."), full_shape(t)) for name, t in tensors]
     for bucket in plan_buckets(metas, bucket_bytes):
         members = [tensors[i] for i in bucket]
         unique: dict[int, torch.Tensor] = {id(t): t for _, t in members if is_partitioned(t)}
         with deepspeed.zero.GatheredParameters(list(unique.values()), modifier_rank=None, enabled=bool(unique)):
-            out = [(name, _copy(tensor, device)) for name, tensor in members]
+            out = [(name, _copy(tensor, device, always=copy)) for name, tensor in members]
         yield out
 
 
-def full_tensors(module: nn.Module, bucket_bytes: int, *,
-                 device: torch.device | str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    for bucket in full_tensor_buckets(module, bucket_bytes, device=device):
+def full_tensors(module: nn.Module, bucket_bytes: int, *, device: torch.device | str | None = None,
+                 copy: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    for bucket in full_tensor_buckets(module, bucket_bytes, device=device, copy=copy):
         yield from bucket
 
 
@@ -70,8 +72,9 @@ def copy_weights(source: nn.Module, target: nn.Module, bucket_bytes: int) -> Non
                     targets[name].data.copy_(tensor.to(targets[name].device, targets[name].dtype))
 
 
-def _copy(tensor: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+def _copy(tensor: torch.Tensor, device: torch.device | str | None, *, always: bool = True) -> torch.Tensor:
     detached = tensor.detach()
     if math.prod(detached.shape) == 0 and is_partitioned(tensor):
         raise RuntimeError("weight export: a partitioned parameter was not gathered")
-    return detached.to(device or detached.device, copy=True)
+    # A gathered partition is released when its bucket is done: that one is always copied.
+    return detached.to(device or detached.device, copy=always or is_partitioned(tensor))

@@ -53,6 +53,11 @@ PRESETS: dict[str, TinyModelConfig] = {
     "small20m": TinyModelConfig(hidden_size=384, intermediate_size=1152, num_hidden_layers=8,
                                 num_attention_heads=6, num_key_value_heads=2, head_dim=64,
                                 max_position_embeddings=1024),
+    # 26.2M parameters (8 layers, hidden 512, 8/4 heads of 64): the step benchmarks' larger
+    # model (bench/step.py, bench/peer_trl.py), big enough that the learner dominates a step.
+    "small26m": TinyModelConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                                num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                                max_position_embeddings=1024),
     # Qwen3-0.6B's shape (28 layers, hidden 1024, 16/8 heads of 128) with the small
     # tokenizer, so ~0.44B parameters: the GPU smoke test's model (scripts/gpu_smoke.sh).
     "qwen3_0.6b_shape": TinyModelConfig(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from personadual.modes import Mode
 from personadual.records import Prompt, Rollout
 from personadual.seeds import derive_seed
-from personadual.weight_wire import ReceivedUpdate, TensorMeta, open_transfer_group, receive_buckets
+from personadual.weight_wire import BucketBuffers, ReceivedUpdate, TensorMeta, open_transfer_group, receive_buckets
 from rollout.config import RolloutConfig
 from rollout.engine import check_received, parse_version
 from rollout.requests import GenerationRequest, PromptCodec, Sample
@@ -53,6 +53,7 @@ class HfEngine:
         self._group = None
         self._updating = False
         self._received = ReceivedUpdate()
+        self._buffers = BucketBuffers()  # reused by every update
         self.last_receive_s = 0.0
 
     # ---- generation ---------------------------------------------------------------------
@@ -179,7 +180,7 @@ class HfEngine:
         metas = [TensorMeta(n, d, tuple(s)) for n, d, s in zip(info["names"], info["dtype_names"], info["shapes"])]
         check_names((m.name for m in metas), set(self._parameters), aliases=self._aliases)
         start = time.perf_counter()
-        for named in receive_buckets(self._group, metas, int(info["bucket_bytes"]), self._received):
+        for named in receive_buckets(self._group, metas, int(info["bucket_bytes"]), self._received, self._buffers):
             self._copy_in(named)
         self.last_receive_s = time.perf_counter() - start
 

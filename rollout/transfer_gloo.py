@@ -22,7 +22,7 @@ from vllm.distributed.weight_transfer.base import (WeightTransferEngine, WeightT
                                                    WeightTransferUpdateInfo)
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-from personadual.weight_wire import ReceivedUpdate, TensorMeta, open_transfer_group, receive_buckets
+from personadual.weight_wire import BucketBuffers, ReceivedUpdate, TensorMeta, open_transfer_group, receive_buckets
 from rollout.lm_head import repack_cpu_lm_head
 
 BACKEND = "gloo"
@@ -60,6 +60,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         self.group: dist.ProcessGroupGloo | None = None
         self.last_receive_s = 0.0
         self.received = ReceivedUpdate()  # checked against the sender's checksums at the finish
+        self.buffers = BucketBuffers()  # received into by every update after the first allocates them
 
     def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
         parallel = self.parallel_config
@@ -84,7 +85,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
             raise RuntimeError("gloo weight transfer: init_transfer_engine was not called")
         start = time.perf_counter()
         metas = update_info.metas
-        for named in receive_buckets(self.group, metas, update_info.bucket_bytes, self.received):
+        for named in receive_buckets(self.group, metas, update_info.bucket_bytes, self.received, self.buffers):
             self.model.load_weights(named)
         self.last_receive_s = time.perf_counter() - start
 

@@ -3,14 +3,13 @@ required, and a run without it exits 2 naming it before anything starts."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from actors.config import ConfigError, load_config
+from tests.helpers import run_launch
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_CONFIGS = ("qwen3_8b_sft", "qwen3_8b_dualgrpo", "qwen3_8b_eval",
@@ -19,8 +18,7 @@ RUN_CONFIGS = ("qwen3_8b_sft", "qwen3_8b_dualgrpo", "qwen3_8b_eval",
 
 @pytest.mark.parametrize("name", RUN_CONFIGS)
 def test_a_config_without_model_path_exits_2_naming_it(name, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--config", str(ROOT / f"configs/{name}.yaml"),
-                             f"run.out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_launch("--config", str(ROOT / f"configs/{name}.yaml"), f"run.out_dir={tmp_path}", timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: model.path: required"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -18,6 +18,7 @@ from personadual.modes import MODE_TOKENS, mode_token_ids
 from personadual.prepare.model import prepare_model
 from personadual.tiny import CHAT_TEMPLATE, END_OF_TEXT, TURN_END, TURN_START
 from personadual.world import PersonaWorld, WorldConfig
+from tests.helpers import SMOKE, run_launch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,11 +144,9 @@ def test_bad_arguments_exit_2_with_one_line_naming_the_flag(case, prepared, tmp_
 @pytest.mark.timeout(900)
 def test_prepared_model_trains_sft_and_vllm_then_generates_a_mode_token_first(prepared, tmp_path):
     out, _ = prepared
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), "--config", str(ROOT / "configs/smoke.yaml"),
-         f"model.path={out}", "algo.steps=0", "sft.steps=40", "eval.baselines=false",
-         "eval.two_turn_cases=0", "rollout.engine=vllm", f"run.out_dir={tmp_path}", "run.name=prepared"],
-        cwd=ROOT, capture_output=True, text=True, timeout=880)
+    result = run_launch("--config", str(SMOKE), f"model.path={out}", "algo.steps=0", "sft.steps=40",
+                        "eval.baselines=false", "eval.two_turn_cases=0", "rollout.engine=vllm",
+                        f"run.out_dir={tmp_path}", "run.name=prepared", timeout=880)
     assert result.returncode == 0, result.stderr[-4000:]
     run_dir = tmp_path / "prepared"
     summary = json.loads((run_dir / "summary.json").read_text())

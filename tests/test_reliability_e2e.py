@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import pytest
 
 from learner.checkpoint import load_torch_file
 from personadual.world import PersonaWorld, WorldConfig
+from tests.helpers import SMOKE, run_launch
 from tests.judge_server import FaultSchedule, JudgeServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,11 +35,6 @@ RUN_OVERRIDES = ["sft.steps=0", "algo.steps=2", "algo.prompts_per_step=4", "algo
 INVALID_ROWS = [b"{not json", b'{"id": "broken", "question": 5}']
 
 pytestmark = [pytest.mark.slow]
-
-
-def _launch(args: list[str], env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def _write_data(folder: Path) -> tuple[Path, Path]:
@@ -83,13 +77,13 @@ def judge_run(request, tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     try:
         with JudgeServer(faults=schedule) as server:
-            result = _launch(["--config", str(ROOT / "configs/smoke.yaml"), *RUN_OVERRIDES,
-                              f"data.train_files=[{train}]", f"data.eval_files=[{evals}]",
-                              f"run.out_dir={folder}", "run.name=run", f"reward.judge.base_url={server.base_url}",
-                              "reward.judge.model=judge-test", f"reward.judge.api_key_env={KEY_ENV}",
-                              "reward.judge.timeout_s=3", f"reward.judge.max_retries={MAX_RETRIES}",
-                              "reward.judge.backoff_initial_s=0.05", "reward.judge.backoff_max_s=0.2",
-                              f"reward.judge.failure_policy={policy}"], env)
+            result = run_launch("--config", str(SMOKE), *RUN_OVERRIDES,
+                                f"data.train_files=[{train}]", f"data.eval_files=[{evals}]",
+                                f"run.out_dir={folder}", "run.name=run", f"reward.judge.base_url={server.base_url}",
+                                "reward.judge.model=judge-test", f"reward.judge.api_key_env={KEY_ENV}",
+                                "reward.judge.timeout_s=3", f"reward.judge.max_retries={MAX_RETRIES}",
+                                "reward.judge.backoff_initial_s=0.05", "reward.judge.backoff_max_s=0.2",
+                                f"reward.judge.failure_policy={policy}", env=env)
             authorizations = {r.authorization for r in server.requests}
             requests = len(server.requests)
         ray_files = [p for p in ray_tmp.rglob("*") if p.is_file() and not p.is_symlink()]
@@ -163,9 +157,9 @@ def test_consecutive_nonfinite_updates_stop_the_run_with_a_checkpoint(tmp_path):
     and counted; the third in a row stops the run at step 4, exit 3, one line naming the key,
     and step 4's checkpoint holds the weights of step 1, the last good update."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    result = _launch(["--config", str(ROOT / "configs/smoke.yaml"), "sft.steps=0", "algo.steps=6",
-                      "run.save_every=1", "learner.fault_nan_loss_at_rl_steps=[2,3,4]",
-                      "learner.max_consecutive_nonfinite=3", f"run.out_dir={tmp_path}", "run.name=nan"], env)
+    result = run_launch("--config", str(SMOKE), "sft.steps=0", "algo.steps=6",
+                        "run.save_every=1", "learner.fault_nan_loss_at_rl_steps=[2,3,4]",
+                        "learner.max_consecutive_nonfinite=3", f"run.out_dir={tmp_path}", "run.name=nan", env=env)
     assert result.returncode == 3, result.stderr[-4000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: run stopped: rl step 4: 3 updates in a row") and \

@@ -21,3 +21,54 @@ def test_bucket_plan_respects_the_size_and_keeps_order():
     for bucket in buckets:
         assert bucket_nbytes(metas, bucket) <= 80 or len(bucket) == 1
     assert [4] in buckets  # 400 bytes: larger than a bucket, travels alone
+
+
+def _two_rank_groups():
+    """Rank 0 and rank 1 of one gloo transfer group, both in this process (one thread each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from personadual.weight_wire import open_transfer_group
+    from tests.helpers import free_port
+
+    port = free_port()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        groups = [pool.submit(open_transfer_group, "127.0.0.1", port, rank, 2, 30.0) for rank in (0, 1)]
+        return [group.result() for group in groups]
+
+
+def test_updates_through_reused_bucket_buffers_arrive_intact_with_matching_checksums_each_time():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from personadual.weight_wire import BucketBuffers, ReceivedUpdate, receive_buckets, send_buckets
+
+    sender_group, receiver_group = _two_rank_groups()
+    shapes = {"embed": (50, 8), "norm": (8,), "proj": (8, 24), "head": (50, 8)}
+    metas = [TensorMeta(name, "float32", shape) for name, shape in shapes.items()]
+    send_buffers, receive_buffers, record = BucketBuffers(), BucketBuffers(), ReceivedUpdate()
+    for update in range(2):
+        torch.manual_seed(update)
+        tensors = {name: torch.randn(shape) for name, shape in shapes.items()}
+        sent_checksums: list[int | None] = []
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            received = pool.submit(lambda: {name: tensor.clone() for bucket in receive_buckets(
+                receiver_group, metas, 1024, record, receive_buffers) for name, tensor in bucket})
+            sent = send_buckets(sender_group, metas, iter(tensors.values()), 1024, checksums=sent_checksums,
+                                buffers=send_buffers)
+            arrived = received.result(timeout=30)
+        assert sent == sum(m.nbytes for m in metas)
+        assert len(sent_checksums) == len(plan_buckets(metas, 1024)) > 1
+        assert record.mismatch(sent_checksums) is None
+        for name, tensor in tensors.items():
+            assert torch.equal(arrived[name], tensor), (update, name)
+        if update == 0:
+            first_buffers = [buffer.data_ptr() for _, buffer in receive_buffers.plan(metas, 1024)]
+    assert [buffer.data_ptr() for _, buffer in receive_buffers.plan(metas, 1024)] == first_buffers
+
+
+def test_a_flipped_byte_changes_a_buckets_checksum():
+    from personadual.weight_wire import bucket_checksum
+
+    bucket = torch.randint(0, 256, (4096,), dtype=torch.uint8)
+    flipped = bucket.clone()
+    flipped[2048] ^= 1
+    assert bucket_checksum(bucket) == bucket_checksum(bucket.clone()) != bucket_checksum(flipped)
