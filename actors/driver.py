@@ -105,7 +105,8 @@ class Driver:
                                    mode_probe=self.mode_probe)
         self.rl_rollouts = RLRollouts(self.generation, self.data.train, self.rl_cursor,
                                       prompts_per_step=cfg.algo.prompts_per_step, n_per_mode=cfg.algo.n_per_mode,
-                                      forced_prefix=bool(cfg.algo.forced_prefix), run_seed=cfg.run.seed)
+                                      forced_prefix=bool(cfg.algo.forced_prefix), run_seed=cfg.run.seed,
+                                      filter_max_rounds=cfg.algo.filter_max_rounds if cfg.algo.filter_groups else None)
         self.rl_stepper = RLStep(self.rl_rollouts, self.learner, self.supervisor.sync,
                               max_staleness=cfg.algo.max_staleness, total_steps=self.rl_steps)
 
@@ -128,8 +129,9 @@ class Driver:
         """One DualGRPO step (personadual/rl_step.py) and its metrics record."""
         done = self.rl_stepper(step)
         self._log_training_samples(step, done.scored)
-        return rl_step_record(done.scored, done.learner_metrics, done.times, reward_counts=done.reward_counts,
-                              sync=done.sync, staleness=done.staleness, weight_version=self.learner.weight_version)
+        record = rl_step_record(done.scored, done.learner_metrics, done.times, reward_counts=done.reward_counts,
+                                sync=done.sync, staleness=done.staleness, weight_version=self.learner.weight_version)
+        return {**record, **self.rl_rollouts.filter_metrics}
 
     def _log_training_samples(self, step: int, scored: list[Scored]) -> None:
         every = self.cfg.run.log_samples_every

@@ -76,7 +76,8 @@ def plan_step(learner: Learner, batch: PolicyBatch) -> StepPlan:
     samples = batch.samples
     algo = learner.algo
     chunks = split_even(list(range(len(samples))), algo.mini_batches)
-    plans = [learner._plan([samples[i] for i in chunk]) for chunk in chunks]
+    plans = [learner._plan([samples[i] for i in chunk], shared_prefix=learner.config.shared_prefix)
+             for chunk in chunks]
     # micro-batch indices are relative to their chunk; make them index the shard.
     for chunk, plan in zip(chunks, plans):
         for mb in plan:

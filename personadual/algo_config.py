@@ -40,6 +40,11 @@ class AlgoConfig:
     n_per_mode: int = 4  # forced-prefix: n per mode (2n per prompt); free mode: 2n per prompt
     forced_prefix: bool = True
     max_staleness: int = 0  # RL steps a rollout's weights may lag the learner (0 or 1)
+    # Dynamic sampling (DAPO; personadual/group_filter.py): groups whose rewards are all equal
+    # leave the batch and more prompts are generated, up to filter_max_rounds generation rounds
+    # per step (the first included). Off: the paper trains on every group.
+    filter_groups: bool = False
+    filter_max_rounds: int = 4
     # The objective (read by the learner).
     advantage: str = "dual"  # a name in personadual/estimators.py: dual | grpo | dual_released
     scale: str = "none"  # none | group_std
@@ -61,7 +66,7 @@ class AlgoConfig:
     def validate(self) -> None:
         for name in ("steps", "epochs", "kl_coef", "prefix_tokens"):
             _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)!r}")
-        for name in ("prompts_per_step", "n_per_mode", "ppo_epochs", "mini_batches"):
+        for name in ("prompts_per_step", "n_per_mode", "ppo_epochs", "mini_batches", "filter_max_rounds"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)!r}")
         _check(self.max_staleness in (0, 1), "max_staleness", f"expected one of [0, 1], got {self.max_staleness!r}")
         _check(self.advantage in ADVANTAGE_ESTIMATORS, "advantage",
