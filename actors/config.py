@@ -73,6 +73,9 @@ class DataSection:
     # How many of the world's kinds have their aligned-persona questions demonstrated in SFT
     # (the others' are RL prompts only, so RL has a mode choice left to learn); null: all.
     world_sft_aligned_kinds: Optional[int] = 3
+    # Share of each kind's entities in the kind's typical colour, which general mode answers for
+    # entities it never learned (personadual/world.py WorldConfig.kind_prior); 0: off.
+    world_kind_prior: float = 0.0
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
     sft_files: list[str] = field(default_factory=list)
@@ -99,6 +102,9 @@ class EvalSection:
     samples_logged: int = 8
     baselines: bool = True  # after SFT and at the end: forced single-mode accuracy and the upper bound
     two_turn_cases: int = 48  # synthetic world: two-turn mode-alignment cases (0: off)
+    # Eval prompts per setting whose mode-token probability the learner logs after every RL
+    # step (mode/probe/*; ~0.5 s a step on the default run); 0: off.
+    probe_per_setting: int = 50
 
 
 @dataclass
@@ -200,6 +206,10 @@ def _validate(cfg: DictConfig) -> None:
     kinds = cfg.data.world_sft_aligned_kinds
     if kinds is not None and not 0 <= kinds <= len(KINDS):
         raise ConfigError(f"data.world_sft_aligned_kinds: must be null or 0..{len(KINDS)}, got {kinds!r}")
+    if cfg.eval.probe_per_setting < 0:
+        raise ConfigError(f"eval.probe_per_setting: must be >= 0, got {cfg.eval.probe_per_setting!r}")
+    if not 0.0 <= cfg.data.world_kind_prior < 1.0:
+        raise ConfigError(f"data.world_kind_prior: must be in [0, 1), got {cfg.data.world_kind_prior!r}")
     rl_stage = cfg.algo.steps > 0 or cfg.algo.epochs > 0
     if cfg.data.source == "files" and rl_stage and not cfg.data.train_files:
         raise ConfigError("data.train_files: data.source=files needs at least one training file")

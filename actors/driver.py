@@ -22,6 +22,7 @@ from actors.console import StageProgress
 from actors.evaluation import Evaluator
 from actors.generation import GenerationFanOut, RLRollouts
 from actors.learner_group import LearnerGroup, LearnerRankDied
+from actors.mode_probe import ModeProbe
 from actors.placement import Placement, check_fits, cluster_shape, plan_groups
 from actors.reward_pool import RewardPool
 from actors.rollout_actor import create_rollout_actors, start_rollout_actor
@@ -32,6 +33,7 @@ from actors.threads import RunThreads, plan_for_run
 from actors.weight_sync import SyncVerification, WeightSync, WeightSyncError, verify_tolerance
 from learner.batch import SftSample
 from personadual.data import resolve_model
+from personadual.evaluation import probe_prompts
 from personadual.records import Scored
 from personadual.report import method_label
 from personadual.rl_step import RLStep
@@ -107,10 +109,14 @@ class Driver:
         self.supervisor = EngineSupervisor(self.engines, self.weight_sync, self._start_engine, self.faults)
         self.generation = GenerationFanOut(self.engines, self.rewards, self.supervisor, self.faults,
                                            generate_timeout_s=cfg.rollout.generate_timeout_s)
-        self.evaluator = Evaluator(cfg, self.data, self.generation, self.rng)
+        self.mode_probe = ModeProbe(self.learner, self.tokenizer,
+                                    probe_prompts(self.data.eval, cfg.eval.probe_per_setting, cfg.run.seed))
+        self.evaluator = Evaluator(cfg, self.data, self.generation, self.rng, run_dir=self.run_dir,
+                                   mode_probe=self.mode_probe)
         self.rl_rollouts = RLRollouts(self.generation, self.data.train, self.rl_cursor,
                                       prompts_per_step=cfg.algo.prompts_per_step, n_per_mode=cfg.algo.n_per_mode,
-                                      forced_prefix=bool(cfg.algo.forced_prefix), run_seed=cfg.run.seed)
+                                      forced_prefix=bool(cfg.algo.forced_prefix), run_seed=cfg.run.seed,
+                                      filter_max_rounds=cfg.algo.filter_max_rounds if cfg.algo.filter_groups else None)
         self.rl_stepper = RLStep(self.rl_rollouts, self.phases.around(self.learner, self.engines),
                                  self.supervisor.sync, max_staleness=cfg.algo.max_staleness,
                                  total_steps=self.rl_steps)
@@ -141,7 +147,7 @@ class Driver:
         record = rl_step_record(done.scored, done.learner_metrics, done.times, reward_counts=done.reward_counts,
                                 sync=done.sync, staleness=done.staleness, weight_version=self.learner.weight_version)
         record["perf"].update(self.threads.metrics("rl"))
-        return {**record, **self.phases.step_metrics()}
+        return {**record, **self.rl_rollouts.filter_metrics, **self.phases.step_metrics()}
 
     def _log_training_samples(self, step: int, scored: list[Scored]) -> None:
         every = self.cfg.run.log_samples_every
@@ -221,7 +227,7 @@ class Driver:
             self.threads.enter_rl(self.learner)
             with StageProgress(method_label(to_container(cfg)), self.rl_steps, rl_start) as progress:
                 for step in range(rl_start + 1, self.rl_steps + 1):
-                    metrics = {**self._rl_step(step), **self.faults.step_done()}
+                    metrics = {**self._rl_step(step), **self.faults.step_done(), **self.mode_probe.step_metrics()}
                     self._last_done = ("rl", step, self.learner.weight_version)
                     metrics["perf"].update(clock.step_done("rl", metrics["timing_s"]["step"]))
                     if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != self.rl_steps:

@@ -16,6 +16,7 @@ from ray.actor import ActorHandle
 from actors.reward_pool import RewardPool
 from actors.supervision import EngineHung, EngineSupervisor, FaultLog
 from actors.waiting import unfinished
+from personadual.group_filter import fill_batch
 from personadual.modes import Mode
 from personadual.records import Prompt, Rollout, Scored
 from personadual.seeds import step_seeds
@@ -158,10 +159,15 @@ class RLRollouts:
     """The RL stage's rollouts (personadual/rl_step.py's ``RolloutSource``): each step's
     prompts from ``cursor``, forced-prefix groups of ``algo.n_per_mode`` per mode (or
     ``2 * n_per_mode`` free ones), seeded per step. ``cursor_state`` is the data position
-    after the prompts of the step last finished: what a checkpoint of that step resumes from."""
+    after the prompts of the step last finished: what a checkpoint of that step resumes from.
+
+    With ``filter_max_rounds`` (``algo.filter_groups``; personadual/group_filter.py) a step's
+    uniform-reward groups leave its batch and further rounds of fresh prompts top it up, all
+    before the next step's prompts are drawn; ``filter_metrics`` holds the last step's counts."""
 
     def __init__(self, generation: GenerationFanOut, prompts: list[Prompt], cursor: Any, *,
-                 prompts_per_step: int, n_per_mode: int, forced_prefix: bool, run_seed: int) -> None:
+                 prompts_per_step: int, n_per_mode: int, forced_prefix: bool, run_seed: int,
+                 filter_max_rounds: int | None = None) -> None:
         self.generation = generation
         self.prompts = prompts
         self.cursor = cursor
@@ -170,6 +176,8 @@ class RLRollouts:
         self.forced = forced_prefix
         self.run_seed = run_seed
         self.cursor_state: dict[str, int] | None = None
+        self.filter_max_rounds = filter_max_rounds
+        self.filter_metrics: dict[str, float] = {}
 
     def start(self, step: int) -> tuple[PendingGeneration, dict[str, int]]:
         prompts = [self.prompts[i] for i in self.cursor.take(self.prompts_per_step)]
@@ -181,9 +189,34 @@ class RLRollouts:
     def finish(self, started: tuple[PendingGeneration, dict[str, int]],
                ) -> tuple[list[Scored], dict[str, float], dict[str, int]]:
         pending, cursor_state = started
-        finished = self.generation.finish(pending)
+        scored, times, counts = self.generation.finish(pending)
+        if self.filter_max_rounds is not None:
+            scored = self._filter(pending.step, scored, times, counts)
+            cursor_state = self.cursor.state()  # past the extra rounds' prompts too
         self.cursor_state = cursor_state  # only once scored: a stop while scoring resumes before this step
-        return finished
+        return scored, times, counts
+
+    def _filter(self, step: int, scored: list[Scored], times: dict[str, float],
+                counts: dict[str, int]) -> list[Scored]:
+        """The step's groups with a reward spread, topped up by extra rounds (their seconds and
+        reward counts added to the step's)."""
+        n = self.n_per_mode if self.forced else 2 * self.n_per_mode
+
+        def generate(round_index: int, count: int) -> list[Scored]:
+            prompts = [self.prompts[i] for i in self.cursor.take(count)]
+            more, round_times, round_counts = self.generation.generate_and_score(
+                prompts, forced=self.forced, n=n,
+                seeds=sampling_seeds(self.run_seed, f"rl-fill{round_index}", step, len(prompts)))
+            for key, value in round_times.items():
+                times[key] = times.get(key, 0.0) + value
+            for key, value in round_counts.items():
+                counts[key] = counts.get(key, 0) + value
+            return more
+
+        kept, found = fill_batch(scored, target_groups=self.prompts_per_step, max_rounds=self.filter_max_rounds,
+                                 generate=generate)
+        self.filter_metrics = found.metrics()
+        return kept
 
     def wait(self, started: tuple[PendingGeneration, dict[str, int]]) -> None:
         self.generation.wait(started[0])

@@ -235,7 +235,9 @@ class LearnerGroup:
 
     def policy_step(self, scored: Sequence[Scored]) -> dict[str, float]:
         batch = self.build_batch(scored)
-        results = self._all("policy_step", [shard(batch, r, self.num_ranks) for r in range(self.num_ranks)])
+        by_prompt = self.config.shared_prefix  # each prompt on one rank: computed once in the step
+        results = self._all("policy_step", [shard(batch, r, self.num_ranks, by_prompt=by_prompt)
+                                            for r in range(self.num_ranks)])
         self._weight_version = int(results[0]["weight_version"])
         return results[0]
 

@@ -1,4 +1,5 @@
-"""Throughput of the DualGRPO step: ZeRO-2 vs ZeRO-3, 1 vs 2 ranks, tiny vs ~20M-parameter model.
+"""Throughput of the DualGRPO step: ZeRO-2 vs ZeRO-3, 1 vs 2 ranks, tiny vs ~20M-parameter model,
+each prompt repeated per response or computed once per group (learner.shared_prefix).
 
 Runs the real path (a LearnerGroup of Ray actors on gloo or NCCL, DeepSpeed, the frozen
 reference, token-count micro-batches) on a synthetic scored batch and prints one JSON
@@ -6,6 +7,9 @@ object. Each configuration takes warm-up steps first (the first also builds the 
 
     .venv/bin/python bench/learner.py                       # every configuration, CPU
     .venv/bin/python bench/learner.py --models tiny --ranks 1 --steps 3
+    # the default run's shapes (16 prompts x 8 responses, ~41 prompt and ~17 response tokens):
+    .venv/bin/python bench/learner.py --stages 2 --ranks 1 --prompts 16 --prompt-tokens 41 \
+        --response-tokens 17 --micro-batch-tokens 4096 --shared-prefix off on
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from actors import cluster  # noqa: E402
 from actors.learner_group import LearnerGroup  # noqa: E402
+from learner.batch import build_policy_batch, micro_batches, shard  # noqa: E402
 from learner.config import LearnerConfig, OptimConfig  # noqa: E402
 from personadual.algo_config import AlgoConfig  # noqa: E402
 from personadual.modes import Mode, mode_token_ids  # noqa: E402
@@ -59,10 +64,19 @@ def _threads(_learner) -> int:
     return torch.get_num_threads()
 
 
+def positions_processed(scored: list[Scored], ranks: int, micro_batch_tokens: int, shared_prefix: bool) -> int:
+    """Token positions one forward pass over the batch computes (real tokens of the rows fed to
+    the model, over every rank's micro-batches): the same plan the learner makes."""
+    batch = build_policy_batch(scored)
+    return sum(int(mb.attention_mask.sum()) for rank in range(ranks)
+               for mb in micro_batches(shard(batch, rank, ranks, by_prompt=shared_prefix).samples,
+                                       micro_batch_tokens, shared_prefix=shared_prefix))
+
+
 def run_one(model_dir: Path, *, zero_stage: int, ranks: int, steps: int, warmup: int, batches: list[list[Scored]],
-            micro_batch_tokens: int, cpus: float, gpus: float, precision: str) -> dict:
+            micro_batch_tokens: int, cpus: float, gpus: float, precision: str, shared_prefix: bool) -> dict:
     config = LearnerConfig(zero_stage=zero_stage, num_ranks=ranks, num_cpus_per_rank=cpus / ranks,
-                           num_gpus_per_rank=gpus, precision=precision,
+                           num_gpus_per_rank=gpus, precision=precision, shared_prefix=shared_prefix,
                            micro_batch_tokens=micro_batch_tokens, optim=OptimConfig(lr=1e-5, total_steps=100))
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
@@ -82,14 +96,18 @@ def run_one(model_dir: Path, *, zero_stage: int, ranks: int, steps: int, warmup:
     response_tokens = [m["tokens"] for m in metrics]
     total_tokens = [sum(len(s.rollout.prompt_token_ids) + len(s.rollout.response_token_ids)
                         for s in batches[(warmup + i) % len(batches)]) for i in range(steps)]
+    positions = [positions_processed(batches[(warmup + i) % len(batches)], ranks, micro_batch_tokens, shared_prefix)
+                 for i in range(steps)]
     return {
-        "zero_stage": zero_stage, "ranks": ranks, "torch_threads_per_rank": threads,
+        "zero_stage": zero_stage, "ranks": ranks, "shared_prefix": shared_prefix, "torch_threads_per_rank": threads,
+        "positions_per_pass": statistics.median(positions),
         "response_tokens_per_s": sum(response_tokens) / sum(walls),
         "total_tokens_per_s": sum(total_tokens) / sum(walls),
         "step_s": statistics.median(walls),
         "reference_s": statistics.median(m["time/reference"] for m in metrics),
         "train_s": statistics.median(m["time/train"] for m in metrics),
-        "padding_fraction": 1 - sum(total_tokens) / max(sum(m["padded_tokens"] for m in metrics), 1),
+        # Of the positions the rows hold, the share that is padding.
+        "padding_fraction": 1 - sum(positions) / max(sum(m["padded_tokens"] for m in metrics), 1),
         "startup_s": startup,
         # 1-minute load average around the run: other work on shared cores skews the timings.
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
@@ -111,6 +129,8 @@ def main() -> None:
     parser.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1), help="CPUs shared by the ranks")
     parser.add_argument("--gpus-per-rank", type=float, default=0.0)
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--shared-prefix", nargs="+", default=["on"], choices=["off", "on"],
+                        help="learner.shared_prefix settings to run (off: each prompt repeated per response)")
     args = parser.parse_args()
 
     cluster.connect(num_cpus=max(1, int(args.cpus)))
@@ -124,11 +144,13 @@ def main() -> None:
                                        args.prompt_tokens, args.response_tokens, seed) for seed in range(2)]
             for stage in args.stages:
                 for ranks in args.ranks:
-                    row = run_one(model_dir, zero_stage=stage, ranks=ranks, steps=args.steps, warmup=args.warmup,
-                                  batches=batches, micro_batch_tokens=args.micro_batch_tokens, cpus=args.cpus,
-                                  gpus=args.gpus_per_rank, precision=args.precision)
-                    results.append({"model": preset, "parameters": params, **row})
-                    print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+                    for shared in args.shared_prefix:
+                        row = run_one(model_dir, zero_stage=stage, ranks=ranks, steps=args.steps, warmup=args.warmup,
+                                      batches=batches, micro_batch_tokens=args.micro_batch_tokens, cpus=args.cpus,
+                                      gpus=args.gpus_per_rank, precision=args.precision,
+                                      shared_prefix=shared == "on")
+                        results.append({"model": preset, "parameters": params, **row})
+                        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     finally:
         cluster.shutdown()
     print(json.dumps({

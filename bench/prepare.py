@@ -8,7 +8,8 @@ the same for the whole preparation.
 
 ``scripted``: tests/judge_server.py in its own process, every reply after ``--latency``
 seconds (a stand-in for a remote API). ``vllm``: ``vllm.entrypoints.openai.api_server`` over
-the tiny model on CPU (real generation; the teacher's ``max_tokens`` bounds each reply).
+``--model`` on CPU, by default the tiny teacher of ``python -m personadual.prepare tiny-models``
+(real generation of the replies it was trained to give).
 """
 
 from __future__ import annotations
@@ -41,16 +42,17 @@ def start_scripted(latency_s: float) -> tuple[subprocess.Popen, str, str]:
     return process, base_url, "scripted"
 
 
-def start_vllm() -> tuple[subprocess.Popen, str, str]:
-    from personadual.tiny import build_tiny_model
-
+def start_vllm(model: Path) -> tuple[subprocess.Popen, str, str]:
+    if not (model / "config.json").is_file():
+        raise SystemExit(f"--model: {model} is not a model folder "
+                         f"(python -m personadual.prepare tiny-models --out models writes models/tiny_teacher)")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(build_tiny_model("tiny")),
-         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "teacher", "--max-model-len", "512",
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "teacher", "--max-model-len", "1024",
          "--dtype", "float32", "--seed", "0", "--enforce-eager"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, stdin=subprocess.PIPE)
     deadline = time.monotonic() + 300
@@ -90,9 +92,10 @@ def main() -> None:
     parser.add_argument("--server", choices=("scripted", "vllm"), default="scripted")
     parser.add_argument("--latency", type=float, default=0.2, help="scripted server: seconds per reply")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "tiny_teacher", help="vllm: the model served")
     args = parser.parse_args()
     os.environ.setdefault(KEY_ENV, "EMPTY")
-    process, base_url, kind = start_scripted(args.latency) if args.server == "scripted" else start_vllm()
+    process, base_url, kind = start_scripted(args.latency) if args.server == "scripted" else start_vllm(args.model)
     try:
         with tempfile.TemporaryDirectory() as scratch:
             for concurrency in args.concurrency:

@@ -14,6 +14,7 @@ from typing import Sequence, TypeVar
 
 import torch
 
+from learner.shared_prefix import PackedLayout, frame_sources, pack_rows, packed_inputs
 from personadual.advantage import batch_advantages, token_advantages
 from personadual.estimators import NO_MODE
 from personadual.evaluation import EVAL_SETTINGS, setting_of
@@ -129,12 +130,23 @@ def shard_indices(lengths: Sequence[int], world_size: int) -> list[list[int]]:
     return [sorted(indices) for indices in assigned]
 
 
-def shard(batch: PolicyBatch | Sequence[SftSample], rank: int, world_size: int):
-    """This rank's part of a batch (a PolicyBatch keeps the whole-batch stats)."""
+def shard(batch: PolicyBatch | Sequence[SftSample], rank: int, world_size: int, *, by_prompt: bool = False):
+    """This rank's part of a batch (a PolicyBatch keeps the whole-batch stats). ``by_prompt``
+    keeps the samples of one prompt on one rank (balanced by the positions they take packed,
+    learner/shared_prefix.py), so each prompt is computed once in the whole step."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank: expected 0 <= rank < {world_size}, got {rank}")
     samples = batch.samples if isinstance(batch, PolicyBatch) else list(batch)
-    indices = shard_indices([s.num_tokens for s in samples], world_size)[rank]
+    if by_prompt:
+        units: dict[tuple[int, ...], list[int]] = {}
+        for index, sample in enumerate(samples):
+            units.setdefault(tuple(sample.prompt_token_ids), []).append(index)
+        members = list(units.values())
+        sizes = [len(samples[m[0]].prompt_token_ids) + sum(len(samples[i].response_token_ids) for i in m)
+                 for m in members]
+        indices = sorted(i for unit in shard_indices(sizes, world_size)[rank] for i in members[unit])
+    else:
+        indices = shard_indices([s.num_tokens for s in samples], world_size)[rank]
     part = [samples[i] for i in indices]
     return replace(batch, samples=part) if isinstance(batch, PolicyBatch) else part
 
@@ -180,10 +192,13 @@ class MicroBatch:
     # the engine sampled (not the forced mode token; none where the engine's are unknown).
     engine_logprobs: torch.Tensor | None = None
     sampled_mask: torch.Tensor | None = None
+    # Shared-prefix micro-batches only: ``input_ids``/``attention_mask`` are then the packed
+    # rows (one per prompt, learner/shared_prefix.py) and this maps them to the frame above.
+    layout: PackedLayout | None = None
 
     @property
     def logits_to_keep(self) -> int:
-        return self.input_ids.shape[1] - self.start
+        return self.layout.keep if self.layout is not None else self.input_ids.shape[1] - self.start
 
     @property
     def num_response_tokens(self) -> int:
@@ -195,7 +210,8 @@ class MicroBatch:
 
         return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
                        targets=self.targets.to(device), response_mask=self.response_mask.to(device),
-                       engine_logprobs=moved(self.engine_logprobs), sampled_mask=moved(self.sampled_mask))
+                       engine_logprobs=moved(self.engine_logprobs), sampled_mask=moved(self.sampled_mask),
+                       layout=None if self.layout is None else self.layout.to(device))
 
 
 def collate(samples: Sequence[SftSample | PolicySample], indices: list[int], pad_token_id: int = 0) -> MicroBatch:
@@ -224,9 +240,29 @@ def collate(samples: Sequence[SftSample | PolicySample], indices: list[int], pad
 
 
 def micro_batches(samples: Sequence[SftSample | PolicySample], micro_batch_tokens: int,
-                  pad_token_id: int = 0) -> list[MicroBatch]:
-    plan = plan_micro_batches([s.num_tokens for s in samples], micro_batch_tokens)
-    return [collate(samples, group, pad_token_id) for group in plan]
+                  pad_token_id: int = 0, *, shared_prefix: bool = False) -> list[MicroBatch]:
+    """The micro-batches of ``samples``. With ``shared_prefix`` the samples of one prompt are
+    packed into one row (its prompt computed once; learner/shared_prefix.py) and the budget
+    counts packed positions; a group is split only when its row alone would pass the budget."""
+    if not shared_prefix:
+        plan = plan_micro_batches([s.num_tokens for s in samples], micro_batch_tokens)
+        return [collate(samples, group, pad_token_id) for group in plan]
+    prompts = [s.prompt_token_ids for s in samples]
+    responses = [s.response_token_ids for s in samples]
+    prompt_lengths = [len(p) for p in prompts]
+    response_lengths = [len(r) for r in responses]
+    rows = pack_rows(prompts, response_lengths, micro_batch_tokens)
+    batches = []
+    for group in plan_micro_batches([row.num_tokens for row in rows], micro_batch_tokens):
+        chosen = [rows[i] for i in group]
+        indices = [member for row in chosen for member in row.members]
+        frame = collate(samples, indices, pad_token_id)
+        input_ids, real, position_ids, segments, starts = packed_inputs(chosen, responses, pad_token_id)
+        source, keep = frame_sources(chosen, starts, indices, prompt_lengths, response_lengths, frame.start,
+                                     frame.targets.shape[1], input_ids.shape[1])
+        batches.append(replace(frame, input_ids=input_ids, attention_mask=real,
+                               layout=PackedLayout(position_ids, segments, keep, source)))
+    return batches
 
 
 def per_row(values: Sequence[float], batch: MicroBatch, dtype: torch.dtype = torch.float32) -> torch.Tensor:

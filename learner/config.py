@@ -72,6 +72,10 @@ class LearnerConfig:
     # Padded tokens (sequences x longest sequence) per forward/backward: long batches are
     # split into more micro-batches, so memory stays bounded whatever the batch holds.
     micro_batch_tokens: int = 4096
+    # The policy step packs each prompt's responses into one row after a single copy of the
+    # prompt (its keys and values computed once; learner/shared_prefix.py): same log-probs and
+    # gradients, fewer positions. Needs sdpa or eager attention (a 4D mask).
+    shared_prefix: bool = True
     max_grad_norm: float = 1.0  # 0 disables clipping
     seed: Optional[int] = None  # torch's seed on every rank; None: run.seed (0 outside a run)
     # Weight export / sync.

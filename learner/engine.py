@@ -127,9 +127,11 @@ class Learner:
         self.reference = reference
 
     # ---- forward helpers ----------------------------------------------------------------
-    def _plan(self, samples: Sequence[SftSample | PolicySample]) -> list[MicroBatch]:
+    def _plan(self, samples: Sequence[SftSample | PolicySample], *, shared_prefix: bool = False,
+              ) -> list[MicroBatch]:
+        """Micro-batches on this rank's device; ``shared_prefix``: each prompt computed once."""
         return [mb.to(self.device) for mb in micro_batches(samples, self.config.micro_batch_tokens,
-                                                           self.pad_token_id)]
+                                                           self.pad_token_id, shared_prefix=shared_prefix)]
 
     def _empty_micro_batch(self) -> MicroBatch:
         ids = torch.full((1, 2), self.pad_token_id, dtype=torch.long, device=self.device)

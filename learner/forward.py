@@ -10,11 +10,15 @@ import torch
 
 from learner.batch import MicroBatch
 from learner.losses import token_logprobs
+from learner.shared_prefix import forward_packed
 
 
 def forward_logits(model: Any, batch: MicroBatch) -> torch.Tensor:
     """(B, K, V) logits aligned with ``batch.targets``; positions before the shortest
-    prompt's last token are never projected onto the vocabulary."""
+    prompt's last token are never projected onto the vocabulary. A shared-prefix micro-batch
+    (learner/shared_prefix.py) runs its packed rows and maps their logits to the same frame."""
+    if batch.layout is not None:
+        return forward_packed(model, batch.input_ids, batch.layout, next(iter(model.parameters())).dtype)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 logits_to_keep=batch.logits_to_keep, use_cache=False)
     return out.logits[:, :-1]

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from learner import distributed
 from learner.batch import MicroBatch, PolicyBatch, PolicySample, micro_batch_advantages, split_even
 from learner.forward import first_response_logprob, micro_batch_logprobs
+from learner.mode_diagnostics import TERMS as MODE_TERMS, mode_token_metrics, mode_token_terms
 from learner.losses import (MismatchSums, logprob_mismatch, policy_loss, rollout_correction_weights,
                             token_entropy, token_logprobs)
 from personadual.algo_config import AlgoConfig
@@ -75,7 +76,8 @@ def plan_step(learner: Learner, batch: PolicyBatch) -> StepPlan:
     samples = batch.samples
     algo = learner.algo
     chunks = split_even(list(range(len(samples))), algo.mini_batches)
-    plans = [learner._plan([samples[i] for i in chunk]) for chunk in chunks]
+    plans = [learner._plan([samples[i] for i in chunk], shared_prefix=learner.config.shared_prefix)
+             for chunk in chunks]
     # micro-batch indices are relative to their chunk; make them index the shard.
     for chunk, plan in zip(chunks, plans):
         for mb in plan:
@@ -107,6 +109,7 @@ class StepSums:
         # collects samples of unknown setting, so rows summed give the whole batch's.
         self.mode_prob = torch.zeros(len(EVAL_SETTINGS) + 1, 2, 2, dtype=torch.float64, device=device)
         self.mismatch = torch.zeros(4, 3, dtype=torch.float64, device=device)  # abs sum, count, max, over
+        self.mode_terms = torch.zeros(len(MODE_TERMS), dtype=torch.float64, device=device)  # learner/mode_diagnostics.py
 
     def _row_modes(self, mb: MicroBatch) -> torch.Tensor:
         return torch.tensor([self.samples[i].mode for i in mb.indices], dtype=torch.long, device=self.device)
@@ -198,7 +201,7 @@ def update(learner: Learner, plan: StepPlan, reference: list[list[torch.Tensor |
     # FAULT INJECTION (tests only): rank 0's loss times NaN, so the other ranks learn of it
     # only through the all-reduced flag.
     poison = learner.rank == 0 and learner.steps["rl"] + 1 in learner.config.fault_nan_loss_at_rl_steps
-    for _epoch in range(algo.ppo_epochs):
+    for epoch in range(algo.ppo_epochs):
         for index, micro in enumerate(plan.plans):
             lrs.append(learner._lr())
             loss_finite = True
@@ -216,6 +219,10 @@ def update(learner: Learner, plan: StepPlan, reference: list[list[torch.Tensor |
                                     denominator=max(plan.totals[index], 1), correction=correction)
                 if correction is not None:
                     sums.corrected(correction, mb)
+                if epoch == 0 and mb.indices:
+                    sums.mode_terms += mode_token_terms(logits.detach(), logprobs.detach(), reference[index][position],
+                                                        plan.advantages[index][position], mb.response_mask,
+                                                        kl_coef=algo.kl_coef)
                 del logits
                 if poison:
                     parts.loss = parts.loss * float("nan")
@@ -243,6 +250,7 @@ def reduce(sums: StepSums, updates: Updates, plan: StepPlan, algo: AlgoConfig,
     prob = per_setting.sum(0).tolist()
     mismatch_sums = reduced[len(keys) + prob_cells:].view(3, 3).tolist()
     mismatch_max = distributed.all_reduce(sums.mismatch[2].clone(), dist.ReduceOp.MAX).tolist()
+    mode_terms = distributed.all_reduce(sums.mode_terms.clone()).tolist()
     updates_per_step = algo.updates_per_step
     tokens = max(values["tokens"], 1.0)
     first_pass_tokens = float(sum(plan.totals))
@@ -278,6 +286,7 @@ def reduce(sums: StepSums, updates: Updates, plan: StepPlan, algo: AlgoConfig,
     if algo.correction != "none" and values["sampled"]:
         metrics["rollout_correction/weight_mean"] = values["correction"] / values["sampled"]
         metrics["rollout_correction/corrected_fraction"] = values["corrected"] / values["sampled"]
+    metrics.update(mode_token_metrics(mode_terms))
     return metrics
 
 

@@ -42,6 +42,11 @@ class AlgoConfig:
     # RL steps a rollout's weights may lag the learner (0 or 1); null: what cluster.schedule
     # gives (1 when pipelined, else 0). A value that contradicts the schedule exits 2.
     max_staleness: Optional[int] = None
+    # Dynamic sampling (DAPO; personadual/group_filter.py): groups whose rewards are all equal
+    # leave the batch and more prompts are generated, up to filter_max_rounds generation rounds
+    # per step (the first included). Off: the paper trains on every group.
+    filter_groups: bool = False
+    filter_max_rounds: int = 4
     # The objective (read by the learner).
     advantage: str = "dual"  # a name in personadual/estimators.py: dual | grpo | dual_released
     scale: str = "none"  # none | group_std
@@ -63,7 +68,7 @@ class AlgoConfig:
     def validate(self) -> None:
         for name in ("steps", "epochs", "kl_coef", "prefix_tokens"):
             _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)!r}")
-        for name in ("prompts_per_step", "n_per_mode", "ppo_epochs", "mini_batches"):
+        for name in ("prompts_per_step", "n_per_mode", "ppo_epochs", "mini_batches", "filter_max_rounds"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)!r}")
         _check(self.max_staleness in (None, 0, 1), "max_staleness",
                f"expected one of [null, 0, 1], got {self.max_staleness!r}")

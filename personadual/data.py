@@ -141,6 +141,7 @@ def check_data_files(train_files: Sequence[str], eval_files: Sequence[str], sft_
 
 def load_run_data(source: str, tokenizer: Any, *, world_seed: int = 0,
                   world_sft_aligned_kinds: int | None = WorldConfig.sft_aligned_kinds,
+                  world_kind_prior: float = WorldConfig.kind_prior,
                   train_files: Sequence[str] = (), eval_files: Sequence[str] = (),
                   sft_files: Sequence[str] = (), skip_invalid: bool = False,
                   max_eval_prompts: int = 0, max_prompt_tokens: int = 0, max_sft_tokens: int = 0,
@@ -149,7 +150,8 @@ def load_run_data(source: str, tokenizer: Any, *, world_seed: int = 0,
     examples longer than ``max_sft_tokens`` (0: no limit) are dropped and counted in
     ``skipped``."""
     if source == "world":
-        world = PersonaWorld(WorldConfig(seed=world_seed, sft_aligned_kinds=world_sft_aligned_kinds))
+        world = PersonaWorld(WorldConfig(seed=world_seed, sft_aligned_kinds=world_sft_aligned_kinds,
+                                         kind_prior=world_kind_prior))
         sft = [tokenize_trajectory(tokenizer, e.prompt, e.response) for e in world.sft_examples()]
         evals = world.eval_prompts()
         data = RunData(world.rl_prompts(), evals, sft, world=world)

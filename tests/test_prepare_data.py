@@ -184,7 +184,7 @@ def test_bad_rows_and_missing_settings_exit_2_with_one_line(server, tmp_path):
     broken.write_text("".join(json.dumps(r) + "\n" for r in source))
     cases = {
         "bad row": ([f"eval=[{{name: triviaqa, source: {broken}}}]", "sft=[]", "rl=[]"],
-                    [str(broken), "row 1", "question"]),
+                    [f"{broken}:2: question: must be a non-empty string"]),
         "unknown key": (["teacher.modle=x"], ["teacher.modle"]),
         "missing key variable": ([f"teacher.api_key_env=PERSONADUAL_UNSET_{os.getpid()}"], ["api_key_env"]),
     }
@@ -226,4 +226,4 @@ def test_with_skip_invalid_a_bad_row_is_skipped_and_counted_in_the_manifest(serv
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads((tmp_path / "data" / "eval.manifest.json").read_text())
     assert manifest["rows"] == len(source) - 1
-    assert manifest["dropped"] == {"invalid row: 'question' must be a non-empty string": 1}
+    assert manifest["dropped"] == {"triviaqa: invalid row: question: must be a non-empty string": 1}

@@ -16,8 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from personadual.modes import MODE_TOKENS, mode_token_ids
 from personadual.prepare.model import prepare_model
-from personadual.tiny import CHAT_TEMPLATE, END_OF_TEXT, TURN_END, TURN_START
-from personadual.world import PersonaWorld, WorldConfig
+from personadual.prepare.tiny_models import build_base
 from tests.helpers import SMOKE, run_launch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,27 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def build_base_without_mode_tokens(target: Path, *, padded_rows: int = 0, tied: bool = False) -> Path:
     """A Qwen3-architecture base like a downloaded one: chat special tokens and a chat
     template, but no mode tokens (the tag text is split into ordinary BPE pieces)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=[END_OF_TEXT, TURN_START, TURN_END],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    core.train_from_iterator(list(PersonaWorld(WorldConfig()).corpus()) + ["system", "user", "assistant"],
-                             trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=TURN_END, pad_token=END_OF_TEXT)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    config = Qwen3Config(vocab_size=len(tokenizer) + padded_rows, hidden_size=128, intermediate_size=384,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                         max_position_embeddings=512, tie_word_embeddings=tied,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=None)
-    torch.manual_seed(0)
-    Qwen3ForCausalLM(config).save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return target
+    return build_base(target, padded_rows=padded_rows, tied=tied)
 
 
 @pytest.fixture(scope="module")

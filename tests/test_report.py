@@ -123,7 +123,7 @@ def test_a_runs_plots_show_sft_loss_and_eval_accuracy_over_steps(tmp_path) -> No
     assert [(step, label, result["aligned"]["accuracy"]) for step, label, result in eval_records(records)] == [
         (0, "sft", 0.5), (1, "step_1", 0.6), (2, "final", 0.7)]
     written = {path.name for path in write_plots(run)}
-    assert written == {"reward_per_mode.png", "kl.png", "step_time.png", "sft_loss.png", "eval_accuracy.png",
+    assert written == {"reward_per_mode.png", "kl.png", "step_time.png", "sft_loss.png", "eval_accuracy.png", "mode_probe.png",
                        "mode_rate_per_setting.png"}
     assert all((run / "plots" / name).stat().st_size > 0 for name in written)
 
@@ -131,7 +131,7 @@ def test_a_runs_plots_show_sft_loss_and_eval_accuracy_over_steps(tmp_path) -> No
 def test_paired_bootstrap_finds_a_known_difference_and_none_where_there_is_none() -> None:
     import random
 
-    from personadual.report import paired_bootstrap
+    from personadual.sweep_report import paired_bootstrap
 
     rng = random.Random(1)
     a = {(seed, f"q{i}"): float(rng.random() < 0.6) for seed in range(3) for i in range(200)}
@@ -155,7 +155,37 @@ def test_paired_bootstrap_finds_a_known_difference_and_none_where_there_is_none(
 
 
 def test_paired_bootstrap_refuses_items_only_one_method_was_scored_on() -> None:
-    from personadual.report import paired_bootstrap
+    from personadual.sweep_report import paired_bootstrap
 
     with pytest.raises(ValueError, match="different items"):
         paired_bootstrap({(0, "q1"): 1.0, (0, "q2"): 0.0}, {(0, "q1"): 1.0})
+
+
+def test_stratified_bootstrap_weighs_each_setting_equally_whatever_its_item_count() -> None:
+    from personadual.sweep_report import paired_bootstrap
+
+    # 100 items of setting "x" where B gains 0.20, 300 of "y" where B equals A, at two seeds:
+    # over pooled items the gain is 0.05, over settings (each weighing the same) 0.10.
+    a, b, strata = {}, {}, {}
+    for seed in (0, 1):
+        for i in range(400):
+            key = (seed, f"q{i}")
+            a[key] = float(i % 2)
+            b[key] = 1.0 if i < 40 else a[key]  # items 0, 2, ..., 38 (20 misses of the first 100) flipped
+            strata[key] = "x" if i < 100 else "y"
+    assert paired_bootstrap(a, b).mean == pytest.approx(0.05)
+    stratified = paired_bootstrap(a, b, strata=strata)
+    assert stratified.mean == pytest.approx(0.10) and 0.0 < stratified.low < 0.10 < stratified.high
+
+
+def test_probe_series_starts_after_sft_and_follows_every_rl_step() -> None:
+    from personadual.report import probe_series
+
+    records = [{"stage": "sft", "step": 1, "sft": {"loss": 1.0}},
+               {"stage": "eval", "tag": "sft", "step": 0, "eval": {"probe": {"unaligned": {"p_personalized": 0.02}}}},
+               {"stage": "rl", "step": 1, "mode/probe/unaligned/p_personalized": 0.05},
+               {"stage": "rl", "step": 2, "mode/probe/unaligned/p_personalized": 0.11,
+                "eval": {"probe": {"unaligned": {"p_personalized": 0.5}}}},
+               {"stage": "eval", "tag": "final", "step": 2, "eval": {"probe": {"unaligned": {"p_personalized": 0.11}}}}]
+    assert probe_series(records, "unaligned") == ([0, 1, 2], [0.02, 0.05, 0.11])
+    assert probe_series(records, "aligned") == ([], [])

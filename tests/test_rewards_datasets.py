@@ -134,10 +134,10 @@ def test_mmlu_pro_padding_options_are_not_shown_and_letters_follow_the_options_k
     from personadual.benchmarks.mcq import mmlu_pro_item
     row = {"question_id": 1, "question": "Pick the prime.", "options": ["4", "N/A", "6", "7"],
            "answer": "D", "answer_index": 3}
-    item = mmlu_pro_item(row, 0, "mmlu.jsonl", "multiple_choice")
+    item = mmlu_pro_item(row, 0, "multiple_choice")
     assert item.choices == ("4", "6", "7") and item.gold == ("C",) and item.answer_text == "7"
-    with pytest.raises(DataError, match=r"row 0: answer_index 1 points at an 'N/A' padding option"):
-        mmlu_pro_item({**row, "answer": "B", "answer_index": 1}, 0, "mmlu.jsonl", "multiple_choice")
+    with pytest.raises(DataError, match=r"^answer_index: 1 points at an 'N/A' padding option"):
+        mmlu_pro_item({**row, "answer": "B", "answer_index": 1}, 0, "multiple_choice")
 
 
 def test_flan_snapshot_tasks_are_subsets_and_both_kinds_score(cache_dir: str) -> None:

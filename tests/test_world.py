@@ -146,3 +146,61 @@ def test_sft_preferences_come_in_every_training_phrasing_and_never_in_the_eval_o
     assert sft == {template(t) for t in TRAIN_PREFERENCE_TEMPLATES} and len(sft) >= 6
     evals = {phrasing(p.question) for p in world.eval_prompts() if p.task_type == "personalized"}
     assert evals == {template(EVAL_PREFERENCE_TEMPLATE)} and not evals & sft
+
+
+def test_eval_holds_200_items_per_objective_setting_and_150_preferences_at_every_seed():
+    for seed in (0, 1, 2):
+        evals = PersonaWorld(WorldConfig(seed=seed)).eval_prompts()
+        counts = {}
+        for p in evals:
+            key = "personalized" if p.task_type == "personalized" else p.persona_setting
+            counts[key] = counts.get(key, 0) + 1
+        assert counts == {"none": 200, "unaligned": 200, "aligned": 200, "personalized": 150}
+
+
+def test_growing_the_eval_set_changes_no_training_text_and_keeps_the_smaller_eval_inside_it():
+    small = PersonaWorld(WorldConfig(seed=1, eval_only_entities=0, preference_eval_prompts=48))
+    large = PersonaWorld(WorldConfig(seed=1))
+    assert small.train_prompts() == large.train_prompts()
+    assert [(e.prompt, e.response) for e in small.sft_examples()] == [(e.prompt, e.response) for e in large.sft_examples()]
+    assert set(small.eval_prompts()) < set(large.eval_prompts())
+    # The tiny model's tokenizer learns from the smaller world, whatever the eval size.
+    from personadual.tiny import PRESETS
+    assert PRESETS["tiny"].world == WorldConfig(eval_only_entities=0, preference_eval_prompts=48)
+
+
+def test_eval_only_entities_are_unseen_named_apart_and_spread_over_the_kinds():
+    world = PersonaWorld()
+    extra = world.entities[-world.config.eval_only_entities:]
+    assert {e.pool for e in extra} == {"unseen"}
+    names = [e.name.lower() for e in world.entities]
+    assert len(names) == len(set(names))
+    for name in (e.name.lower() for e in extra):
+        assert not any(name != other and (name in other or other in name) for other in names)
+    train_text = " ".join(f"{p.persona} {p.question}" for p in world.train_prompts())
+    assert not any(e.name in train_text for e in extra)
+    kinds = [e.kind for e in extra]
+    assert max(kinds.count(k) for k in KINDS) - min(kinds.count(k) for k in KINDS) <= 1
+    assert {world.kind_of(p) for p in world.eval_prompts()} == {*KINDS, "preference"}
+
+
+def test_with_a_kind_prior_general_mode_answers_the_typical_colour_and_rl_asks_unaligned_unfamiliar_questions():
+    from personadual.world import TYPICAL_COLORS
+
+    plain = PersonaWorld(WorldConfig(seed=0))
+    world = PersonaWorld(WorldConfig(seed=0, kind_prior=0.6))
+    unfamiliar = [e for e in world.entities if e.pool != "known"]
+    typical = sum(e.color == TYPICAL_COLORS[e.kind] for e in unfamiliar) / len(unfamiliar)
+    assert 0.55 < typical < 0.65
+    # Without a prior no unaligned question about an unfamiliar entity is an RL prompt (no
+    # mode can answer it); with one, those general mode answers right are.
+    def unaligned_unfamiliar(w):
+        return [p for p in w.rl_prompts() if p.persona_setting == "unaligned" and not w.is_knowable(p)]
+    assert not unaligned_unfamiliar(plain)
+    asked = unaligned_unfamiliar(world)
+    assert asked and all(world.answer_in_mode(p, Mode.GENERAL) in p.gold for p in asked)
+    assert not any(world.answer_in_mode(p, Mode.PERSONALIZED) in p.gold for p in asked)
+    unseen = next(p for p in world.eval_prompts() if world.pool_of(p) == "unseen" and p.persona_setting == "none")
+    kind = world.kind_of(unseen)
+    assert world.response(unseen, Mode.GENERAL).endswith(f"most {kind}s are {TYPICAL_COLORS[kind]}. Answer: "
+                                                          f"{TYPICAL_COLORS[kind]}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from personadual.data import DataError
+from personadual.benchmarks.source import RowError
 from personadual.records import option_letters
 
 
@@ -21,9 +21,9 @@ class ObjectiveItem:
     answer_text: str = ""  # the right answer in words: what an aligned persona is built around
 
 
-def letter_of(index: int, count: int, origin: str, row: int, name: str) -> str:
+def letter_of(index: int, count: int, name: str) -> str:
     if not 0 <= index < count:
-        raise DataError(f"{origin}: row {row}: {name} {index} is outside the {count} options")
+        raise RowError(name, f"{index} is outside the {count} options")
     return option_letters(count)[index]
 
 

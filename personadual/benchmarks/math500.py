@@ -12,7 +12,7 @@ from personadual.benchmarks.source import text
 MATH500_COLUMNS = ("unique_id", "problem", "answer")
 
 
-def math500_item(row: dict[str, Any], index: int, origin: str, scorer: str) -> ObjectiveItem:
-    answer = text(row, "answer", origin, index)
-    return ObjectiveItem(text(row, "unique_id", origin, index), text(row, "problem", origin, index),
+def math500_item(row: dict[str, Any], index: int, scorer: str) -> ObjectiveItem:
+    answer = text(row, "answer")
+    return ObjectiveItem(text(row, "unique_id"), text(row, "problem"),
                          (answer,), scorer, None, answer)

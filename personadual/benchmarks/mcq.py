@@ -16,8 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from personadual.benchmarks.items import ObjectiveItem, letter_of
-from personadual.benchmarks.source import field, text
-from personadual.data import DataError
+from personadual.benchmarks.source import RowError, field, text
 from personadual.records import option_letters
 
 MMLU_PRO_COLUMNS = ("question_id", "question", "options", "answer", "answer_index")
@@ -26,40 +25,41 @@ SUPERGPQA_COLUMNS = ("uuid", "question", "options", "answer_letter")
 MMLU_PRO_PADDING = "N/A"
 
 
-def _options(row: dict[str, Any], origin: str, index: int) -> tuple[str, ...]:
-    options = field(row, "options", origin, index)
+def _options(row: dict[str, Any]) -> tuple[str, ...]:
+    options = field(row, "options")
     if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
-        raise DataError(f"{origin}: row {index}: 'options' must be a list of at least two strings")
+        raise RowError("options", "must be a list of at least two strings")
     return tuple(option.strip() for option in options)
 
 
-def mmlu_pro_item(row: dict[str, Any], index: int, origin: str, scorer: str) -> ObjectiveItem:
+def mmlu_pro_item(row: dict[str, Any], index: int, scorer: str) -> ObjectiveItem:
     """Options as published minus the "N/A" padding, lettered A, B, ... in their order; the gold
     letter is the answer's position among the options kept."""
-    published = _options(row, origin, index)
-    answer_index = int(field(row, "answer_index", origin, index))
-    letter = letter_of(answer_index, len(published), origin, index, "answer_index")
-    if text(row, "answer", origin, index) != letter:
-        raise DataError(f"{origin}: row {index}: answer {row['answer']!r} disagrees with "
-                        f"answer_index {answer_index} ({letter})")
+    published = _options(row)
+    raw_index = field(row, "answer_index")
+    try:
+        answer_index = int(raw_index)
+    except (TypeError, ValueError):
+        raise RowError("answer_index", f"must be an integer, got {raw_index!r}") from None
+    letter = letter_of(answer_index, len(published), "answer_index")
+    if text(row, "answer") != letter:
+        raise RowError("answer", f"{row['answer']!r} disagrees with answer_index {answer_index} ({letter})")
     if published[answer_index] == MMLU_PRO_PADDING:
-        raise DataError(f"{origin}: row {index}: answer_index {answer_index} points at an "
-                        f"{MMLU_PRO_PADDING!r} padding option")
+        raise RowError("answer_index", f"{answer_index} points at an {MMLU_PRO_PADDING!r} padding option")
     kept = [position for position, option in enumerate(published) if option != MMLU_PRO_PADDING]
     if len(kept) < 2:
-        raise DataError(f"{origin}: row {index}: fewer than two options besides {MMLU_PRO_PADDING!r}")
+        raise RowError("options", f"fewer than two options besides {MMLU_PRO_PADDING!r}")
     options = tuple(published[position] for position in kept)
     gold = option_letters(len(options))[kept.index(answer_index)]
-    return ObjectiveItem(str(field(row, "question_id", origin, index)), text(row, "question", origin, index),
+    return ObjectiveItem(str(field(row, "question_id")), text(row, "question"),
                          (gold,), scorer, options, published[answer_index])
 
 
-def supergpqa_item(row: dict[str, Any], index: int, origin: str, scorer: str) -> ObjectiveItem:
-    options = _options(row, origin, index)
-    letter = text(row, "answer_letter", origin, index)
+def supergpqa_item(row: dict[str, Any], index: int, scorer: str) -> ObjectiveItem:
+    options = _options(row)
+    letter = text(row, "answer_letter")
     if letter not in option_letters(len(options)):
-        raise DataError(f"{origin}: row {index}: answer_letter {letter!r} is outside the "
-                        f"{len(options)} options")
+        raise RowError("answer_letter", f"{letter!r} is outside the {len(options)} options")
     answer_text = options[option_letters(len(options)).index(letter)]
-    return ObjectiveItem(text(row, "uuid", origin, index), text(row, "question", origin, index),
+    return ObjectiveItem(text(row, "uuid"), text(row, "question"),
                          (letter,), scorer, options, answer_text)

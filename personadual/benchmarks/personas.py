@@ -17,13 +17,14 @@ import os
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import openai
 
-from personadual.benchmarks.source import load_rows, text
+from personadual.benchmarks.source import load_rows, map_rows, text
 from personadual.data import DataError
 from personadual.endpoint import EndpointConfig
 
@@ -56,11 +57,13 @@ class PersonaPool:
         self.personas = tuple(personas)
 
     @classmethod
-    def load(cls, config: PersonaHubConfig, cache_dir: str | None = None) -> "PersonaPool":
+    def load(cls, config: PersonaHubConfig, cache_dir: str | None = None,
+             skipped: Counter[str] | None = None) -> "PersonaPool":
+        """With ``skipped``, empty personas are left out and counted instead of ending the load."""
         rows = load_rows(config.source, subset=config.subset,
                          split=config.split, limit=config.limit, required=("persona",),
                          cache_dir=cache_dir, benchmark="personahub")
-        return cls([text(row, "persona", rows.origin, i) for i, row in enumerate(rows.data)])
+        return cls(map_rows(rows, lambda row, _: text(row, "persona"), skipped))
 
     def pick(self, key: str, seed: int) -> str:
         return self.personas[random.Random(f"{seed}|unaligned|{key}").randrange(len(self.personas))]
@@ -84,6 +87,12 @@ class PersonaRequest:
     question_id: str  # stable across runs: the cache key together with the model
     question: str
     answer: str
+
+
+def persona_messages(config: AlignedPersonaConfig, request: PersonaRequest) -> list[dict[str, str]]:
+    """The chat the persona writer is asked for one aligned persona."""
+    return [{"role": "system", "content": config.instruction},
+            {"role": "user", "content": f"Question:\n{request.question}\n\nCorrect answer: {request.answer}"}]
 
 
 class AlignedPersonaError(RuntimeError):
@@ -133,9 +142,7 @@ class AlignedPersonaGenerator:
         return made
 
     def _ask(self, client: openai.OpenAI, request: PersonaRequest) -> str:
-        messages = [{"role": "system", "content": self.config.instruction},
-                    {"role": "user", "content": f"Question:\n{request.question}\n\n"
-                                                f"Correct answer: {request.answer}"}]
+        messages = persona_messages(self.config, request)
         try:
             reply = client.chat.completions.create(
                 model=self.config.model, messages=messages, temperature=self.config.temperature,

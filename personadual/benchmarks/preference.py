@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Iterable
+from collections import Counter
+from typing import Any
 
-from personadual.benchmarks.source import Rows, field, load_rows, text
+from personadual.benchmarks.source import RowError, field, load_rows, map_rows, text
 from personadual.data import DataError
 from personadual.records import Prompt
 
@@ -65,29 +66,26 @@ def pairwise_prompt(benchmark: str, item: PairwiseItem, fmt: str, seed: int) -> 
                   benchmark)
 
 
-def alignx_items(rows: Rows) -> Iterable[PairwiseItem]:
-    for index, row in enumerate(rows.data):
-        yield PairwiseItem(str(index), text(row, "prompt", rows.origin, index),
-                           text(row, "Demographic Information", rows.origin, index),
-                           text(row, "chosen", rows.origin, index), text(row, "rejected", rows.origin, index))
+def alignx_item(row: dict[str, Any], index: int) -> PairwiseItem:
+    return PairwiseItem(str(index), text(row, "prompt"), text(row, "Demographic Information"),
+                        text(row, "chosen"), text(row, "rejected"))
 
 
-def fspo_items(rows: Rows) -> Iterable[PairwiseItem]:
-    for index, row in enumerate(rows.data):
-        yield PairwiseItem(str(index), text(row, "x", rows.origin, index),
-                           text(row, "score_persona.persona_description", rows.origin, index),
-                           text(row, "yw", rows.origin, index), text(row, "yl", rows.origin, index))
+def fspo_item(row: dict[str, Any], index: int) -> PairwiseItem:
+    return PairwiseItem(str(index), text(row, "x"), text(row, "score_persona.persona_description"),
+                        text(row, "yw"), text(row, "yl"))
 
 
 def personafeedback_items(source: str, *, subset: str | None, limit: int | None,
-                          cache_dir: str | None) -> list[PairwiseItem]:
-    """``subset`` picks files by prefix: "general", "spedific/hard", ...; None reads all six."""
+                          cache_dir: str | None, skipped: Counter[str] | None = None) -> list[PairwiseItem]:
+    """``subset`` picks files by prefix: "general", "spedific/hard", ...; None reads all six.
+    With ``skipped``, invalid rows (and personas) are left out and counted by reason."""
     wanted = [name for name in PERSONAFEEDBACK_FILES
               if subset is None or name.removeprefix("data/").startswith(subset.strip("/"))]
     if not wanted:
         raise DataError(f"personafeedback.subset: {subset!r} matches none of "
                         f"{[name.removeprefix('data/').removesuffix('.jsonl') for name in PERSONAFEEDBACK_FILES]}")
-    personas = _personafeedback_personas(source, cache_dir)
+    personas = _personafeedback_personas(source, cache_dir, skipped)
     items: list[PairwiseItem] = []
     for name in wanted:
         remaining = None if limit is None else limit - len(items)
@@ -96,29 +94,31 @@ def personafeedback_items(source: str, *, subset: str | None, limit: int | None,
         rows = load_rows(source, split="train", data_files=name, limit=remaining,
                          required=PERSONAFEEDBACK_COLUMNS, cache_dir=cache_dir, benchmark="personafeedback")
         tag = name.removeprefix("data/").removesuffix(".jsonl").replace("/", ".")
-        for index, row in enumerate(rows.data):
-            user = str(field(row, "user_id", rows.origin, index))
+
+        def make(row: dict[str, Any], index: int) -> PairwiseItem:
+            user = str(field(row, "user_id"))
             if user not in personas:
-                raise DataError(f"{rows.origin}: row {index}: user_id {user!r} has no persona in "
-                                f"{PERSONAFEEDBACK_PERSONAS}")
-            items.append(PairwiseItem(f"{tag}.{index}", text(row, "question", rows.origin, index),
-                                      personas[user], text(row, "chosen", rows.origin, index),
-                                      text(row, "reject", rows.origin, index)))
+                raise RowError("user_id", f"{user!r} has no persona in {PERSONAFEEDBACK_PERSONAS}")
+            return PairwiseItem(f"{tag}.{index}", text(row, "question"), personas[user], text(row, "chosen"),
+                                text(row, "reject"))
+
+        items.extend(map_rows(rows, make, skipped))
     return items
 
 
-def _personafeedback_personas(source: str, cache_dir: str | None) -> dict[str, str]:
+def _personafeedback_personas(source: str, cache_dir: str | None, skipped: Counter[str] | None) -> dict[str, str]:
     rows = load_rows(source, split="train", data_files=PERSONAFEEDBACK_PERSONAS, cache_dir=cache_dir,
                      benchmark="personafeedback personas")
     keyed_by = next((name for name in ("user_id", "id") if name in rows.data.column_names), None)
-    personas = {}
-    for index, row in enumerate(rows.data):
+
+    def make(row: dict[str, Any], index: int) -> tuple[str, str]:
         key = str(row[keyed_by]) if keyed_by else str(index + 1)
         description = describe_profile({k: v for k, v in row.items() if k != keyed_by})
         if not description:
-            raise DataError(f"{rows.origin}: row {index}: empty persona")
-        personas[key] = description
-    return personas
+            raise RowError("persona", "every field is empty")
+        return key, description
+
+    return dict(map_rows(rows, make, skipped, label="persona "))
 
 
 def describe_profile(profile: dict[str, Any]) -> str:

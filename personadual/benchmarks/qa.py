@@ -18,30 +18,29 @@ import re
 from typing import Any
 
 from personadual.benchmarks.items import ObjectiveItem, unique
-from personadual.benchmarks.source import field, text
-from personadual.data import DataError
+from personadual.benchmarks.source import RowError, field, text
 from personadual.records import option_letters
 
 TRIVIAQA_COLUMNS = ("question_id", "question", "answer")
 FLAN_COLUMNS = ("inputs", "targets")
 
 
-def triviaqa_item(row: dict[str, Any], index: int, origin: str, scorer: str) -> ObjectiveItem:
-    value = text(row, "answer.value", origin, index)
-    aliases = field(row, "answer.aliases", origin, index)
+def triviaqa_item(row: dict[str, Any], index: int, scorer: str) -> ObjectiveItem:
+    value = text(row, "answer.value")
+    aliases = field(row, "answer.aliases")
     if not isinstance(aliases, list):
-        raise DataError(f"{origin}: row {index}: 'answer.aliases' must be a list")
+        raise RowError("answer.aliases", "must be a list")
     gold = unique([value, *(alias for alias in aliases if isinstance(alias, str))])
-    return ObjectiveItem(text(row, "question_id", origin, index), text(row, "question", origin, index),
+    return ObjectiveItem(text(row, "question_id"), text(row, "question"),
                          gold, scorer, None, value)
 
 
 _OPTIONS_HEADER = re.compile(r"^\s*options\s*:\s*$", re.IGNORECASE)
 
 
-def flan_item(row: dict[str, Any], index: int, origin: str, scorer: str) -> ObjectiveItem:
-    inputs = text(row, "inputs", origin, index)
-    target = text(row, "targets", origin, index)
+def flan_item(row: dict[str, Any], index: int, scorer: str) -> ObjectiveItem:
+    inputs = text(row, "inputs")
+    target = text(row, "targets")
     task = row.get("task")
     row_id = f"{task}.{index}" if isinstance(task, str) and task.strip() else str(index)
     split = _split_options(inputs) if scorer in ("auto", "multiple_choice") else None
@@ -52,8 +51,8 @@ def flan_item(row: dict[str, Any], index: int, origin: str, scorer: str) -> Obje
             letter = option_letters(len(options))[matches[0]]
             return ObjectiveItem(row_id, stem, (letter,), "multiple_choice", options, target)
     if scorer == "multiple_choice":
-        raise DataError(f"{origin}: row {index}: no OPTIONS block containing the target "
-                        f"{target[:40]!r}, so it cannot be scored as multiple choice")
+        raise RowError("inputs", f"no OPTIONS block containing the target {target[:40]!r}, "
+                                 f"so it cannot be scored as multiple choice")
     return ObjectiveItem(row_id, inputs, (target,), "judge" if scorer == "judge" else "exact_match",
                          None, target)
 

@@ -24,14 +24,14 @@ from personadual.benchmarks.items import ObjectiveItem
 from personadual.benchmarks.math500 import MATH500_COLUMNS, math500_item
 from personadual.benchmarks.personas import (AlignedPersonaConfig, AlignedPersonaGenerator,
                                              PersonaHubConfig, PersonaPool, PersonaRequest)
-from personadual.benchmarks.source import load_rows
+from personadual.benchmarks.source import RowError, load_rows, map_rows
 from personadual.data import DataError
 from personadual.prompts import format_question
 from personadual.records import PERSONA_SETTINGS, Prompt
 
 PERSONA_ASSIGNMENTS = ("all", "one")  # every setting per row, or one seeded setting per row
 
-Mapper = Callable[[dict, int, str, str], ObjectiveItem]
+Mapper = Callable[[dict, int, str], ObjectiveItem]  # (row, row number, scorer)
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,8 @@ def load_benchmark(name: str, source: str | None = None, *, split: str | None = 
     ``persona_assignment="all"`` each row yields one Prompt per setting, with "one" a seeded
     choice of one setting per row (how the paper mixes its training data). "unaligned" needs
     ``personas`` (a PersonaHub pool), "aligned" needs ``aligned`` (the persona generator).
-    With ``skipped`` (objective datasets), an invalid row is left out and counted there by
-    reason instead of failing the load.
+    An invalid row ends the load naming its file, line (or row) and field; with ``skipped``
+    it is left out and counted there by reason instead.
     """
     spec = SPECS.get(name)
     if spec is None:
@@ -120,7 +120,7 @@ def load_benchmark(name: str, source: str | None = None, *, split: str | None = 
     source = spec.hub_id if source is None else source
     if spec.task_type == "personalized":
         return _personalized(spec, source, split=split, subset=subset, limit=limit, scorer=scorer,
-                             seed=seed, cache_dir=cache_dir)
+                             seed=seed, cache_dir=cache_dir, skipped=skipped)
     settings = _check_settings(name, persona_settings, persona_assignment, personas, aligned)
     data_files = None
     if name == "flan" and subset is not None and not Path(source).expanduser().is_file():
@@ -129,16 +129,17 @@ def load_benchmark(name: str, source: str | None = None, *, split: str | None = 
     rows = load_rows(source, split=split or spec.split,
                      subset=subset or spec.subset, data_files=data_files, limit=limit, required=spec.columns, cache_dir=cache_dir,
                      benchmark=name)
-    mapper = OBJECTIVE_MAPPERS[name]
-    items = []
-    for index, row in zip(_row_numbers(name, rows.data), rows.data):
-        try:
-            items.append(mapper(row, index, rows.origin, scorer))
-        except DataError as error:
-            if skipped is None:
-                raise
-            skipped[f"invalid row: {str(error).split(f'row {index}: ', 1)[-1]}"] += 1
-    _check_unique([item.row_id for item in items], rows.origin, "row id")
+    mapper, numbers = OBJECTIVE_MAPPERS[name], _row_numbers(name, rows.data)
+    seen: dict[str, int] = {}
+
+    def make(row: dict, index: int) -> ObjectiveItem:
+        item = mapper(row, numbers[index], scorer)
+        if item.row_id in seen:
+            raise RowError("id", f"duplicate row id {item.row_id!r} (first at {rows.where(seen[item.row_id])})")
+        seen[item.row_id] = index
+        return item
+
+    items = map_rows(rows, make, skipped)
     return _with_personas(name, items, settings, persona_assignment, personas, aligned, seed)
 
 
@@ -206,14 +207,17 @@ def _with_personas(name: str, items: list[ObjectiveItem], settings: tuple[str, .
 
 
 def _personalized(spec: BenchmarkSpec, source: str, *, split: str | None, subset: str | None,
-                  limit: int | None, scorer: str, seed: int, cache_dir: str | None) -> list[Prompt]:
+                  limit: int | None, scorer: str, seed: int, cache_dir: str | None,
+                  skipped: Counter[str] | None) -> list[Prompt]:
     if spec.name == "personafeedback":
-        items = preference.personafeedback_items(source, subset=subset, limit=limit, cache_dir=cache_dir)
+        items = preference.personafeedback_items(source, subset=subset, limit=limit, cache_dir=cache_dir,
+                                                 skipped=skipped)
     else:
         rows = load_rows(source, split=split or spec.split,
                          subset=subset or spec.subset, limit=limit,
                          required=spec.columns, cache_dir=cache_dir, benchmark=spec.name)
-        items = list(preference.alignx_items(rows) if spec.name == "alignx" else preference.fspo_items(rows))
+        make = preference.alignx_item if spec.name == "alignx" else preference.fspo_item
+        items = map_rows(rows, make, skipped)
     fmt = "choice" if scorer == "multiple_choice" else "open"
     prompts = [preference.pairwise_prompt(spec.name, item, fmt, seed) for item in items]
     _check_unique([p.id for p in prompts], spec.name, "prompt id")

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from personadual.benchmarks.source import load_rows
-from personadual.data import DataError
+from personadual.benchmarks.source import RowError, load_rows, map_rows
 from personadual.modes import Mode, mode_of_text
 from personadual.records import Prompt
 
@@ -44,27 +43,26 @@ class TeacherRow:
 def read_teacher_rows(path: str | Path, cache_dir: str | None = None) -> list[TeacherRow]:
     rows = load_rows(str(path), split="train", required=TEACHER_COLUMNS, cache_dir=cache_dir,
                      benchmark="teacher trajectories")
-    return [_teacher_row(row, index, rows.origin) for index, row in enumerate(rows.data)]
+    return map_rows(rows, _teacher_row, None)
 
 
-def _teacher_row(row: dict[str, Any], index: int, origin: str) -> TeacherRow:
-    where = f"{origin}: row {index}"
+def _teacher_row(row: dict[str, Any], index: int) -> TeacherRow:
     question, persona, response = row.get("question"), row.get("persona"), row.get("response")
     if not isinstance(question, str) or not question.strip():
-        raise DataError(f"{where}: question must be a non-empty string")
+        raise RowError("question", "must be a non-empty string")
     if persona is not None and (not isinstance(persona, str) or not persona.strip()):
-        raise DataError(f"{where}: persona must be a non-empty string or null")
+        raise RowError("persona", "must be a non-empty string or null")
     mode = _MODE_NAMES.get(str(row.get("mode")).strip())
     if mode is None:
-        raise DataError(f"{where}: mode {row.get('mode')!r} is not one of general, personalized")
+        raise RowError("mode", f"{row.get('mode')!r} is not one of general, personalized")
     if not isinstance(response, str) or not response.strip():
-        raise DataError(f"{where}: response must be a non-empty string")
+        raise RowError("response", "must be a non-empty string")
     declared = mode_of_text(response)
     if declared is not None and declared != mode:
-        raise DataError(f"{where}: response starts with {declared.token} but mode is {mode.token}")
+        raise RowError("response", f"starts with {declared.token} but mode is {mode.token}")
     correct = row.get("correct")
     if not isinstance(correct, bool):
-        raise DataError(f"{where}: correct must be true or false, got {correct!r}")
+        raise RowError("correct", f"must be true or false, got {correct!r}")
     prompt_id = row.get("id")
     return TeacherRow(question.strip(), persona.strip() if persona else None, mode,
                       response.lstrip() if declared else f"{mode.token} {response.strip()}", correct,

@@ -31,9 +31,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--recipe", required=True, help="recipe YAML (configs/recipe_tiny.yaml, recipe_paper.yaml)")
     data.add_argument("--no-progress", action="store_true", help="no progress bars")
     data.add_argument("--skip-invalid", action="store_true",
-                      help="skip and count invalid rows of objective datasets instead of exiting 2")
+                      help="skip invalid rows of every dataset and count them in the manifests "
+                           "instead of exiting 2")
     data.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. out_dir=/data/run1")
+    tiny = commands.add_parser("tiny-models", help="a base without mode tokens and a teacher that knows a "
+                                                   "tiny recipe's rows, to run the recipe on a CPU")
+    tiny.add_argument("--recipe", default="configs/recipe_tiny.yaml", help="the recipe whose rows the teacher learns")
+    tiny.add_argument("--out", default="models", help="writes OUT/tiny_base and OUT/tiny_teacher")
+    tiny.add_argument("--overwrite", action="store_true", help="replace them if they exist")
     return parser.parse_args(argv)
+
+
+def judge_messages(prompt, response: str) -> list[dict[str, str]]:
+    """The run's judge chat, which the tiny teacher learns to answer."""
+    from rewards.config import JudgeConfig
+    from rewards.judge import build_messages
+
+    return build_messages(prompt, response, JudgeConfig().max_response_chars)
 
 
 def teacher_scorer(reward: object, cache_dir: object):
@@ -70,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
 
             report = prepare_model(args.base, args.out, overwrite=args.overwrite)
             print(json.dumps(asdict(report), sort_keys=True))
+        elif args.command == "tiny-models":
+            from personadual.prepare.recipe import load_recipe
+            from personadual.prepare.tiny_models import build_tiny_models
+
+            written = build_tiny_models(load_recipe(args.recipe), Path(args.out), judge_messages,
+                                        overwrite=args.overwrite)
+            print(json.dumps(written, sort_keys=True))
         else:
             from personadual.prepare.data import prepare_data
             from personadual.prepare.recipe import load_recipe

@@ -42,19 +42,28 @@ class Preparation:
         self.recipe, self.progress = recipe, progress
         settings = {s for c in (*recipe.sft, *recipe.rl, *recipe.eval)
                     if c.name in SPECS and SPECS[c.name].task_type == "objective" for s in c.persona_settings}
-        self.pool = (PersonaPool.load(recipe.persona_hub, recipe.hub_cache_dir)
+        # Empty PersonaHub rows skipped (with --skip-invalid) are counted in every manifest.
+        self.pool_skipped: Counter[str] = Counter()
+        self.pool = (PersonaPool.load(recipe.persona_hub, recipe.hub_cache_dir,
+                                      self.pool_skipped if recipe.skip_invalid else None)
                      if "unaligned" in settings else None)
         writer = replace(recipe.persona_writer, cache_path=str(recipe.cache / "aligned_personas.jsonl"))
         self.writer = AlignedPersonaGenerator(writer) if "aligned" in settings else None
 
     def prompts(self, configs: Sequence[BenchmarkConfig], skipped: Counter[str]) -> list[Prompt]:
+        """The configs' prompts; rows skipped as invalid are counted in ``skipped`` as
+        ``"NAME: invalid row: FIELD: reason"`` (with the recipe's ``skip_invalid``)."""
         prompts: list[Prompt] = []
         for config in configs:
+            own: Counter[str] = Counter()
             prompts.extend(load_benchmark(
                 config.name, config.source, split=config.split, subset=config.subset, limit=config.limit,
                 persona_settings=config.persona_settings, persona_assignment=config.persona_assignment,
                 scorer=config.scorer, personas=self.pool, aligned=self.writer, seed=config.seed,
-                cache_dir=self.recipe.hub_cache_dir, skipped=skipped if self.recipe.skip_invalid else None))
+                cache_dir=self.recipe.hub_cache_dir, skipped=own if self.recipe.skip_invalid else None))
+            skipped.update({f"{config.name}: {reason}": count for reason, count in own.items()})
+        if self.pool_skipped:
+            skipped.update({f"personahub: {reason}": count for reason, count in self.pool_skipped.items()})
         return prompts
 
 

@@ -26,8 +26,9 @@ class RecipeConfig:
     cache_dir: Optional[str] = None  # endpoint calls cached here; None: OUT_DIR/cache
     hub_cache_dir: Optional[str] = None  # the datasets library's cache for hub ids
     seed: int = 0
-    # Objective datasets: an invalid row is skipped and counted in the manifest (`dropped`)
-    # instead of ending the preparation with exit 2 naming its file, row and field.
+    # Every dataset (and the PersonaHub pool): an invalid row is skipped and counted in the
+    # manifest (`dropped`, by dataset and reason) instead of ending the preparation with exit 2
+    # naming its file, line (a parquet file: its 0-based row) and field.
     skip_invalid: bool = False
     persona_hub: PersonaHubConfig = field(default_factory=PersonaHubConfig)
     # The aligned-persona writer; its cache file is always CACHE_DIR/aligned_personas.jsonl.
