@@ -28,9 +28,9 @@ from actors.reward_pool import RewardPool
 from actors.rollout_actor import create_rollout_actors, start_rollout_actor
 from actors.run_state import CheckpointStore, DataCursor, load_stages, rng_state, set_rng_state
 from actors.schedule import PhaseSwitch
-from actors.supervision import EngineSupervisor, FaultLog, RunStopped, one_line
+from actors.supervision import EngineSupervisor, FaultLog, RunStopped, one_line, stop_if_diverged
 from actors.threads import RunThreads, plan_for_run
-from actors.weight_sync import SyncVerification, WeightSync, WeightSyncError, verify_tolerance
+from actors.weight_sync import WeightSyncError, weight_sync_for_run
 from learner.batch import SftSample
 from personadual.data import resolve_model
 from personadual.evaluation import probe_prompts
@@ -96,16 +96,8 @@ class Driver:
         self.rewards = RewardPool(section(cfg, "reward"), num_workers=cfg.reward.num_workers,
                                   num_cpus=cfg.reward.num_cpus_per_worker, placement_group=self.placement.reward,
                                   faults=self.faults)
-        backends = set(ray.get([engine.weight_transfer_backend.remote() for engine in self.engines]))
-        if len(backends) != 1 or None in backends:
-            raise RuntimeError(f"rollout engines report weight-transfer backends {sorted(map(str, backends))}; "
-                               f"set rollout.weight_transfer_backend")
-        probe = (self.data.eval or self.data.train)[:PROBE_PROMPTS]
-        self.weight_sync = WeightSync(self.learner, self.engines, backend=backends.pop(),
-                                      bucket_bytes=cfg.learner.bucket_bytes,
-                                      timeout_s=cfg.learner.collective_timeout_s,
-                                      verification=SyncVerification(cfg.rollout.verify_every,
-                                                                    verify_tolerance(cfg), list(probe)))
+        self.weight_sync = weight_sync_for_run(cfg, self.learner, self.engines,
+                                               list((self.data.eval or self.data.train)[:PROBE_PROMPTS]))
         self.supervisor = EngineSupervisor(self.engines, self.weight_sync, self._start_engine, self.faults)
         self.generation = GenerationFanOut(self.engines, self.rewards, self.supervisor, self.faults,
                                            generate_timeout_s=cfg.rollout.generate_timeout_s)
@@ -272,19 +264,8 @@ class Driver:
                 print(f"W&B offline run saved; upload it with: {hint}", flush=True)
 
     def _stop_if_diverged(self, stage: str, step: int, learner_metrics: dict[str, Any]) -> None:
-        """A skipped update (non-finite loss or gradients) leaves the weights as they were;
-        ``learner.max_consecutive_nonfinite`` of them in a row stop the run, and ``_stopped``
-        checkpoints this step: the last good weights."""
-        skipped = int(learner_metrics.get("skipped_updates", 0))
-        in_a_row = int(learner_metrics.get("consecutive_skipped_updates", 0))
-        if skipped:
-            log.warning("%s step %d: %d update(s) skipped for a non-finite loss or gradients (%d in a row)",
-                        stage, step, skipped, in_a_row)
-        limit = self.cfg.learner.max_consecutive_nonfinite
-        if in_a_row >= limit:
-            raise RunStopped(f"{stage} step {step}: {in_a_row} updates in a row had a non-finite loss or "
-                             f"gradients and were skipped (learner.max_consecutive_nonfinite={limit}); "
-                             f"the weights are the last good ones (weight version {self.learner.weight_version})")
+        stop_if_diverged(stage, step, learner_metrics, self.cfg.learner.max_consecutive_nonfinite,
+                         self.learner.weight_version)
 
     def _stopped(self, error: BaseException) -> RunStopped:
         """The one-line RunStopped for a fault the run cannot get past, after checkpointing the

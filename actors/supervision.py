@@ -175,3 +175,18 @@ class EngineSupervisor:
                 log.warning("rollout engine %d died during the weight sync (%s)", index, one_line(error))
                 self.replace(index, self.engines[index], death)
             return dict(self.weight_sync.last)
+
+
+def stop_if_diverged(stage: str, step: int, learner_metrics: dict, limit: int, weight_version: int) -> None:
+    """A skipped update (non-finite loss or gradients) leaves the weights as they were; ``limit``
+    (learner.max_consecutive_nonfinite) of them in a row raise RunStopped, and the driver then
+    checkpoints this step: the last good weights."""
+    skipped = int(learner_metrics.get("skipped_updates", 0))
+    in_a_row = int(learner_metrics.get("consecutive_skipped_updates", 0))
+    if skipped:
+        log.warning("%s step %d: %d update(s) skipped for a non-finite loss or gradients (%d in a row)",
+                    stage, step, skipped, in_a_row)
+    if in_a_row >= limit:
+        raise RunStopped(f"{stage} step {step}: {in_a_row} updates in a row had a non-finite loss or "
+                         f"gradients and were skipped (learner.max_consecutive_nonfinite={limit}); "
+                         f"the weights are the last good ones (weight version {weight_version})")

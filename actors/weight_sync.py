@@ -204,3 +204,15 @@ class WeightSync:
         return (f"weight sync check: rollout engine {index} does not serve the learner's weights at version "
                 f"{self.learner.weight_version} (probe max |log-prob difference| {diff:.3g} > "
                 f"rollout.verify_tolerance={self.verification.tolerance:g}); {where}")
+
+
+def weight_sync_for_run(cfg: Any, learner: Any, engines: list[ActorHandle], probe: list[Prompt]) -> WeightSync:
+    """The run's weight sync over ``engines``, on the one transfer backend they all report;
+    ``probe`` is the fixed batch each verification asks every engine (rollout.verify_every)."""
+    backends = set(ray.get([engine.weight_transfer_backend.remote() for engine in engines]))
+    if len(backends) != 1 or None in backends:
+        raise RuntimeError(f"rollout engines report weight-transfer backends {sorted(map(str, backends))}; "
+                           f"set rollout.weight_transfer_backend")
+    return WeightSync(learner, engines, backend=backends.pop(), bucket_bytes=cfg.learner.bucket_bytes,
+                      timeout_s=cfg.learner.collective_timeout_s,
+                      verification=SyncVerification(cfg.rollout.verify_every, verify_tolerance(cfg), probe))

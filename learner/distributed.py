@@ -38,6 +38,11 @@ def init_process_group(*, rank: int, world_size: int, master_address: str, maste
                        "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0"})
     dist.init_process_group(backend=backend, init_method=f"tcp://{master_address}:{master_port}", rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    # A new default group makes any group DeepSpeed cached from an earlier one (torn down by
+    # someone else, e.g. an in-process vLLM engine) dead; its next broadcast would fail on it.
+    from deepspeed.utils import groups
+
+    groups._release_process_group_references(group=None)
 
 
 def init_deepspeed_comm(backend: str, timeout_s: float) -> None:

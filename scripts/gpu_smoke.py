@@ -20,7 +20,6 @@ last stage probes and reports, so on one GPU the sync uses the host-staged gloo 
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import json
 import multiprocessing as mp
@@ -43,6 +42,7 @@ from personadual.rl_step import RLStep  # noqa: E402
 from personadual.tiny import PRESETS, build_tiny_model  # noqa: E402
 from personadual.weight_wire import TensorMeta, open_transfer_group, send_buckets  # noqa: E402
 from personadual.world import PersonaWorld, WorldConfig  # noqa: E402
+from smoke_nccl import nccl_probe  # noqa: E402  (this script's folder is sys.path[0])
 
 PRESET = "qwen3_0.6b_shape"
 REPORT: dict[str, Any] = {"stages": {}, "not_run": {}}
@@ -318,46 +318,6 @@ def weight_sums(learner: Any) -> dict[str, float]:
     return {name: float(t.double().sum()) for name, t in learner.full_weights(device="cpu")}
 
 
-# ---- NCCL with two ranks on one GPU --------------------------------------------------------
-def _nccl_rank(rank: int, port: int, results: Any) -> None:
-    try:
-        torch.cuda.set_device(0)
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                                timeout=datetime.timedelta(seconds=60))
-        value = torch.ones(1, device="cuda")
-        dist.all_reduce(value)
-        torch.cuda.synchronize()
-        results.put((rank, "ok", float(value.item())))
-        dist.destroy_process_group()
-    except BaseException as error:  # noqa: BLE001 - the outcome is what this probe reports
-        results.put((rank, "error", f"{type(error).__name__}: {error}"[:300]))
-
-
-def nccl_probe(timeout_s: float) -> None:
-    from learner.distributed import free_port
-
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    port = free_port()
-    start = time.perf_counter()
-    workers = [context.Process(target=_nccl_rank, args=(rank, port, results), daemon=True) for rank in range(2)]
-    for worker in workers:
-        worker.start()
-    outcomes = []
-    deadline = time.monotonic() + timeout_s
-    while len(outcomes) < 2 and time.monotonic() < deadline:
-        try:
-            outcomes.append(results.get(timeout=max(0.1, deadline - time.monotonic())))
-        except Exception:  # noqa: BLE001 - queue.Empty: the deadline passed
-            break
-    for worker in workers:
-        worker.join(5)
-        if worker.is_alive():
-            worker.kill()
-    emit("nccl_two_ranks_one_gpu", seconds=round(time.perf_counter() - start, 2),
-         outcomes=sorted(outcomes) or "no answer (hung) within the timeout")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
@@ -401,7 +361,7 @@ def main() -> int:
         except BaseException:  # noqa: BLE001 - reported, then the probe still runs
             emit("rl_steps_failed", error=traceback.format_exc()[-2000:])
     if args.device == "cuda" and not args.no_nccl_probe:
-        nccl_probe(timeout_s=90.0)
+        emit("nccl_two_ranks_one_gpu", **nccl_probe(timeout_s=90.0))
     emit("summary", ok=ok, seconds=round(time.perf_counter() - begin, 1), not_run=REPORT["not_run"])
     return 0 if ok else 1
 

@@ -30,3 +30,21 @@ def ray_cluster():
     cluster.connect(num_cpus=2)
     yield
     cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def own_process_group():
+    """Learners built in-process create a one-rank gloo group; end it with the module that made
+    it so later modules start clean (use: ``pytestmark = pytest.mark.usefixtures(...)``).
+    DeepSpeed's own destroy also drops the groups it cached: torch's alone leaves DeepSpeed
+    holding dead groups, and the next module's learner fails in its first broadcast."""
+    import deepspeed.comm as ds_comm
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    yield
+    if created and dist.is_initialized():
+        if ds_comm.is_initialized():
+            ds_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()

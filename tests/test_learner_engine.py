@@ -11,7 +11,6 @@ from pathlib import Path
 import deepspeed  # noqa: F401  (a broken install fails here rather than skipping)
 import pytest
 import torch
-import torch.distributed as dist
 import vllm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -24,16 +23,7 @@ from personadual.modes import Mode, mode_token_ids
 from personadual.records import Prompt, Scored
 from tests.helpers import forced_batches, make_scored
 
-pytestmark = [pytest.mark.slow]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def own_process_group():
-    """The learners here create a one-rank gloo group; end it so later modules start clean."""
-    created = not dist.is_initialized()
-    yield
-    if created and dist.is_initialized():
-        dist.destroy_process_group()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_process_group")]
 
 
 def _config(**overrides) -> LearnerConfig:

@@ -16,9 +16,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -27,7 +24,7 @@ import vllm  # noqa: F401  a broken vLLM install must fail here, not skip
 
 from personadual.modes import MODE_TOKENS
 from personadual.prepare.tiny_models import DOMAIN_PERSONAS
-from tests.helpers import free_port
+from tests.vllm_server import vllm_api_server
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_ENV = "PERSONADUAL_TEACHER_KEY"  # the variable configs/recipe_tiny*.yaml name
@@ -47,42 +44,6 @@ def _run(*command: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return result
 
 
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-@contextmanager
-def vllm_api_server(model: Path, log_path: Path) -> Iterator[str]:
-    """The README's server command on ``model``, served as ``teacher``; yields its base URL."""
-    port = free_port()
-    # The key reaches vLLM through its environment, never its command line (visible in ps).
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_API_KEY": CANARY}
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-               "--served-model-name", "teacher", "--host", "127.0.0.1", "--port", str(port),
-               "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32", "--seed", "0", "--enforce-eager"]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 300
-        while not _healthy(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"vllm api_server did not become healthy (exit {process.poll()}):\n"
-                            f"{log_path.read_text(errors='replace')[-4000:]}")
-            time.sleep(1)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory) -> Iterator[dict]:
     """The models, the server and the prepared data, as the README's commands leave them."""
@@ -92,7 +53,8 @@ def recipe(tmp_path_factory) -> Iterator[dict]:
     _run("-m", "personadual.prepare", "model", "--base", str(models / "tiny_base"), "--out",
          str(models / "tiny_modes"))
     start = time.monotonic()
-    with vllm_api_server(models / "tiny_teacher", root / "serve.log") as base_url:
+    with vllm_api_server(models / "tiny_teacher", root / "serve.log", served_name="teacher", api_key=CANARY,
+                         max_model_len=MAX_MODEL_LEN) as base_url:
         print(f"[{time.monotonic() - start:.1f} s] vllm api_server healthy")
         endpoints = [f"{role}.base_url={base_url}" for role in ("teacher", "persona_writer", "reward.judge")]
         _run("-m", "personadual.prepare", "data", "--recipe", "configs/recipe_tiny.yaml", "--no-progress",

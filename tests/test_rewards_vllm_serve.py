@@ -7,13 +7,6 @@ parser) and that the garbage goes through the failure policy with exact counts.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,6 +18,7 @@ from rewards.config import JudgeConfig, RewardConfig
 from rewards.judge import build_messages
 from rewards.scorer import BatchScorer
 from tests.judge_server import make_prompt, make_rollout
+from tests.vllm_server import vllm_api_server
 
 G = Mode.GENERAL.token
 KEY_ENV = "PERSONADUAL_TEST_VLLM_JUDGE_KEY"
@@ -35,49 +29,12 @@ MAX_TOKENS = 24
 START_TIMEOUT_S = 300
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 @pytest.fixture(scope="module")
 def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
-    # The key reaches vLLM through its environment, never its command line (visible in ps).
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_API_KEY": CANARY}
-    # The same server as `vllm serve`, whose CLI wrapper fails under the vllm-cpu
-    # distribution: it asks importlib.metadata for a package named "vllm".
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
-               "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME,
-               "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32", "--seed", "0",
-               "--enforce-eager"]  # no torch.compile warm-up: start-up is most of this test
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _healthy(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace")[-4000:]
-                pytest.fail(f"vllm serve did not become healthy (exit {process.poll()}):\n{tail}")
-            time.sleep(1)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
+    with vllm_api_server(tiny_model_dir, log_path, served_name=SERVED_NAME, api_key=CANARY,
+                         max_model_len=MAX_MODEL_LEN, start_timeout_s=START_TIMEOUT_S) as base_url:
+        yield base_url
 
 
 def _config(base_url: str, **judge: object) -> RewardConfig:

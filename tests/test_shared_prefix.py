@@ -8,7 +8,6 @@ from __future__ import annotations
 import deepspeed  # noqa: F401  (a broken install fails here rather than skipping)
 import pytest
 import torch
-import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from learner.batch import PolicySample, build_policy_batch, micro_batches, shard
@@ -19,6 +18,8 @@ from learner.losses import token_logprobs
 from personadual.algo_config import AlgoConfig
 from personadual.modes import Mode
 from tests.helpers import make_prompt, make_scored
+
+pytestmark = pytest.mark.usefixtures("own_process_group")
 
 TOLERANCE = 1e-5
 
@@ -136,14 +137,6 @@ def test_a_response_never_sees_another_response_of_its_group(model):
                                               weights=[torch.zeros(len(s.response_token_ids)) for s in changed])
     for a, b in zip(before[1:], after[1:]):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def own_process_group():
-    created = not dist.is_initialized()
-    yield
-    if created and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def scored_groups(vocab: int, seed: int) -> list:
