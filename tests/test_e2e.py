@@ -75,8 +75,8 @@ def test_run_folder_has_what_the_architecture_doc_lists(smoke_run):
     assert set(alignment) == {"general_then_personalized", "personalized_then_general", "overall"}
     assert (run_dir / "checkpoints" / "step_2" / "COMPLETE").exists()
     assert sorted(p.name for p in (run_dir / "plots").glob("*.png")) == [
-        "eval_accuracy.png", "kl.png", "mode_rate_per_setting.png", "reward_per_mode.png", "sft_loss.png",
-        "step_time.png"]
+        "eval_accuracy.png", "kl.png", "mode_probe.png", "mode_rate_per_setting.png", "reward_per_mode.png",
+        "sft_loss.png", "step_time.png"]
     assert any((run_dir / "wandb").rglob("*.wandb"))
     # The exported policy loads in transformers.
     from transformers import AutoModelForCausalLM
