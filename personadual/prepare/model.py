@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from personadual.data import DataError
 from personadual.modes import MODE_TOKENS, Mode, mode_token_ids
@@ -112,9 +113,7 @@ def prepare_model(base: str | Path, out: str | Path, *, overwrite: bool = False)
     added, pieces = add_mode_tokens(tokenizer, model)
     ids = mode_token_ids(tokenizer)  # one id each, round-tripping through encode
     model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         report = PreparedModel(
@@ -125,12 +124,22 @@ def prepare_model(base: str | Path, out: str | Path, *, overwrite: bool = False)
         if not report.chat_template_kept:
             raise DataError(f"--base: the chat template of {base} did not survive saving")
         (staging / MARKER).write_text(json.dumps(asdict(report), indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+    return report
+
+
+@contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """A hidden sibling of ``target`` to write into; when the block ends without an error it
+    replaces ``target``, so a crash never leaves a half-written model folder."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return report
 
 
 def _saved_template(folder: Path) -> str | None:

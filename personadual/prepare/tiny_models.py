@@ -31,7 +31,6 @@ import json
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Callable, Sequence
 from personadual.benchmarks.personas import PersonaPool, PersonaRequest, persona_messages
 from personadual.benchmarks.registry import SPECS, load_benchmark
 from personadual.modes import Mode
+from personadual.prepare.model import staged_folder
 from personadual.prepare.recipe import RecipeConfig
 from personadual.prepare.teacher import TeacherAsk
 from personadual.prompts import ANSWER_PREFIX
@@ -287,9 +287,7 @@ def _train(examples: Sequence[Example], target: Path, shape: TeacherShape, *, ba
         loss_value, steps = float(loss.detach()), steps + 1
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         report = TrainReport(dict(sorted(_count_roles(examples).items())), steps,
@@ -297,11 +295,6 @@ def _train(examples: Sequence[Example], target: Path, shape: TeacherShape, *, ba
                              longest,
                              {k: v for k, v in vars(shape).items()})
         (staging / "personadual_tiny_teacher.json").write_text(json.dumps(vars(report), indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return report
 
 
