@@ -75,3 +75,9 @@ def run_ours(preset: str, *, steps: int, warmup: int, out_dir: Path, extra: list
     if len(rl) != warmup + steps:
         raise RuntimeError(f"our run on {preset}: {len(rl)} RL records in {run_dir}, expected {warmup + steps}")
     return OurRun(rl[warmup:], wall, run_dir)
+
+
+def machine(load_at_start: float) -> dict[str, float | int | None]:
+    """The machine as every bench reports it: its cores and the 1-minute load at the start and now."""
+    return {"cpus": os.cpu_count(), "load_avg_1m_at_start": load_at_start,
+            "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}

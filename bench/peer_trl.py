@@ -164,7 +164,7 @@ def main() -> None:
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
     sys.path.insert(0, str(ROOT))
     from bench.ours import (COMPLETIONS_PER_PROMPT, KL_COEF, PRESET_SIZES, PROMPTS_PER_STEP, SAMPLED_TOKENS,
-                            TEMPERATURE, run_ours)
+                            TEMPERATURE, machine, run_ours)
 
     work = {"prompts_per_step": PROMPTS_PER_STEP, "completions_per_prompt": COMPLETIONS_PER_PROMPT,
             "sampled_tokens": SAMPLED_TOKENS, "temperature": TEMPERATURE, "kl_coef": KL_COEF}
@@ -196,8 +196,7 @@ def main() -> None:
                  "timed_steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds,
                  "trl_generation": "transformers generate in the trainer process (use_vllm=False, TRL's default)",
                  "statistic": "median over rounds of completions over timed steps' wall time"},
-        "machine": {"cpus": os.cpu_count(), "load_avg_1m_at_start": load_at_start,
-                    "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
+        "machine": machine(load_at_start),
         "results": results,
     }, indent=1))
 

@@ -43,7 +43,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
 from bench.ours import (COMPLETIONS_PER_PROMPT, KL_COEF, PRESET_SIZES, PROMPTS_PER_STEP,  # noqa: E402
-                        SAMPLED_TOKENS, TEMPERATURE, OurRun, run_ours)
+                        SAMPLED_TOKENS, TEMPERATURE, OurRun, machine, run_ours)
 
 PHASES = ("generate", "score", "reference", "train", "sync")
 NOT_PHASES = {"step", "idle", "train_old_logprob"}  # the whole, the rest, and a part of train
@@ -256,8 +256,7 @@ def main() -> None:
                  "sampled_tokens": SAMPLED_TOKENS, "temperature": TEMPERATURE, "kl_coef": KL_COEF,
                  "precision": "fp32", "learner_ranks": 1, "engines": 1, "timed_steps": args.steps,
                  "warmup_steps": args.warmup, "statistic": "median over timed steps; raw parts: best of reps"},
-        "machine": {"cpus": os.cpu_count(), "load_avg_1m_at_start": load_at_start,
-                    "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
+        "machine": machine(load_at_start),
         "results": results,
     }, indent=1))
 
