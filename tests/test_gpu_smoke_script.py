@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_gpu_smoke_script_cpu_path(tmp_path: Path) -> None:
     env = {**os.environ, "PERSONADUAL_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(

@@ -180,6 +180,7 @@ def test_every_shipped_config_loads(tmp_path):
         load_config(path, ([f"data.train_files=[{data}]"] if needs_files else []) + required)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_stage_left_without_data_once_the_cluster_is_up_exits_2_without_a_run_folder(tmp_path):
     """Prompt lengths need the tokenizer, so this one is found after Ray started: still one

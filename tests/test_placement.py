@@ -45,6 +45,7 @@ def test_early_check_names_the_keys_of_what_the_cluster_lacks():
     check_fits(plan_groups(load_config(SMOKE)), {"CPU": 2.0}, [{"CPU": 2.0}])  # the smoke run fits 2 CPUs
 
 
+@pytest.mark.slow
 def test_groups_are_placed_with_the_strategy_and_removed(ray_cluster):
     cfg = load_config(SMOKE, ["cluster.placement_strategy=SPREAD"])
     specs = plan_groups(cfg)
@@ -69,6 +70,7 @@ def test_groups_are_placed_with_the_strategy_and_removed(ray_cluster):
     assert [placement_group_table(group)["state"] for group in groups] == ["REMOVED"] * 3
 
 
+@pytest.mark.slow
 def test_a_group_that_cannot_be_placed_fails_in_one_line_naming_it(ray_cluster):
     """The totals fit the cluster, but another job holds the CPUs: no hang, a PlacementError
     naming the group and its bundles once the timeout passes, and nothing left reserved."""

@@ -63,6 +63,7 @@ def smoke_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return out, result
 
 
+@pytest.mark.slow
 def test_smoke_sweep_shares_one_sft_per_seed_and_reports_the_paired_intervals(smoke_sweep) -> None:
     out, result = smoke_sweep
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -89,6 +90,7 @@ def test_smoke_sweep_shares_one_sft_per_seed_and_reports_the_paired_intervals(sm
         "accuracy_per_method.png", "mode_rate_per_method.png", "mode_probe_per_method.png"}
 
 
+@pytest.mark.slow
 def test_every_eval_writes_its_items_and_they_add_up_to_the_summary(smoke_sweep) -> None:
     out, _ = smoke_sweep
     run = out / "seed_0" / "dual"
@@ -114,6 +116,7 @@ def test_every_eval_writes_its_items_and_they_add_up_to_the_summary(smoke_sweep)
     assert [p.name for p in (out / "seed_0" / "sft" / "evals").iterdir()] == ["final_step_0.jsonl"]
 
 
+@pytest.mark.slow
 def test_a_sweep_run_again_reruns_nothing_it_finished(smoke_sweep) -> None:
     out, _ = smoke_sweep
     before = json.loads((out / "sweep.json").read_text())

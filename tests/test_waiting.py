@@ -12,6 +12,8 @@ import ray
 
 from actors.waiting import gather_first_failure, outcomes, unfinished
 
+pytestmark = [pytest.mark.slow]
+
 
 @ray.remote(num_cpus=0)
 class Worker:
