@@ -206,10 +206,15 @@ def build_base(target: Path, *, corpus: Sequence[str] = (), padded_rows: int = 0
 
 
 def train_teacher(examples: Sequence[Example], target: Path, *, shape: TeacherShape | None = None,
-                  batch_size: int = 8, lr: float = 3e-3, max_steps: int = 3000,
+                  batch_size: int = 32, lr: float = 3e-3, max_steps: int = 3000,
                   check_every: int = 25, temperature: float = 0.7, min_probability: float = 0.99) -> TrainReport:
     """Train a fresh Qwen3-architecture model on ``examples`` until greedy decoding gives every
-    reply exactly; save it (HF format, with a chat template) to ``target``."""
+    reply exactly; save it (HF format, with a chat template) to ``target``.
+
+    ``batch_size`` 32 of the recipe's 115 chats: measured on the tiny recipe, 125 steps and 56 s
+    of CPU to meet both stopping rules (least likely reply 0.997), against 1,250 steps and 157 s
+    with 8 (0.991): with small batches the stalls halve the step size to its floor before the
+    last replies settle."""
     import torch
 
     shape = shape or TeacherShape()
