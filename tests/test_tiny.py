@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 import vllm
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -40,6 +41,7 @@ def test_reload_mode_tokens_and_chat_template(tiny_model_dir):
     assert logits.shape == (1, len(encoded), len(tokenizer))
 
 
+@pytest.mark.slow
 def test_vllm_loads_the_tiny_model_and_generates(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     llm = vllm.LLM(model=str(tiny_model_dir), dtype="float32", max_model_len=256, enforce_eager=True,
