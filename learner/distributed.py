@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import sys
 
 import deepspeed
 import deepspeed.ops
@@ -13,7 +12,6 @@ import torch
 import torch.distributed as dist
 
 LOOPBACK = "127.0.0.1"
-MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -52,22 +50,12 @@ def init_deepspeed_comm(backend: str, timeout_s: float) -> None:
     that op only serves inference all-reduce and costs a ~97 s JIT build on first use
     (docs/ARCHITECTURE.md, "The real stack on CPU"). Marking it incompatible is the switch DeepSpeed reads."""
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    skip_muon_import()
     # DeepSpeed asserts these even over a group someone else created (e.g. an in-process
     # vLLM engine's). Each rank drives one device, so its local rank is 0.
     os.environ.setdefault("RANK", str(dist.get_rank()))
     os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
     os.environ.setdefault("LOCAL_RANK", "0")
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-
-
-def skip_muon_import() -> None:
-    """ZeRO's optimizer check imports DeepSpeed's Muon module to add it to the supported list,
-    and that module's torch.compile decorators import torch._inductor: ~4 s of CPU in every
-    learner process (measured in ``deepspeed.initialize``), for an optimizer we never build
-    (learner/optim.py: AdamW). A None entry makes that import fail as "not installed", the case
-    DeepSpeed's check already handles; a process that imported Muon before keeps it."""
-    sys.modules.setdefault(MUON_MODULE, None)  # type: ignore[arg-type]
 
 
 def world_size() -> int:
