@@ -76,6 +76,9 @@ class DataSection:
     # Share of each kind's entities in the kind's typical colour, which general mode answers for
     # entities it never learned (personadual/world.py WorldConfig.kind_prior); 0: off.
     world_kind_prior: float = 0.0
+    # RL also asks the questions no mode can answer from the prompt, scoring "unknown" (SFT's
+    # answer for them) as right (personadual/world.py WorldConfig.rl_credit_unknown); false: off.
+    world_rl_credit_unknown: bool = False
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
     sft_files: list[str] = field(default_factory=list)

@@ -76,6 +76,7 @@ def load_stages(cfg: DictConfig, tokenizer: Any) -> tuple[RunData, int, int]:
     data = load_run_data(
         cfg.data.source, tokenizer, world_seed=cfg.data.world_seed,
         world_sft_aligned_kinds=cfg.data.world_sft_aligned_kinds, world_kind_prior=cfg.data.world_kind_prior,
+        world_rl_credit_unknown=cfg.data.world_rl_credit_unknown,
         train_files=list(cfg.data.train_files), eval_files=list(cfg.data.eval_files),
         sft_files=list(cfg.data.sft_files), skip_invalid=cfg.data.skip_invalid,
         max_eval_prompts=cfg.data.max_eval_prompts, max_prompt_tokens=cfg.data.max_prompt_tokens,

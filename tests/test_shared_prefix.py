@@ -179,6 +179,14 @@ def test_deepspeed_policy_steps_are_the_same_with_the_prompt_shared_or_repeated(
         for key in ("loss", "pg_loss", "kl", "entropy", "grad_norm", "mode_token_prob", "tokens"):
             assert shared[key] == pytest.approx(plain[key], abs=TOLERANCE, rel=TOLERANCE), key
         assert shared["padded_tokens"] < plain["padded_tokens"]  # positions computed, packed vs repeated
+    # Real positions: every prompt repeated per response when unshared; packed, each prompt at
+    # least once and the responses once, but fewer than unshared.
+    for batch, plain, shared in zip(batches, plain_metrics, shared_metrics):
+        samples = batch.samples
+        responses = sum(len(s.response_token_ids) for s in samples)
+        assert plain["positions"] == responses + sum(len(s.prompt_token_ids) for s in samples)
+        unique_prompts = {tuple(s.prompt_token_ids) for s in samples}
+        assert responses + sum(map(len, unique_prompts)) <= shared["positions"] < plain["positions"]
     # Adam divides each gradient element by its own running scale, so an element whose gradient
     # is ~0 moves by up to lr on float noise alone: the weights agree to a fraction of one step.
     lr_fraction = 0.1 * config.optim.lr

@@ -204,3 +204,20 @@ def test_with_a_kind_prior_general_mode_answers_the_typical_colour_and_rl_asks_u
     kind = world.kind_of(unseen)
     assert world.response(unseen, Mode.GENERAL).endswith(f"most {kind}s are {TYPICAL_COLORS[kind]}. Answer: "
                                                           f"{TYPICAL_COLORS[kind]}")
+
+
+def test_crediting_unknown_adds_the_unanswerable_training_questions_to_rl_and_leaves_sft_as_it_was():
+    plain = PersonaWorld(WorldConfig(seed=0))
+    world = PersonaWorld(WorldConfig(seed=0, rl_credit_unknown=True))
+    assert [(e.prompt, e.response) for e in world.sft_examples()] == [(e.prompt, e.response) for e in plain.sft_examples()]
+    before = {p.id: p for p in plain.rl_prompts()}
+    added = [p for p in world.rl_prompts() if p.id not in before]
+    assert all(before[p.id] == p for p in world.rl_prompts() if p.id in before)
+    assert len(added) == world.config.cue_misleading_entities + world.config.plain_once_entities
+    assert {world.pool_of(p) for p in added} == {"cue_misleading", "plain_once"}
+    for prompt in added:
+        assert prompt.gold == (world.facts(prompt).entity.color, UNKNOWN)
+        assert world.response(prompt, Mode.GENERAL).endswith(f"Answer: {UNKNOWN}")
+    # A non-expert's colour is never right, so only general mode's "unknown" earns reward there.
+    misled = [p for p in added if p.persona_setting == "unaligned"]
+    assert misled and not any(world.answer_in_mode(p, Mode.PERSONALIZED) in p.gold for p in misled)
