@@ -152,4 +152,5 @@ class _EnginesAsleep:
             self.phases.rollout_phase(self.engines)
 
 
-__all__ = ["PhaseSwitch", "REFERENCE_PLACES", "SCHEDULES", "resolve_reference", "ScheduleError", "resolve_schedule", "staleness_of"]
+__all__ = ["PhaseSwitch", "REFERENCE_PLACES", "SCHEDULES", "ScheduleError", "resolve_reference", "resolve_schedule",
+           "staleness_of"]
