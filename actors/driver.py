@@ -234,8 +234,8 @@ class Driver:
                 self.tracker.log(self._global_step("rl", 0), {"stage": "eval", "tag": "sft", "step": 0,
                                                               "eval": result})
                 print(eval_line("sft", 0, result), flush=True)
-            if self.reference is not None:  # the learner freezes its reference; the worker gets a copy
-                self.reference.load_from(self.learner)
+            if self.reference is not None and rl_start < self.rl_steps:
+                self.reference.load_from(self.learner)  # the learner freezes its reference; the worker gets a copy
             self.threads.enter_rl(self.learner)
             with StageProgress(method_label(to_container(cfg)), self.rl_steps, rl_start) as progress:
                 for step in range(rl_start + 1, self.rl_steps + 1):
