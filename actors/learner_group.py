@@ -12,10 +12,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import ray
-import torch
 
 from actors.placement import in_bundle
 from actors.supervision import dead_actors, one_line
@@ -80,16 +79,6 @@ class LearnerActor:
     def weight_metadata(self) -> list[tuple[str, str, tuple[int, ...]]]:
         return [(name, str(dtype).removeprefix("torch."), shape) for name, dtype, shape in
                 self.learner.weight_metadata()]
-
-    @ray.method(num_returns="streaming")
-    def export_weights(self, bucket_bytes: int | None) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        for bucket in self.learner.export_weights(bucket_bytes, device="cpu"):
-            yield bucket
-
-    def join_export(self, bucket_bytes: int | None) -> None:
-        """The non-zero ranks' part of an export: the same gathers, nothing kept."""
-        for _ in self.learner.export_weights(bucket_bytes, device="cpu"):
-            pass
 
     def save_checkpoint(self, path: str, client_state: dict[str, Any], reference_dir: str | None = None) -> None:
         self.learner.save_checkpoint(path, client_state, reference_dir)
@@ -242,17 +231,8 @@ class LearnerGroup:
         return results[0]
 
     def weight_metadata(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        """(name, dtype name, full shape) of every exported tensor, in export order."""
+        """(name, dtype name, full shape) of every tensor a weight sync sends, in its order."""
         return ray.get(self.actors[0].weight_metadata.remote())
-
-    def export_weights(self, bucket_bytes: int | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Rank 0's buckets of (name, full CPU tensor), the other ranks joining the gathers.
-        At most a couple of buckets are in flight, whatever the model's size."""
-        others = [actor.join_export.remote(bucket_bytes) for actor in self.actors[1:]]
-        stream = self.actors[0].export_weights.options(_generator_backpressure_num_objects=2).remote(bucket_bytes)
-        for ref in stream:
-            yield ray.get(ref)
-        gather_first_failure(others)
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """``fn(learner, *args, **kwargs)`` on every rank at once (for collectives such as a

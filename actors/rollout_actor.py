@@ -30,7 +30,6 @@ from personadual.modes import Mode
 from personadual.records import Prompt, Rollout
 from rollout.config import RolloutConfig
 from rollout.engine import make_engine
-from rollout.weights import NamedTensors
 
 if TYPE_CHECKING:
     from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
@@ -67,9 +66,6 @@ class RolloutActor:
         """Greedy answers with their log-probs, for the weight-sync check (actors/weight_sync.py);
         not a rollout, so outside the generation fault window."""
         return self.engine.generate(prompts, forced=False, n=1, greedy=True)
-
-    def load_weights(self, named_tensors: NamedTensors, version: int | None = None) -> int:
-        return self.engine.load_weights(named_tensors, version)
 
     def threads(self) -> dict[str, Any]:
         return read_threads()

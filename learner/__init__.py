@@ -1,2 +1,2 @@
 """The learner room: DeepSpeed SFT and DualGRPO steps, the frozen reference, checkpoints and
-full-weight export. Imports ``personadual`` and third-party libraries only, never Ray."""
+the weight sender. Imports ``personadual`` and third-party libraries only, never Ray."""

@@ -248,21 +248,14 @@ class Learner:
 
     # ---- weights ------------------------------------------------------------------------
     def weight_metadata(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        """(name, dtype, full shape) of every exported tensor; no collective."""
+        """(name, dtype, full shape) of every tensor a weight sync sends; no collective."""
         return weights.metadata(self.engine.module)
 
     def full_weights(self, device: str | torch.device | None = None,
                      copy: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor, full, by HF name (a collective under ZeRO-3: all ranks iterate);
-        ``copy=False``: see ``weights.full_tensor_buckets``."""
+        what a weight sync sends; ``copy=False``: see ``weights.full_tensor_buckets``."""
         return weights.full_tensors(self.engine.module, self.config.bucket_bytes, device=device, copy=copy)
-
-    def export_weights(self, bucket_bytes: int | None = None, *, device: str | torch.device | None = None,
-                       ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Buckets of (name, full tensor) of at most ``bucket_bytes`` (one larger tensor goes
-        alone), in vLLM ``load_weights`` names; a collective under ZeRO-3."""
-        return weights.full_tensor_buckets(self.engine.module, bucket_bytes or self.config.bucket_bytes,
-                                           device=device)
 
     def reference_weights(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """The frozen KL reference's full tensors by HF name, for a reference worker; entering

@@ -1,16 +1,14 @@
 """The trainer side of a weight update: learner rank 0 sends, every rank gathers.
 
 Built on vLLM's trainer weight-transfer API: on GPU its registered "nccl" trainer engine,
-on CPU our "gloo" one below (the worker side is rollout/transfer_gloo.py). Both take a
+on CPU our "gloo" one below, a thin face of the vLLM-free ``WeightPusher``
+(learner/weight_push.py; the worker side is rollout/transfer_gloo.py). Both take a
 `VLLMWeightSyncClient` (the control plane to the rollout engines) and a `WeightSource`
 (the learner's full tensors, gathered under ZeRO-3), so the learner code is one path.
 """
 
 from __future__ import annotations
 
-import inspect
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Iterator
 
@@ -19,19 +17,9 @@ from vllm.distributed.weight_transfer.base import (ParamMeta, TrainerInitInfo, T
                                                    VLLMWeightSyncClient, WeightSource)
 from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-from personadual.weight_wire import (BucketBroadcastError, BucketBuffers, TensorMeta, open_transfer_group,
-                                     send_buckets)
+from learner.weight_push import WeightPusher, tensor_metas
 
 GLOO = "gloo"
-# After a bucket failed, how long (in collective timeouts, plus a margin) to wait for the
-# engines' side of the update to say which engine failed it (actors/weight_sync.py waits one
-# timeout, then one more for the engines stuck beside a frozen one).
-BLAME_TIMEOUTS = 2
-BLAME_MARGIN_S = 10.0
-
-
-class WeightSendError(RuntimeError):
-    """A failed weight send; the message names the engine(s) and the bucket when known."""
 
 
 class LearnerWeightSource(WeightSource):
@@ -63,14 +51,15 @@ class GlooTrainerInitInfo(TrainerInitInfo):
 
 
 class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
+    """vLLM's trainer-engine face of ``WeightPusher`` (learner/weight_push.py): rank 0 pushes,
+    the other ranks iterate the source to join its ZeRO-3 gathers."""
+
     init_info_cls = GlooTrainerInitInfo
 
     def __init__(self, *, client: VLLMWeightSyncClient, source: WeightSource, is_sender: bool,
-                 bucket_bytes: int) -> None:
+                 pusher: WeightPusher | None = None) -> None:
         super().__init__(client=client, source=source, is_sender=is_sender)
-        self.bucket_bytes = bucket_bytes
-        self.group = None
-        self.buffers = BucketBuffers()  # the flat buckets, allocated at the first update only
+        self.pusher = pusher
         self.last_round: dict[str, float] = {}
 
     @classmethod
@@ -78,96 +67,27 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                      source: WeightSource | None = None) -> "GlooTrainerWeightTransferEngine":
         if source is None:
             raise ValueError("gloo weight transfer needs a WeightSource")
-        engine = cls(client=client, source=source, is_sender=init_info.is_sender,
-                     bucket_bytes=init_info.bucket_bytes)
-        if not engine.is_sender:
-            return engine
-        worker_info = {"master_address": init_info.master_address, "master_port": init_info.master_port,
-                       "rank_offset": 1, "world_size": init_info.world_size, "timeout_s": init_info.timeout_s}
-        # Workers block in the rendezvous inside init_weight_transfer_engine: run it beside
-        # opening our end, then surface its error, if any.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(client.init_weight_transfer_engine, worker_info)
-            engine.group = open_transfer_group(init_info.master_address, init_info.master_port, 0,
-                                               init_info.world_size, init_info.timeout_s)
-            future.result()
-        return engine
+        pusher = None
+        if init_info.is_sender:
+            pusher = WeightPusher.connect(client, master_address=init_info.master_address,
+                                          master_port=init_info.master_port, world_size=init_info.world_size,
+                                          bucket_bytes=init_info.bucket_bytes, timeout_s=init_info.timeout_s)
+        return cls(client=client, source=source, is_sender=init_info.is_sender, pusher=pusher)
 
     def send_weights(self) -> None:
+        """One update; the version it brings is the client's ``version`` (set by the caller:
+        vLLM's no-argument ``send_weights`` has no room for it), carried by the finish."""
         source = self.source
         assert source is not None
-        metas = [TensorMeta(m.name, str(m.dtype).removeprefix("torch."), tuple(m.shape)) for m in source.metadata()]
-        if not self.is_sender:
+        if self.pusher is None:
             for _ in source:  # join the ZeRO-3 gathers of the sender's pass
                 pass
             return
-        start = time.perf_counter()
-        update_info = {"names": [m.name for m in metas], "dtype_names": [m.dtype for m in metas],
-                       "shapes": [list(m.shape) for m in metas], "bucket_bytes": self.bucket_bytes}
-        self.client.start_weight_update()
-        started = time.perf_counter()
-        pool = ThreadPoolExecutor(max_workers=1)
-        checksums: list[int | None] = []
-        try:
-            future = pool.submit(self.client.update_weights, update_info)
-
-            def surface_worker_failure() -> None:  # the workers failed before a broadcast: don't wait on them
-                if future.done():
-                    future.result()
-
-            try:
-                sent_bytes = send_buckets(self.group, metas, _checked(source, metas), self.bucket_bytes,
-                                          before_each=surface_worker_failure, checksums=checksums,
-                                          buffers=self.buffers)
-            except BucketBroadcastError as error:
-                grace = BLAME_TIMEOUTS * getattr(self.client, "timeout_s", 0.0) + BLAME_MARGIN_S
-                raise _blame(error, future, grace) from error
-            future.result()
-            transferred = time.perf_counter()
-        finally:
-            # Never join a worker RPC stuck in a broken collective: let the error out.
-            pool.shutdown(wait=False)
-        # The version (set on the client by the caller) and the checksums travel with the finish,
-        # to clients that take them (actors/weight_sync.py); vLLM's own client protocol has none.
-        finish = self.client.finish_weight_update
-        if "checksums" in inspect.signature(finish).parameters:
-            finish(checksums=checksums)
-        else:
-            finish()
-        end = time.perf_counter()
-        # Where a round goes: the engines' start (vLLM readies its reload), the buckets on the
-        # wire and loaded, and the finish (the engines' post-load processing and checks).
-        self.last_round = {"seconds": end - start, "bytes": float(sent_bytes), "buckets": float(len(checksums)),
-                           "start_s": started - start, "transfer_s": transferred - started,
-                           "finish_s": end - transferred}
+        metas = tensor_metas((m.name, m.dtype, m.shape) for m in source.metadata())
+        self.last_round = self.pusher.push(metas, source, version=getattr(self.client, "version", None))
 
     def shutdown(self) -> None:
-        self.group = None
-
-
-def _blame(error: BucketBroadcastError, engines_side: Any, grace_s: float) -> Exception:
-    """One error naming the bucket that failed and, from the engines' side of the update
-    (which names a frozen, dead or failing engine), the engine: the gloo error alone names
-    neither."""
-    try:
-        engines_side.result(timeout=grace_s)
-    except Exception as engine_error:  # noqa: BLE001  (its message is the point)
-        first = str(engine_error).strip().splitlines()[0] if str(engine_error).strip() else type(engine_error).__name__
-        return WeightSendError(f"weight sync: {first.removeprefix('weight sync: ')}; {error}")
-    return WeightSendError(f"weight sync: {error}")
-
-
-def _checked(source: WeightSource, metas: list[TensorMeta]) -> Iterator[torch.Tensor]:
-    """The source's tensors, each checked against the metadata the workers were sent."""
-    count = 0
-    for name, tensor in source:
-        if count >= len(metas) or metas[count].name != name or metas[count].shape != tuple(tensor.shape):
-            expected = metas[count].name if count < len(metas) else "nothing"
-            raise ValueError(f"weight update: source yielded {name!r} where metadata declared {expected!r}")
-        count += 1
-        yield tensor.detach().to("cpu", metas[count - 1].torch_dtype)  # no copy when already so
-    if count != len(metas):
-        raise ValueError(f"weight update: source yielded {count} tensors, metadata declared {len(metas)}")
+        self.pusher = None
 
 
 def register() -> None:

@@ -16,11 +16,11 @@ from rollout.weights import NamedTensors
 class RolloutEngine(Protocol):
     """Generates Rollouts and takes new weights in place.
 
-    The engine's weight version is stamped on every Rollout it returns. Besides
-    ``load_weights`` (tensors handed over in-process or through Ray), an engine is a
+    The engine's weight version is stamped on every Rollout it returns. An engine is a
     vLLM ``VLLMWeightSyncClient`` (``init_weight_transfer_engine`` / ``start_weight_update``
-    / ``update_weights`` / ``finish_weight_update``) so the learner's weight-transfer
-    engine can broadcast into it through a process group of its own.
+    / ``update_weights`` / ``finish_weight_update``): the learner's sender broadcasts into
+    it through a process group of its own. ``load_weights`` takes tensors already in the
+    engine's process (the colocated smoke's CUDA IPC handover, a benchmark's reload).
     """
 
     weight_version: int
@@ -36,8 +36,8 @@ class RolloutEngine(Protocol):
         ...
 
     def load_weights(self, named_tensors: NamedTensors, version: int | None = None) -> int:
-        """Replace every weight in place (HF names, full tensors); sets the weight version
-        to ``version`` (default: current + 1) and returns it."""
+        """Replace every weight in place (HF names, full tensors in this process); sets the
+        weight version to ``version`` (default: current + 1) and returns it."""
         ...
 
     def update_weight_version(self, version: int) -> int: ...

@@ -1,10 +1,10 @@
 """The vLLM rollout engine: forced-prefix and free-mode sampling over ``vllm.LLM``.
 
 One ``LLM`` per engine. With tensor_parallel_size 1 it runs in this process ("uni"
-executor; with VLLM_ENABLE_V1_MULTIPROCESSING=0 it starts in seconds on CPU), and weight
-updates hand the worker the tensors themselves; across processes (V1 multiprocessing or
-tensor parallelism) they travel as one safetensors blob, since vLLM's RPC serializer turns
-tensors into lists. Either way the worker loads them through our worker extension.
+executor; with VLLM_ENABLE_V1_MULTIPROCESSING=0 it starts in seconds on CPU). New weights
+arrive through vLLM's weight-transfer API (``init_weight_transfer_engine`` ... ``finish_weight_update``,
+driven by the learner's sender); ``load_weights`` hands tensors already in this process (a
+colocated handover) to the in-process worker, through our worker extension.
 
 Logprobs are vLLM's "processed_logprobs": the log-probability of each sampled token under
 the distribution it was drawn from (after temperature and top-p), i.e. the behaviour
@@ -27,7 +27,7 @@ from rollout import transfer_gloo
 from rollout.config import RolloutConfig
 from rollout.engine import check_received, parse_version
 from rollout.requests import GenerationRequest, PromptCodec, Sample
-from rollout.weights import NamedTensors, as_list, check_names, checkpoint_names, tied_word_embeddings, to_bytes
+from rollout.weights import NamedTensors, as_list, check_names, checkpoint_names, tied_word_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +124,16 @@ class VllmEngine:
 
     # ---- weights ------------------------------------------------------------------------
     def load_weights(self, named_tensors: NamedTensors, version: int | None = None) -> int:
+        if not self._in_process:
+            # vLLM's RPC would turn every tensor into a list: across processes, weights travel
+            # through the weight-transfer API.
+            raise RuntimeError("load_weights: the worker runs in another process; sync through the "
+                               "weight-transfer API (rollout.weight_transfer_backend)")
         named = as_list(named_tensors)
         if self._expected_names is not None:
             check_names((name for name, _ in named), self._expected_names, aliases=self._aliases)
         new_version = self.weight_version + 1 if version is None else parse_version(version, self.weight_version)
-        payload = named if self._in_process else to_bytes(named)
-        loaded = self.llm.collective_rpc("personadual_load_weights", args=(payload,))
+        loaded = self.llm.collective_rpc("personadual_load_weights", args=(named,))
         if any(count != len(named) for count in loaded):
             raise RuntimeError(f"load_weights: workers loaded {loaded} of {len(named)} tensors")
         self._reset_prefix_cache()

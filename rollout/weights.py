@@ -1,4 +1,4 @@
-"""Checking and carrying a full weight update (HF parameter names, full tensors).
+"""Checking a full weight update (HF parameter names, full tensors) against the engine's names.
 
 An update that misses a tensor would leave part of the engine on old weights, and vLLM
 only logs that ("Failed to load weights"), so every update is checked against the names
@@ -13,8 +13,6 @@ from typing import Iterable, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
 
@@ -60,13 +58,3 @@ def tied_word_embeddings(model_path: str | Path) -> bool:
     config = json.loads((Path(model_path) / "config.json").read_text())
     text_config = config.get("text_config", config)
     return bool(text_config.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
-
-
-def to_bytes(named: list[tuple[str, torch.Tensor]]) -> bytes:
-    """A safetensors blob: what crosses a process boundary (vLLM's RPC serializer turns
-    tensors into lists). Cloned so tensors sharing storage (tied weights) can be saved."""
-    return save_safetensors({name: t.detach().to("cpu").contiguous().clone() for name, t in named})
-
-
-def from_bytes(blob: bytes) -> list[tuple[str, torch.Tensor]]:
-    return list(load_safetensors(bytes(blob)).items())

@@ -21,7 +21,6 @@ import torch
 
 from rollout import transfer_gloo
 from rollout.lm_head import repack_cpu_lm_head
-from rollout.weights import from_bytes
 
 transfer_gloo.register()
 
@@ -29,10 +28,10 @@ transfer_gloo.register()
 class RolloutWorkerExtension:
     """Mixed into vLLM's worker class; ``self`` is the worker."""
 
-    def personadual_load_weights(self, weights: list[tuple[str, torch.Tensor]] | bytes) -> int:
-        """Load a full update in place: (name, tensor) pairs when the worker shares the
-        caller's process, else a safetensors blob. Returns the number of tensors loaded."""
-        named = from_bytes(weights) if isinstance(weights, (bytes, bytearray, memoryview)) else list(weights)
+    def personadual_load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
+        """Load a full update in place from (name, tensor) pairs: the worker shares the caller's
+        process (VllmEngine.load_weights). Returns the number of tensors loaded."""
+        named = list(weights)
         self.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
         repack_cpu_lm_head(self.model_runner.get_model())
         return len(named)

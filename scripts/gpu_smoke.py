@@ -14,7 +14,8 @@ place of Ray actors. Each stage prints one JSON line; the last line sums up.
 The engine runs in its own process, as in a real run. The sync goes over NCCL only when
 learner and engine sit on different GPUs: NCCL refuses two ranks on one device, which the
 last stage probes and reports, so on one GPU the sync uses the host-staged gloo transport
-(the CPU path, rollout/transfer_gloo.py and learner/transfer_sender.py, same buckets).
+(the CPU path: the driver's sender, learner/weight_push.py, with its checksummed buckets and
+the version carried by the finish, into the engine's receiver).
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from learner.weight_push import WeightPusher, tensor_metas  # noqa: E402
 from personadual.modes import Mode  # noqa: E402
 from personadual.rl_step import RLStep  # noqa: E402
 from personadual.tiny import PRESETS, build_tiny_model  # noqa: E402
-from personadual.weight_wire import TensorMeta, open_transfer_group, send_buckets  # noqa: E402
 from personadual.world import PersonaWorld, WorldConfig  # noqa: E402
 from smoke_nccl import nccl_probe  # noqa: E402  (this script's folder is sys.path[0])
 
@@ -135,34 +136,44 @@ class EngineHandle:
             self.process.kill()
 
 
-# ---- the weight sync ------------------------------------------------------------------------
+# ---- the weight sync: the driver's own sequence (learner/weight_push.py) ---------------------
+class EngineProcessClient:
+    """The engine process as the control plane of ``WeightPusher`` (one engine, one worker)."""
+
+    def __init__(self, engine: EngineHandle) -> None:
+        self.engine = engine
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self.engine.call("init_weight_transfer_engine", init_info)
+
+    def start_weight_update(self) -> None:
+        self.engine.call("start_weight_update")
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self.engine.call("update_weights", update_info)
+
+    def finish_weight_update(self, weight_version: int | None = None,
+                             checksums: list[int | None] | None = None) -> None:
+        self.engine.call("finish_weight_update", weight_version, checksums)
+
+
 class Sync:
-    """Learner rank 0 -> the engine: one transfer group of its own, bucketed broadcasts."""
+    """Learner rank 0 -> the engine process: one transfer group of its own, checksummed
+    buckets, the version carried by the finish."""
 
     def __init__(self, learner: Any, engine: EngineHandle, bucket_bytes: int, timeout_s: float) -> None:
         from learner.distributed import LOOPBACK, free_port
 
-        self.learner, self.engine, self.bucket_bytes = learner, engine, bucket_bytes
-        port = free_port()
-        engine.send("init_weight_transfer_engine", {"master_address": LOOPBACK, "master_port": port,
-                                                    "rank_offset": 1, "world_size": 2, "timeout_s": timeout_s})
-        self.group = open_transfer_group(LOOPBACK, port, 0, 2, timeout_s)
-        engine.reply()
-        self.metas = [TensorMeta(name, str(dtype).removeprefix("torch."), tuple(shape))
-                      for name, dtype, shape in learner.weight_metadata()]
+        self.learner = learner
+        self.pusher = WeightPusher.connect(EngineProcessClient(engine), master_address=LOOPBACK,
+                                           master_port=free_port(), world_size=2, bucket_bytes=bucket_bytes,
+                                           timeout_s=timeout_s)
+        self.metas = tensor_metas(learner.weight_metadata())
 
     def push(self) -> dict[str, float]:
-        start = time.perf_counter()
-        self.engine.call("start_weight_update")
-        self.engine.send("update_weights", {"names": [m.name for m in self.metas],
-                                            "dtype_names": [m.dtype for m in self.metas],
-                                            "shapes": [list(m.shape) for m in self.metas],
-                                            "bucket_bytes": self.bucket_bytes})
-        tensors = (tensor for _, tensor in self.learner.full_weights(device="cpu"))
-        sent = send_buckets(self.group, self.metas, tensors, self.bucket_bytes)
-        self.engine.reply()
-        self.engine.call("finish_weight_update", self.learner.weight_version)
-        return {"seconds": time.perf_counter() - start, "bytes": float(sent)}
+        # copy=False: each tensor is packed into its bucket before the next one is read.
+        return self.pusher.push(self.metas, self.learner.full_weights(device="cpu", copy=False),
+                                version=self.learner.weight_version)
 
 
 # ---- the pieces of one RL step (personadual/rl_step.py runs them, as the driver does) --------

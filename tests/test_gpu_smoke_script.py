@@ -34,3 +34,22 @@ def test_gpu_smoke_script_cpu_path(tmp_path: Path) -> None:
     weights = by_stage["weights_equal"]
     assert weights["ok"] and weights["mismatched"] == [] and weights["changed_by_training"] > 0
     assert by_stage["summary"]["ok"] is True
+
+
+def test_gpu_smoke_script_loads_without_vllm_or_ray() -> None:
+    """The GPU image has a CUDA torch but neither vLLM nor Ray: the script, and the sender it
+    shares with the driver (learner/weight_push.py), must load with both unimportable."""
+    blocker = ("import importlib.abc, sys\n"
+               "class Block(importlib.abc.MetaPathFinder):\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] in ('vllm', 'ray'):\n"
+               "            raise ImportError(f'{name} is blocked')\n"
+               "sys.meta_path.insert(0, Block())\n"
+               "import runpy\n"
+               "sys.path.insert(0, 'scripts')  # as when the script runs: its folder first\n"
+               "module = runpy.run_path('scripts/gpu_smoke.py', run_name='not_main')\n"
+               "assert 'WeightPusher' in module and 'Sync' in module\n"
+               "print(sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'ray')))\n")
+    result = subprocess.run([sys.executable, "-c", blocker], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

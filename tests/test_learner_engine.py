@@ -192,13 +192,13 @@ def test_several_updates_per_batch_use_old_logprobs_from_before_the_first(tiny_m
 
 
 @pytest.mark.timeout(300)
-def test_bf16_learner_steps_and_exports_bf16(tiny_model_dir, batches):
+def test_bf16_learner_steps_and_sends_bf16_weights(tiny_model_dir, batches):
     learner = Learner(_config(precision="bf16"), tiny_model_dir)
     try:
         metrics = learner.policy_step(build_policy_batch(batches[0]))
         assert all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm", "entropy", "mode_token_prob"))
         assert {dtype for _, dtype, _ in learner.weight_metadata()} == {torch.bfloat16}
-        exported = [tensor for bucket in learner.export_weights(1 << 16) for _, tensor in bucket]
+        exported = [tensor for _, tensor in learner.full_weights(device="cpu")]  # what a weight sync sends
         assert exported and all(t.dtype == torch.bfloat16 for t in exported)
     finally:
         learner.close()

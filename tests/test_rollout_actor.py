@@ -52,11 +52,11 @@ def actors(ray_cluster, tied_model_dir):
         ray.kill(actor)
 
 
-def test_actors_sample_forced_groups_and_load_weights_in_place(actors, tied_model_dir):
+def test_actors_sample_forced_groups_and_free_modes(actors):
     vllm_actor, hf_actor = actors
     prompts = PersonaWorld(WorldConfig(seed=0)).train_prompts()[:4]
-    assert ray.get(vllm_actor.num_workers.remote()) == 1
-    assert ray.get(vllm_actor.weight_transfer_backend.remote()) == "gloo"
+    assert ray.get([a.num_workers.remote() for a in actors]) == [1, 1]
+    assert ray.get([a.weight_transfer_backend.remote() for a in actors]) == ["gloo", "gloo"]
 
     rollouts = ray.get(vllm_actor.generate.remote(prompts, forced=True, n=2))
     assert len(rollouts) == 16
@@ -65,57 +65,44 @@ def test_actors_sample_forced_groups_and_load_weights_in_place(actors, tied_mode
         assert Counter(r.mode for r in group) == {Mode.GENERAL: 2, Mode.PERSONALIZED: 2}
         assert sorted(r.sample_index for r in group) == [0, 1, 2, 3]
         assert all(r.text.startswith(r.mode.token) and r.weight_version == 0 for r in group)
+    free = ray.get(hf_actor.generate.remote(prompts, forced=False, n=2))
+    assert len(free) == 8 and all(not r.forced for r in free)
 
+
+def test_actors_take_a_gloo_sync_from_the_learner_side_sender_live_at_its_version(actors, tied_model_dir):
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+    from actors.weight_sync import EngineSyncClient
+    from learner.transfer_sender import GlooTrainerInitInfo, LearnerWeightSource
+    from tests.helpers import free_port
+
+    vllm_actor, hf_actor = actors
+    prompts = PersonaWorld(WorldConfig(seed=0)).train_prompts()[4:8]
     before = ray.get(vllm_actor.generate.remote(prompts, forced=True, n=1, greedy=True))
     model = AutoModelForCausalLM.from_pretrained(tied_model_dir, dtype=torch.float32)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    generator = torch.Generator().manual_seed(4)
-    # named_parameters() lists the shared matrix once, as a learner's update would.
+    generator = torch.Generator().manual_seed(9)
+    # named_parameters() lists the shared matrix once, as a learner's update does.
     weights = {n: t + torch.randn(t.shape, generator=generator) * 0.05 for n, t in model.named_parameters()}
     assert "lm_head.weight" not in weights
-    assert ray.get([vllm_actor.load_weights.remote(weights, 5), hf_actor.load_weights.remote(weights, 5)]) == [5, 5]
-    assert ray.get(vllm_actor.get_weight_version.remote()) == 5
+    source = LearnerWeightSource(lambda: [(n, t.dtype, tuple(t.shape)) for n, t in weights.items()],
+                                 lambda: weights.items())
+    client = EngineSyncClient([vllm_actor, hf_actor], timeout_s=120)
+    sender = WeightTransferTrainerFactory.trainer_init(
+        GlooTrainerInitInfo(rank=0, master_address="127.0.0.1", master_port=free_port(),
+                            world_size=1 + sum(client.workers), bucket_bytes=256 << 10, timeout_s=60),
+        client=client, source=source)
+    client.version = 5  # the finish carries it: no second round sets it
+    sender.send_weights()
+    assert sender.last_round["buckets"] > 1
+    assert ray.get([a.get_weight_version.remote() for a in actors]) == [5, 5]
 
     ours, theirs = ray.get([vllm_actor.generate.remote(prompts, forced=True, n=1, greedy=True),
                             hf_actor.generate.remote(prompts, forced=True, n=1, greedy=True)])
     assert [r.response_token_ids for r in ours] != [r.response_token_ids for r in before]
     assert [r.response_token_ids for r in ours] == [r.response_token_ids for r in theirs]
     assert {r.weight_version for r in ours + theirs} == {5}
-    free = ray.get(vllm_actor.generate.remote(prompts, forced=False, n=2))
-    assert len(free) == 8 and all(not r.forced for r in free)
     assert ray.get(vllm_actor.update_weight_version.remote(6)) == 6
     with pytest.raises(ray.exceptions.RayTaskError, match="older"):
         ray.get(vllm_actor.update_weight_version.remote(3))
-
-
-def test_actors_receive_a_gloo_broadcast_from_a_learner_side_sender(actors, tied_model_dir):
-    import socket
-
-    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
-
-    from actors.weight_sync import EngineSyncClient
-    from learner.transfer_sender import GlooTrainerInitInfo, LearnerWeightSource
-
-    vllm_actor, hf_actor = actors
-    model = AutoModelForCausalLM.from_pretrained(tied_model_dir, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(9)
-    weights = {n: t + torch.randn(t.shape, generator=generator) * 0.05 for n, t in model.named_parameters()}
-    source = LearnerWeightSource(lambda: [(n, t.dtype, tuple(t.shape)) for n, t in weights.items()],
-                                 lambda: weights.items())
-    client = EngineSyncClient([vllm_actor, hf_actor], timeout_s=120)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    sender = WeightTransferTrainerFactory.trainer_init(
-        GlooTrainerInitInfo(rank=0, master_address="127.0.0.1", master_port=port,
-                            world_size=1 + sum(client.workers), bucket_bytes=256 << 10, timeout_s=60),
-        client=client, source=source)
-    sender.send_weights()
-    version = max(ray.get([a.get_weight_version.remote() for a in (vllm_actor, hf_actor)])) + 1
-    assert ray.get([a.update_weight_version.remote(version) for a in (vllm_actor, hf_actor)]) == [version] * 2
-    prompts = PersonaWorld(WorldConfig(seed=0)).train_prompts()[4:8]
-    ours, theirs = ray.get([vllm_actor.generate.remote(prompts, forced=True, n=1, greedy=True),
-                            hf_actor.generate.remote(prompts, forced=True, n=1, greedy=True)])
-    assert [r.response_token_ids for r in ours] == [r.response_token_ids for r in theirs]
-    assert {r.weight_version for r in ours + theirs} == {version}
     sender.shutdown()
