@@ -20,7 +20,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from actors.schedule import SCHEDULES, ScheduleError, resolve_schedule
+from actors.schedule import REFERENCE_PLACES, SCHEDULES, ScheduleError, resolve_schedule
 from learner.config import LearnerConfig
 from personadual.algo_config import AlgoConfig
 from personadual.world import KINDS
@@ -125,6 +125,11 @@ class ClusterSection:
     # engines asleep while the learner trains) or pipelined (step t+1 generates while step t
     # trains, cores split between them; implies algo.max_staleness=1).
     schedule: str = "serial"
+    # Who computes the KL reference's log-probs (actors/reference_worker.py): the learner, in its
+    # step, or a worker beside the engines that scores each round as soon as it is generated
+    # (off the learner's critical path when pipelined). null: worker when pipelined on CPU
+    # engines with a KL term, else learner.
+    reference: Optional[str] = None
 
 
 @dataclass
@@ -148,6 +153,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "rollout.engine": ("vllm", "hf"),
     "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "cluster.schedule": SCHEDULES,
+    "cluster.reference": (None, *REFERENCE_PLACES),
 }
 _POSITIVE = ("sft.batch_size", "run.max_consecutive_failures", "cluster.placement_timeout_s")
 _NON_NEGATIVE = ("sft.steps", "sft.epochs", "run.save_every", "run.eval_every", "run.keep_last",

@@ -24,6 +24,7 @@ from actors.generation import GenerationFanOut, RLRollouts
 from actors.learner_group import LearnerGroup, LearnerRankDied
 from actors.mode_probe import ModeProbe
 from actors.placement import Placement, check_fits, cluster_shape, plan_groups
+from actors.reference_worker import ReferenceService, ReferenceWorkerDied
 from actors.reward_pool import RewardPool
 from actors.rollout_actor import create_rollout_actors, start_rollout_actor
 from actors.run_state import CheckpointStore, DataCursor, load_stages, rng_state, set_rng_state
@@ -32,6 +33,7 @@ from actors.supervision import EngineSupervisor, FaultLog, RunStopped, one_line,
 from actors.threads import RunThreads, plan_for_run
 from actors.weight_sync import WeightSyncError, weight_sync_for_run
 from learner.batch import SftSample
+from learner.reference_scorer import ReferencePlan
 from personadual.data import resolve_model
 from personadual.evaluation import probe_prompts
 from personadual.records import Scored
@@ -92,7 +94,8 @@ class Driver:
             self.model_path, section(cfg, "rollout"), threads=self.threads.plan.rollout,
             slots=[self.placement.engine_slot(i) for i in range(cfg.rollout.num_engines)],
             sleep_between_phases=self.phases.active)
-        print(self.threads.read_back(self.learner, self.engines), flush=True)
+        self.reference = self._start_reference() if cfg.cluster.reference == "worker" else None
+        print(self.threads.read_back(self.learner, self.engines, self.reference), flush=True)
         self.rewards = RewardPool(section(cfg, "reward"), num_workers=cfg.reward.num_workers,
                                   num_cpus=cfg.reward.num_cpus_per_worker, placement_group=self.placement.reward,
                                   faults=self.faults)
@@ -108,10 +111,23 @@ class Driver:
         self.rl_rollouts = RLRollouts(self.generation, self.data.train, self.rl_cursor,
                                       prompts_per_step=cfg.algo.prompts_per_step, n_per_mode=cfg.algo.n_per_mode,
                                       forced_prefix=bool(cfg.algo.forced_prefix), run_seed=cfg.run.seed,
-                                      filter_max_rounds=cfg.algo.filter_max_rounds if cfg.algo.filter_groups else None)
+                                      filter_max_rounds=cfg.algo.filter_max_rounds if cfg.algo.filter_groups else None,
+                                      reference=self.reference)
         self.rl_stepper = RLStep(self.rl_rollouts, self.phases.around(self.learner, self.engines),
                                  self.supervisor.sync, max_staleness=cfg.algo.max_staleness,
                                  total_steps=self.rl_steps)
+
+    def _start_reference(self) -> ReferenceService:
+        """The reference worker (actors/reference_worker.py) in engine 0's bundle, on the engines'
+        threads, cutting batches as the learner does."""
+        cfg = self.cfg
+        plan = ReferencePlan(num_ranks=cfg.learner.num_ranks, mini_batches=cfg.algo.mini_batches,
+                             micro_batch_tokens=cfg.learner.micro_batch_tokens,
+                             shared_prefix=bool(cfg.learner.shared_prefix))
+        learner = section(cfg, "learner")
+        precision = learner.resolved_precision(learner.device)
+        return ReferenceService(self.model_path, plan, dtype="bfloat16" if precision == "bf16" else "float32",
+                                threads=self.threads.plan.rollout[0], slot=self.placement.engine_slot(0))
 
     def _start_engine(self, index: int) -> Any:
         """A replacement for rollout engine ``index``, in that engine's placement bundle."""
@@ -139,6 +155,8 @@ class Driver:
         record = rl_step_record(done.scored, done.learner_metrics, done.times, reward_counts=done.reward_counts,
                                 sync=done.sync, staleness=done.staleness, weight_version=self.learner.weight_version)
         record["perf"].update(self.threads.metrics("rl"))
+        if self.reference is not None:
+            record["reference"] = self.reference.metrics()
         return {**record, **self.rl_rollouts.filter_metrics, **self.phases.step_metrics()}
 
     def _log_training_samples(self, step: int, scored: list[Scored]) -> None:
@@ -216,6 +234,8 @@ class Driver:
                 self.tracker.log(self._global_step("rl", 0), {"stage": "eval", "tag": "sft", "step": 0,
                                                               "eval": result})
                 print(eval_line("sft", 0, result), flush=True)
+            if self.reference is not None and rl_start < self.rl_steps:
+                self.reference.load_from(self.learner)  # the learner freezes its reference; the worker gets a copy
             self.threads.enter_rl(self.learner)
             with StageProgress(method_label(to_container(cfg)), self.rl_steps, rl_start) as progress:
                 for step in range(rl_start + 1, self.rl_steps + 1):
@@ -246,7 +266,7 @@ class Driver:
             self.tracker.write_summary(summary)
             write_plots(self.run_dir)
             return summary
-        except (RunStopped, LearnerRankDied, WeightSyncError) as error:
+        except (RunStopped, LearnerRankDied, WeightSyncError, ReferenceWorkerDied) as error:
             raise self._stopped(error) from None
         except JudgeError as error:
             # Policy "fail" stops the run like any fault it cannot get past (one line, exit 3,
@@ -285,7 +305,7 @@ class Driver:
                           f"continue with: python launch.py --resume {self.run_dir}")
 
     def shutdown(self) -> None:
-        for thing in ("learner", "rewards"):
+        for thing in ("learner", "rewards", "reference"):
             handle = getattr(self, thing, None)
             if handle is not None:
                 handle.shutdown()

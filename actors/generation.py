@@ -163,11 +163,14 @@ class RLRollouts:
 
     With ``filter_max_rounds`` (``algo.filter_groups``; personadual/group_filter.py) a step's
     uniform-reward groups leave its batch and further rounds of fresh prompts top it up, all
-    before the next step's prompts are drawn; ``filter_metrics`` holds the last step's counts."""
+    before the next step's prompts are drawn; ``filter_metrics`` holds the last step's counts.
+
+    With ``reference`` (actors/reference_worker.py) each step's round goes to the reference
+    worker as it is sent, and its rollouts come back with their reference log-probs."""
 
     def __init__(self, generation: GenerationFanOut, prompts: list[Prompt], cursor: Any, *,
                  prompts_per_step: int, n_per_mode: int, forced_prefix: bool, run_seed: int,
-                 filter_max_rounds: int | None = None) -> None:
+                 filter_max_rounds: int | None = None, reference: Any = None) -> None:
         self.generation = generation
         self.prompts = prompts
         self.cursor = cursor
@@ -178,21 +181,28 @@ class RLRollouts:
         self.cursor_state: dict[str, int] | None = None
         self.filter_max_rounds = filter_max_rounds
         self.filter_metrics: dict[str, float] = {}
+        self.reference = reference
 
-    def start(self, step: int) -> tuple[PendingGeneration, dict[str, int]]:
+    def start(self, step: int) -> tuple[PendingGeneration, dict[str, int], Any]:
         prompts = [self.prompts[i] for i in self.cursor.take(self.prompts_per_step)]
         n = self.n_per_mode if self.forced else 2 * self.n_per_mode
         pending = self.generation.start(prompts, forced=self.forced, n=n, step=step,
                                         seeds=sampling_seeds(self.run_seed, "rl", step, len(prompts)))
-        return pending, self.cursor.state()
+        return pending, self.cursor.state(), self.reference.submit(pending) if self.reference else None
 
-    def finish(self, started: tuple[PendingGeneration, dict[str, int]],
+    def finish(self, started: tuple[PendingGeneration, dict[str, int], Any],
                ) -> tuple[list[Scored], dict[str, float], dict[str, int]]:
-        pending, cursor_state = started
+        pending, cursor_state, reference = started
         scored, times, counts = self.generation.finish(pending)
+        if self.reference is not None:
+            what = f"RL step {pending.step}'s reference log-probs"
+            scored = self.reference.attach(reference, scored, what)
+            times["reference_wait"] = self.reference.wait_s
         if self.filter_max_rounds is not None:
             scored = self._filter(pending.step, scored, times, counts)
             cursor_state = self.cursor.state()  # past the extra rounds' prompts too
+            if self.reference is not None:
+                scored = self.reference.fill(scored, f"RL step {pending.step}'s top-up reference log-probs")
         self.cursor_state = cursor_state  # only once scored: a stop while scoring resumes before this step
         return scored, times, counts
 
@@ -218,5 +228,5 @@ class RLRollouts:
         self.filter_metrics = found.metrics()
         return kept
 
-    def wait(self, started: tuple[PendingGeneration, dict[str, int]]) -> None:
+    def wait(self, started: tuple[PendingGeneration, dict[str, int], Any]) -> None:
         self.generation.wait(started[0])

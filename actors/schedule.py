@@ -14,6 +14,11 @@
   learner trains on step t's; the weights go out once that generation is done. Rollouts are
   then one learner update old: ``algo.max_staleness`` follows the schedule (1 here, 0 for
   the others) and an explicit value that contradicts it exits 2 naming both keys.
+
+``cluster.reference`` says who computes the KL reference's log-probs: the ``learner`` in its
+step, or a ``worker`` beside the engines (actors/reference_worker.py) that scores each round as
+soon as it is generated, which takes the reference pass off the learner's side of a pipelined
+step. Null picks the worker when pipelined (with a KL term, on CPU engines), else the learner.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 SCHEDULES = ("serial", "colocated", "pipelined")
+REFERENCE_PLACES = ("learner", "worker")
 
 
 class ScheduleError(ValueError):
@@ -61,6 +67,26 @@ def resolve_schedule(cfg: DictConfig) -> None:
                                 "learner.num_gpus_per_rank must both be > 0 (sharing a GPU) or both 0")
         if on_gpu and cfg.rollout.weight_transfer_backend == "auto":
             OmegaConf.update(cfg, "rollout.weight_transfer_backend", "ipc")
+    resolve_reference(cfg)
+
+
+def resolve_reference(cfg: DictConfig) -> None:
+    """Fill ``cluster.reference`` when null and refuse a worker that could not do its job."""
+    gpu_engines = cfg.rollout.num_gpus_per_engine > 0
+    kl = cfg.algo.kl_coef > 0
+    place = cfg.cluster.reference
+    if place is None:
+        place = "worker" if cfg.cluster.schedule == "pipelined" and kl and not gpu_engines else "learner"
+        OmegaConf.update(cfg, "cluster.reference", place)
+    if place != "worker":
+        return
+    if not kl:
+        raise ScheduleError(f"cluster.reference=worker: algo.kl_coef={cfg.algo.kl_coef} has no KL term, so there is "
+                            f"no reference to compute (set cluster.reference=learner)")
+    if gpu_engines:
+        # The worker holds no device of its own yet: in a GPU engine's bundle it would compute on CPU.
+        raise ScheduleError("cluster.reference=worker computes on the engines' CPU cores; with "
+                            "rollout.num_gpus_per_engine > 0 set cluster.reference=learner")
 
 
 @dataclass
@@ -126,4 +152,5 @@ class _EnginesAsleep:
             self.phases.rollout_phase(self.engines)
 
 
-__all__ = ["PhaseSwitch", "SCHEDULES", "ScheduleError", "resolve_schedule", "staleness_of"]
+__all__ = ["PhaseSwitch", "REFERENCE_PLACES", "SCHEDULES", "ScheduleError", "resolve_reference", "resolve_schedule",
+           "staleness_of"]

@@ -103,14 +103,17 @@ def plan_for_run(cfg: Any, placement: Any) -> ThreadPlan:
                         engine_nodes=engine_nodes, node_cpus=node_cpus())
 
 
-def threads_metrics(learner: Sequence[dict[str, Any]], rollout: Sequence[dict[str, Any]]) -> dict[str, float]:
+def threads_metrics(learner: Sequence[dict[str, Any]], rollout: Sequence[dict[str, Any]],
+                    reference: dict[str, Any] | None = None) -> dict[str, float]:
     """``perf/threads/*``: the torch threads read back from each rank and engine (the
-    fewest, when they differ)."""
+    fewest, when they differ) and from the reference worker, if there is one."""
     metrics: dict[str, float] = {}
     if learner:
         metrics["threads/learner"] = float(min(r["torch"] for r in learner))
     if rollout:
         metrics["threads/rollout"] = float(min(r["torch"] for r in rollout))
+    if reference:
+        metrics["threads/reference"] = float(reference["torch"])
     return metrics
 
 
@@ -121,20 +124,23 @@ class RunThreads:
         self.plan, self.schedule = plan, schedule
         self.read: dict[str, float] = {}
         self._engines: list[dict[str, Any]] = []
+        self._reference: dict[str, Any] | None = None
 
-    def read_back(self, learner: Any, engines: Sequence[Any]) -> str:
-        """Ask every rank and engine what it computes on; the console line saying so."""
+    def read_back(self, learner: Any, engines: Sequence[Any], reference: Any = None) -> str:
+        """Ask every rank and engine (and the reference worker: the engines' threads, used after
+        they generate) what it computes on; the console line saying so."""
         import ray
 
         self._engines = ray.get([engine.threads.remote() for engine in engines])
-        self.read = threads_metrics(learner.threads(), self._engines)
+        self._reference = reference.threads() if reference is not None else None
+        self.read = threads_metrics(learner.threads(), self._engines, self._reference)
         read = ", ".join(f"{key.split('/')[1]} {value:g}" for key, value in self.read.items())
         return f"schedule: {self.schedule}; {self.plan.describe()}; read back: {read}"
 
     def enter_rl(self, learner: Any) -> None:
         """The RL stage starts: ranks whose share differs from SFT's (pipelined) switch to it."""
         if self.plan.learner != self.plan.learner_sft:
-            self.read = threads_metrics(learner.set_threads(self.plan.learner), self._engines)
+            self.read = threads_metrics(learner.set_threads(self.plan.learner), self._engines, self._reference)
 
     def metrics(self, stage: str) -> dict[str, float]:
         """``perf`` entries of a step of ``stage`` (an SFT step has no engine working)."""

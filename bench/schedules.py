@@ -6,8 +6,11 @@ per-phase means of the RL steps, and how busy the learner and the engine kept th
         learner.threads=1 rollout.threads=1       # Ray's one thread per actor, as before threads per role
 
 Prints one JSON object (and writes it under --out). CPU is sampled with psutil every
---interval seconds over the processes Ray names ``ray::LearnerActor*`` and ``ray::RolloutActor*``
-(100 = one core busy); ``cpu_rl_stage`` covers the samples from the eval after SFT to the final eval.
+--interval seconds over the processes Ray names ``ray::LearnerActor*``, ``ray::RolloutActor*`` and
+``ray::ReferenceWorker*`` (100 = one core busy; ``both_cpu_mean`` sums all three);
+``cpu_rl_stage`` covers the samples from the eval after SFT to the final eval.
+``reference_worker_s`` is the reference worker's compute per step (``cluster.reference=worker``),
+beside the learner's step when pipelined; ``reference`` is the learner's own reference pass.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from typing import Any
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-ROLES = {"learner": "LearnerActor", "rollout": "RolloutActor"}
-PHASES = ("generate", "score", "reference", "train", "sync", "generate_next", "idle", "step")
+ROLES = {"learner": "LearnerActor", "rollout": "RolloutActor", "reference": "ReferenceWorker"}
+PHASES = ("generate", "score", "reference_wait", "reference", "train", "sync", "generate_next", "idle", "step")
 
 
 class CpuSampler:
@@ -119,6 +122,9 @@ def main() -> int:
         "sft_s": round(sum(r["timing_s"]["step"] for r in sft), 1),
         "rl_s": round(sum(r["timing_s"]["step"] for r in rl), 1),
         "rl_steps": len(rl), "rl_step_mean_s (steps 2..)": phases.pop("step"), "rl_phase_mean_s (steps 2..)": phases,
+        "rl_step_sd_s (steps 2..)": round(statistics.pstdev(r["timing_s"]["step"] for r in steady), 3),
+        "reference_worker_s (steps 2..)": round(statistics.fmean(r.get("reference", {}).get("worker_s", 0.0)
+                                                                 for r in steady), 3),
         "threads": {k: v for k, v in (rl or sft or [{}])[-1].get("perf", {}).items() if k.startswith("threads/")},
         "cpu_rl_stage": sampler.summary(marks.get("rl_start"), marks.get("rl_end")),
         "cpu_whole_run": sampler.summary(None, None),

@@ -50,10 +50,16 @@ class PolicySample:
     engine_logprobs: list[float] = field(default_factory=list)
     forced: bool = False
     setting: int = -1  # index in personadual.evaluation.EVAL_SETTINGS of the prompt's setting; -1: unknown
+    # The frozen reference's log-prob of each response token, when a reference worker computed
+    # them beside generation (actors/reference_worker.py); empty: the learner computes them.
+    reference_logprobs: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.engine_logprobs and len(self.engine_logprobs) != len(self.response_token_ids):
             raise ValueError(f"PolicySample.engine_logprobs: {len(self.engine_logprobs)} for "
+                             f"{len(self.response_token_ids)} response tokens")
+        if self.reference_logprobs and len(self.reference_logprobs) != len(self.response_token_ids):
+            raise ValueError(f"PolicySample.reference_logprobs: {len(self.reference_logprobs)} for "
                              f"{len(self.response_token_ids)} response tokens")
 
     @property
@@ -99,7 +105,8 @@ def build_policy_batch(scored: Sequence[Scored], *, advantage: str = "dual", sca
     advantages = batch_advantages(advantage, rewards, modes, groups, scale=scale)
     samples = [PolicySample(list(s.rollout.prompt_token_ids), list(s.rollout.response_token_ids),
                             float(a), int(m), float(s.reward), engine_logprobs=list(s.rollout.response_logprobs),
-                            forced=bool(s.rollout.forced), setting=EVAL_SETTINGS.index(setting_of(s.rollout.prompt)))
+                            forced=bool(s.rollout.forced), setting=EVAL_SETTINGS.index(setting_of(s.rollout.prompt)),
+                            reference_logprobs=list(s.rollout.reference_logprobs))
                for s, a, m in zip(kept, advantages.tolist(), modes.tolist())]
     stats: dict[str, float] = {"samples": float(len(samples)), "dropped": float(len(scored) - len(kept)),
                                "reward/mean": float(rewards.mean()),
@@ -134,9 +141,16 @@ def shard(batch: PolicyBatch | Sequence[SftSample], rank: int, world_size: int, 
     """This rank's part of a batch (a PolicyBatch keeps the whole-batch stats). ``by_prompt``
     keeps the samples of one prompt on one rank (balanced by the positions they take packed,
     learner/shared_prefix.py), so each prompt is computed once in the whole step."""
+    samples = batch.samples if isinstance(batch, PolicyBatch) else list(batch)
+    part = [samples[i] for i in shard_members(samples, rank, world_size, by_prompt=by_prompt)]
+    return replace(batch, samples=part) if isinstance(batch, PolicyBatch) else part
+
+
+def shard_members(samples: Sequence[SftSample | PolicySample], rank: int, world_size: int, *,
+                  by_prompt: bool = False) -> list[int]:
+    """The indices of ``samples`` that ``shard`` gives rank ``rank``, in batch order."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank: expected 0 <= rank < {world_size}, got {rank}")
-    samples = batch.samples if isinstance(batch, PolicyBatch) else list(batch)
     if by_prompt:
         units: dict[tuple[int, ...], list[int]] = {}
         for index, sample in enumerate(samples):
@@ -144,11 +158,8 @@ def shard(batch: PolicyBatch | Sequence[SftSample], rank: int, world_size: int, 
         members = list(units.values())
         sizes = [len(samples[m[0]].prompt_token_ids) + sum(len(samples[i].response_token_ids) for i in m)
                  for m in members]
-        indices = sorted(i for unit in shard_indices(sizes, world_size)[rank] for i in members[unit])
-    else:
-        indices = shard_indices([s.num_tokens for s in samples], world_size)[rank]
-    part = [samples[i] for i in indices]
-    return replace(batch, samples=part) if isinstance(batch, PolicyBatch) else part
+        return sorted(i for unit in shard_indices(sizes, world_size)[rank] for i in members[unit])
+    return shard_indices([s.num_tokens for s in samples], world_size)[rank]
 
 
 def split_even(items: Sequence[T], parts: int) -> list[list[T]]:
@@ -195,6 +206,8 @@ class MicroBatch:
     # Shared-prefix micro-batches only: ``input_ids``/``attention_mask`` are then the packed
     # rows (one per prompt, learner/shared_prefix.py) and this maps them to the frame above.
     layout: PackedLayout | None = None
+    # Policy samples only: the reference's log-probs (B, K) when every row came with them.
+    reference_logprobs: torch.Tensor | None = None
 
     @property
     def logits_to_keep(self) -> int:
@@ -211,6 +224,7 @@ class MicroBatch:
         return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
                        targets=self.targets.to(device), response_mask=self.response_mask.to(device),
                        engine_logprobs=moved(self.engine_logprobs), sampled_mask=moved(self.sampled_mask),
+                       reference_logprobs=moved(self.reference_logprobs),
                        layout=None if self.layout is None else self.layout.to(device))
 
 
@@ -224,6 +238,8 @@ def collate(samples: Sequence[SftSample | PolicySample], indices: list[int], pad
     policy = all(isinstance(r, PolicySample) for r in rows)
     engine_logprobs = torch.zeros((len(rows), width), dtype=torch.float32) if policy else None
     sampled_mask = torch.zeros((len(rows), width), dtype=torch.float32) if policy else None
+    with_reference = policy and all(r.reference_logprobs for r in rows)
+    reference = torch.zeros((len(rows), width), dtype=torch.float32) if with_reference else None
     for row, sample in enumerate(rows):
         prompt, response = len(sample.prompt_token_ids), len(sample.response_token_ids)
         input_ids[row, :prompt + response] = torch.tensor(sample.prompt_token_ids + sample.response_token_ids)
@@ -233,10 +249,13 @@ def collate(samples: Sequence[SftSample | PolicySample], indices: list[int], pad
             engine_logprobs[row, prompt:prompt + response] = torch.tensor(sample.engine_logprobs)
             # A forced mode token was never sampled: it has no behaviour probability.
             sampled_mask[row, prompt + (1 if sample.forced else 0):prompt + response] = 1
+        if reference is not None:
+            reference[row, prompt:prompt + response] = torch.tensor(sample.reference_logprobs)
     return MicroBatch(input_ids, attention_mask, start, input_ids[:, start + 1:], response_mask[:, start + 1:],
                       list(indices),
                       engine_logprobs[:, start + 1:] if policy else None,
-                      sampled_mask[:, start + 1:] if policy else None)
+                      sampled_mask[:, start + 1:] if policy else None,
+                      reference_logprobs=reference[:, start + 1:] if reference is not None else None)
 
 
 def micro_batches(samples: Sequence[SftSample | PolicySample], micro_batch_tokens: int,
@@ -263,6 +282,20 @@ def micro_batches(samples: Sequence[SftSample | PolicySample], micro_batch_token
         batches.append(replace(frame, input_ids=input_ids, attention_mask=real,
                                layout=PackedLayout(position_ids, segments, keep, source)))
     return batches
+
+
+def plan_step_micro_batches(samples: Sequence[PolicySample], *, mini_batches: int, micro_batch_tokens: int,
+                            pad_token_id: int, shared_prefix: bool) -> list[list[MicroBatch]]:
+    """One rank's shard as a policy step runs it: ``mini_batches`` consecutive chunks, each in
+    micro-batches whose ``indices`` point into ``samples``. The learner and the reference
+    worker both plan with this, so a batch meets the model in the same shapes on both."""
+    chunks = split_even(list(range(len(samples))), mini_batches)
+    plans = [micro_batches([samples[i] for i in chunk], micro_batch_tokens, pad_token_id,
+                           shared_prefix=shared_prefix) for chunk in chunks]
+    for chunk, plan in zip(chunks, plans):  # indices relative to their chunk -> into the shard
+        for mb in plan:
+            mb.indices = [chunk[i] for i in mb.indices]
+    return plans
 
 
 def per_row(values: Sequence[float], batch: MicroBatch, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -257,6 +257,17 @@ class Learner:
         what a weight sync sends; ``copy=False``: see ``weights.full_tensor_buckets``."""
         return weights.full_tensors(self.engine.module, self.config.bucket_bytes, device=device, copy=copy)
 
+    def reference_weights(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The frozen KL reference's full tensors by HF name, for a reference worker; entering
+        the RL stage first freezes it (the current policy, or a checkpoint's reference). A
+        collective under ZeRO-3; rank 0 returns them, the other ranks an empty dict."""
+        self._enter_stage("rl")
+        if self.reference is None:
+            return {}
+        unwrapped = getattr(self.reference, "module", self.reference)
+        state = dict(weights.full_tensors(unwrapped, self.config.bucket_bytes, device=device))
+        return state if self.rank == 0 else {}
+
     def _write_hf(self, module: torch.nn.Module, target: Path, *, tokenizer: bool) -> None:
         """``module``'s full weights as an HF folder at ``target`` (rank 0 writes; collective)."""
         unwrapped = getattr(module, "module", module)  # a DeepSpeed engine prefixes names with "module."

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from learner import distributed
-from learner.batch import MicroBatch, PolicyBatch, PolicySample, micro_batch_advantages, split_even
+from learner.batch import (MicroBatch, PolicyBatch, PolicySample, micro_batch_advantages,
+                           plan_step_micro_batches)
 from learner.forward import first_response_logprob, micro_batch_logprobs
 from learner.mode_diagnostics import TERMS as MODE_TERMS, mode_token_metrics, mode_token_terms
 from learner.losses import (MismatchSums, logprob_mismatch, policy_loss, rollout_correction_weights,
@@ -56,7 +57,7 @@ def policy_step(learner: Learner, batch: PolicyBatch) -> dict[str, float]:
     plan = plan_step(learner, batch)
     reference_start = time.perf_counter()
     learner.engine.eval()
-    reference = reference_logprobs(learner.reference, plan.plans)
+    reference, from_batch = reference_logprobs(learner.reference, plan.plans, learner.device)
     reference_time = time.perf_counter() - reference_start
     sums = StepSums(plan.samples, learner.algo, batch.sampling_temperature, learner.device)
     updates = update(learner, plan, reference, sums)
@@ -66,6 +67,7 @@ def policy_step(learner: Learner, batch: PolicyBatch) -> dict[str, float]:
         "time/reference": reference_time,
         "time/train": train_time,
         "time/old_logprob": updates.old_logprob_s,  # part of time/train
+        "reference_from_batch": float(from_batch),  # 1: the reference worker's log-probs were used
         "weight_version": float(learner.weight_version),
         **learner._skip_metrics(updates.skipped)})
     metrics.update(batch.stats)
@@ -75,13 +77,9 @@ def policy_step(learner: Learner, batch: PolicyBatch) -> dict[str, float]:
 def plan_step(learner: Learner, batch: PolicyBatch) -> StepPlan:
     samples = batch.samples
     algo = learner.algo
-    chunks = split_even(list(range(len(samples))), algo.mini_batches)
-    plans = [learner._plan([samples[i] for i in chunk], shared_prefix=learner.config.shared_prefix)
-             for chunk in chunks]
-    # micro-batch indices are relative to their chunk; make them index the shard.
-    for chunk, plan in zip(chunks, plans):
-        for mb in plan:
-            mb.indices = [chunk[i] for i in mb.indices]
+    plans = [[mb.to(learner.device) for mb in plan] for plan in plan_step_micro_batches(
+        samples, mini_batches=algo.mini_batches, micro_batch_tokens=learner.config.micro_batch_tokens,
+        pad_token_id=learner.pad_token_id, shared_prefix=learner.config.shared_prefix)]
     totals = learner._lockstep(plans)
     if sum(totals) == 0:
         raise ValueError("policy step: the batch holds no response tokens")
@@ -91,11 +89,21 @@ def plan_step(learner: Learner, batch: PolicyBatch) -> StepPlan:
 
 
 @torch.no_grad()
-def reference_logprobs(reference: Any, plans: list[list[MicroBatch]]) -> list[list[torch.Tensor | None]]:
-    """The frozen reference's log-probs of each micro-batch (None everywhere without one)."""
+def reference_logprobs(reference: Any, plans: list[list[MicroBatch]],
+                       device: torch.device) -> tuple[list[list[torch.Tensor | None]], bool]:
+    """The frozen reference's log-probs of each micro-batch (None everywhere without one), and
+    whether they came with the batch. They do when a reference worker scored every row of every
+    rank (actors/reference_worker.py); else every rank computes them here, all micro-batches
+    alike, since a partitioned (ZeRO-3) reference's forward is a collective."""
     if reference is None:
-        return [[None] * len(plan) for plan in plans]
-    return [[micro_batch_logprobs(reference, mb)[1] for mb in plan] for plan in plans]
+        return [[None] * len(plan) for plan in plans], False
+    given = all(mb.reference_logprobs is not None for plan in plans for mb in plan if mb.indices)
+    flag = torch.tensor([float(given)], device=device)
+    if bool(distributed.all_reduce(flag, dist.ReduceOp.MIN).item()):
+        # a padded micro-batch (no rows: nothing masked in) needs only the right shape
+        return [[mb.reference_logprobs if mb.indices else torch.zeros_like(mb.response_mask)
+                 for mb in plan] for plan in plans], True
+    return [[micro_batch_logprobs(reference, mb)[1] for mb in plan] for plan in plans], False
 
 
 class StepSums:

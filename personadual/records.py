@@ -121,6 +121,9 @@ class Rollout:
     finish_reason: str
     weight_version: int
     sample_index: int = 0
+    # The frozen KL reference's log-prob of each response token, when a reference worker scored
+    # the rollout beside generation; empty: the learner computes them in its step.
+    reference_logprobs: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, Prompt):
@@ -130,6 +133,9 @@ class Rollout:
         if len(self.response_logprobs) != len(self.response_token_ids):
             _fail("Rollout", "response_logprobs",
                   f"{len(self.response_logprobs)} logprobs for "
+                  f"{len(self.response_token_ids)} response tokens")
+        if self.reference_logprobs and len(self.reference_logprobs) != len(self.response_token_ids):
+            _fail("Rollout", "reference_logprobs", f"{len(self.reference_logprobs)} logprobs for "
                   f"{len(self.response_token_ids)} response tokens")
         _require_choice("Rollout", "finish_reason", self.finish_reason, FINISH_REASONS)
         if self.mode is not None:

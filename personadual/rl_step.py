@@ -42,7 +42,8 @@ class PolicyLearner(Protocol):
 class RLStepResult:
     scored: list[Scored]
     learner_metrics: dict[str, Any]  # without its time/* keys, which are in ``times``
-    times: dict[str, float]  # generate, score, reference, train, [generate_next], sync, idle, step, train_old_logprob
+    # generate, score, [reference_wait], reference, train, [generate_next], sync, idle, step, train_old_logprob
+    times: dict[str, float]
     reward_counts: dict[str, int]
     sync: dict[str, float]
     staleness: list[int]  # each rollout's age in learner updates

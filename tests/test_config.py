@@ -55,7 +55,8 @@ def test_the_allowed_advantage_names_are_the_registry_names():
 def test_every_role_keeps_its_count_and_resources_in_its_own_section():
     cfg = load_config(SMOKE, ["learner.num_cpus_per_rank=0.5", "reward.num_workers=2", "rollout.resources={b: 1}"])
     assert (cfg.learner.num_cpus_per_rank, cfg.reward.num_workers, dict(cfg.rollout.resources)) == (0.5, 2, {"b": 1})
-    assert set(cfg.cluster) == {"num_cpus", "placement_strategy", "placement_timeout_s", "schedule"}
+    assert set(cfg.cluster) == {"num_cpus", "placement_strategy", "placement_timeout_s", "schedule",
+                                 "reference"}
     with pytest.raises(ConfigError, match=r"^reward.resources.CPU: CPUs and GPUs have their own keys"):
         load_config(SMOKE, ["reward.resources={CPU: 1}"])
 

@@ -351,7 +351,9 @@ def test_init_from_an_rl_checkpoint_exits_2(smoke_run, tmp_path):
 def test_pipelined_run_trains_on_rollouts_one_update_old(tmp_path):
     """cluster.schedule=pipelined (algo.max_staleness follows: 1): the engines generate step
     t+1's rollouts while the learner trains on step t's, so from step 2 on the learner trains
-    on rollouts one update old; the node's cores are split between the two (read back)."""
+    on rollouts one update old; the node's cores are split between the two (read back). The
+    reference worker (cluster.reference follows: worker) scores each round beside the engines,
+    and the learner trains on its numbers instead of a reference pass of its own."""
     out = tmp_path / "runs"
     result = run_launch("--config", str(SMOKE), f"run.out_dir={out}", "run.name=pipelined",
                         "cluster.schedule=pipelined", "algo.steps=3", "eval.baselines=false", timeout=840)
@@ -366,4 +368,11 @@ def test_pipelined_run_trains_on_rollouts_one_update_old(tmp_path):
     learner_cores, rollout_cores = split_pipelined(os.cpu_count() or 1)  # one node: Ray counts its cores
     assert {(r["perf"]["threads/learner"], r["perf"]["threads/rollout"]) for r in rows} == {(learner_cores,
                                                                                              rollout_cores)}
+    assert {r["perf"]["threads/reference"] for r in rows} == {rollout_cores}  # the engines' share, after them
+    assert [r["learner"]["reference_from_batch"] for r in rows] == [1.0, 1.0, 1.0]
+    assert all(r["reference"]["worker_s"] > 0 and r["reference"]["wait_s"] >= 0 for r in rows)
+    # Step 1 trains the SFT result on rollouts of it: policy and reference are the same weights,
+    # so the worker's reference log-probs must be the policy's own and the KL term vanishes.
+    assert rows[0]["learner"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[-1]["learner"]["kl"] != 0.0  # after updates the policy has moved from it
     assert json.loads((out / "pipelined" / "summary.json").read_text())["eval"]["aligned"]["accuracy"] >= 0
