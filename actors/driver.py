@@ -24,7 +24,7 @@ from actors.generation import GenerationFanOut, RLRollouts
 from actors.learner_group import LearnerGroup, LearnerRankDied
 from actors.mode_probe import ModeProbe
 from actors.placement import Placement, check_fits, cluster_shape, plan_groups
-from actors.reference_worker import ReferenceService, ReferenceWorkerDied
+from actors.reference_worker import ReferenceWorkerDied, reference_service_for_run
 from actors.reward_pool import RewardPool
 from actors.rollout_actor import create_rollout_actors, start_rollout_actor
 from actors.run_state import CheckpointStore, DataCursor, load_stages, rng_state, set_rng_state
@@ -33,7 +33,6 @@ from actors.supervision import EngineSupervisor, FaultLog, RunStopped, one_line,
 from actors.threads import RunThreads, plan_for_run
 from actors.weight_sync import WeightSyncError, weight_sync_for_run
 from learner.batch import SftSample
-from learner.reference_scorer import ReferencePlan
 from personadual.data import resolve_model
 from personadual.evaluation import probe_prompts
 from personadual.records import Scored
@@ -94,7 +93,9 @@ class Driver:
             self.model_path, section(cfg, "rollout"), threads=self.threads.plan.rollout,
             slots=[self.placement.engine_slot(i) for i in range(cfg.rollout.num_engines)],
             sleep_between_phases=self.phases.active)
-        self.reference = self._start_reference() if cfg.cluster.reference == "worker" else None
+        self.reference = (reference_service_for_run(cfg, self.model_path, self.threads.plan.rollout[0],
+                                                    self.placement.engine_slot(0))
+                          if cfg.cluster.reference == "worker" else None)
         print(self.threads.read_back(self.learner, self.engines, self.reference), flush=True)
         self.rewards = RewardPool(section(cfg, "reward"), num_workers=cfg.reward.num_workers,
                                   num_cpus=cfg.reward.num_cpus_per_worker, placement_group=self.placement.reward,
@@ -116,18 +117,6 @@ class Driver:
         self.rl_stepper = RLStep(self.rl_rollouts, self.phases.around(self.learner, self.engines),
                                  self.supervisor.sync, max_staleness=cfg.algo.max_staleness,
                                  total_steps=self.rl_steps)
-
-    def _start_reference(self) -> ReferenceService:
-        """The reference worker (actors/reference_worker.py) in engine 0's bundle, on the engines'
-        threads, cutting batches as the learner does."""
-        cfg = self.cfg
-        plan = ReferencePlan(num_ranks=cfg.learner.num_ranks, mini_batches=cfg.algo.mini_batches,
-                             micro_batch_tokens=cfg.learner.micro_batch_tokens,
-                             shared_prefix=bool(cfg.learner.shared_prefix))
-        learner = section(cfg, "learner")
-        precision = learner.resolved_precision(learner.device)
-        return ReferenceService(self.model_path, plan, dtype="bfloat16" if precision == "bf16" else "float32",
-                                threads=self.threads.plan.rollout[0], slot=self.placement.engine_slot(0))
 
     def _start_engine(self, index: int) -> Any:
         """A replacement for rollout engine ``index``, in that engine's placement bundle."""
@@ -155,9 +144,7 @@ class Driver:
         record = rl_step_record(done.scored, done.learner_metrics, done.times, reward_counts=done.reward_counts,
                                 sync=done.sync, staleness=done.staleness, weight_version=self.learner.weight_version)
         record["perf"].update(self.threads.metrics("rl"))
-        if self.reference is not None:
-            record["reference"] = self.reference.metrics()
-        return {**record, **self.rl_rollouts.filter_metrics, **self.phases.step_metrics()}
+        return {**record, **self.rl_rollouts.step_metrics(), **self.phases.step_metrics()}
 
     def _log_training_samples(self, step: int, scored: list[Scored]) -> None:
         every = self.cfg.run.log_samples_every

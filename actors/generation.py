@@ -183,6 +183,11 @@ class RLRollouts:
         self.filter_metrics: dict[str, float] = {}
         self.reference = reference
 
+    def step_metrics(self) -> dict[str, Any]:
+        """The last step's filter counts and, with a reference worker, its seconds and wait."""
+        reference = {"reference": self.reference.metrics()} if self.reference is not None else {}
+        return {**self.filter_metrics, **reference}
+
     def start(self, step: int) -> tuple[PendingGeneration, dict[str, int], Any]:
         prompts = [self.prompts[i] for i in self.cursor.take(self.prompts_per_step)]
         n = self.n_per_mode if self.forced else 2 * self.n_per_mode

@@ -24,16 +24,20 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 import ray
+from omegaconf import DictConfig
 
+from actors.config import section
 from actors.placement import in_bundle
 from actors.supervision import dead_actors, one_line
 from actors.threads import apply_threads, read_threads, runtime_env
-from actors.waiting import CALL_ERRORS, gather_first_failure
+from actors.waiting import CALL_ERRORS, gather_first_failure, unfinished
+from learner.reference_scorer import ReferencePlan
 from personadual.records import Rollout, Scored
 
 
 class ReferenceWorkerDied(RuntimeError):
-    """The reference worker's process is gone; the message names it and the step."""
+    """The reference worker's process is gone, or it did not answer in time; the message names
+    it and the step."""
 
 
 @ray.remote
@@ -71,8 +75,12 @@ class ReferenceService:
     """The driver's side of the worker: start it, give it the reference, hand it rounds, and
     attach what it computed to the scored rollouts."""
 
-    def __init__(self, model_path: str, plan: Any, *, dtype: str, threads: int | None, slot: tuple[Any, int]) -> None:
+    def __init__(self, model_path: str, plan: Any, *, dtype: str, threads: int | None, slot: tuple[Any, int],
+                 timeout_s: float | None) -> None:
         group, bundle = slot
+        # A round's reference pass is shorter than generating it, so the engines' limit
+        # (rollout.generate_timeout_s) bounds it too: a hung worker stops the run, named.
+        self.timeout_s = timeout_s
         options = {"runtime_env": runtime_env(threads)} if threads is not None else {}
         # No CPUs of its own: it computes on the engines' cores while they are idle.
         self.actor = ReferenceWorker.options(num_cpus=0, **in_bundle(group, bundle), **options).remote(
@@ -100,7 +108,7 @@ class ReferenceService:
         call failed and was run again on a replacement) is scored from the final rollouts."""
         start = time.perf_counter()
         try:
-            found, self.seconds = ray.get(submitted)
+            found, self.seconds = self._get_in_time(submitted, what)
         except CALL_ERRORS as error:
             self._stop_if_dead(error, what)
             found, self.seconds = self._get(self.actor.score.remote([s.rollout for s in scored]), what)
@@ -131,10 +139,16 @@ class ReferenceService:
 
     def _get(self, ref: Any, what: str) -> Any:
         try:
-            return ray.get(ref)
+            return self._get_in_time(ref, what)
         except CALL_ERRORS as error:
             self._stop_if_dead(error, what)
             raise
+
+    def _get_in_time(self, ref: Any, what: str) -> Any:
+        if unfinished({ref: "reference worker"}, self.timeout_s):
+            raise ReferenceWorkerDied(f"the reference worker (cluster.reference=worker) gave no answer within "
+                                      f"rollout.generate_timeout_s={self.timeout_s:g} s during {what}")
+        return ray.get(ref)
 
     def _stop_if_dead(self, error: BaseException, what: str) -> None:
         dead = dead_actors([self.actor], "pid")
@@ -146,8 +160,21 @@ class ReferenceService:
         ray.kill(self.actor)
 
 
+def reference_service_for_run(cfg: DictConfig, model_path: str, threads: int | None,
+                              slot: tuple[Any, int]) -> ReferenceService:
+    """The run's worker, in engine 0's bundle (``slot``) on the engines' threads, cutting
+    batches as the learner does and in the learner's precision."""
+    plan = ReferencePlan(num_ranks=cfg.learner.num_ranks, mini_batches=cfg.algo.mini_batches,
+                         micro_batch_tokens=cfg.learner.micro_batch_tokens,
+                         shared_prefix=bool(cfg.learner.shared_prefix))
+    learner = section(cfg, "learner")
+    precision = learner.resolved_precision(learner.device)
+    return ReferenceService(model_path, plan, dtype="bfloat16" if precision == "bf16" else "float32",
+                            threads=threads, slot=slot, timeout_s=cfg.rollout.generate_timeout_s)
+
+
 def _reference_weights(learner: Any) -> dict[str, Any]:
     return learner.reference_weights(device="cpu")
 
 
-__all__ = ["ReferenceService", "ReferenceWorker", "ReferenceWorkerDied"]
+__all__ = ["ReferenceService", "ReferenceWorker", "ReferenceWorkerDied", "reference_service_for_run"]

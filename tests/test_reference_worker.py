@@ -126,9 +126,9 @@ def learner_and_given(learner, scored, found):
 # ---- on Ray: the actor, and its death named ------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_dead_reference_worker_stops_the_step_with_an_error_naming_it(ray_cluster, tiny_model_dir):
+def test_a_dead_or_silent_reference_worker_stops_the_step_with_an_error_naming_it(ray_cluster, tiny_model_dir):
     service = ReferenceService(str(tiny_model_dir), ReferencePlan(1, 1, 4096, True), dtype="float32", threads=1,
-                               slot=(None, 0))
+                               slot=(None, 0), timeout_s=120.0)
     assert service.threads()["torch"] == 1
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     ray.get(service.actor.load.remote(model.state_dict()))
@@ -137,6 +137,14 @@ def test_a_dead_reference_worker_stops_the_step_with_an_error_naming_it(ray_clus
     filled = service.fill(scored, "a test round")
     assert [len(s.rollout.reference_logprobs) for s in filled] == [2, 1]
     assert all(v < 0 for s in filled for v in s.rollout.reference_logprobs)
+    # A round far longer than the limit: the wait ends at the limit with the worker named.
+    service.timeout_s = 1e-3
+    long_round = [make_scored(f"q{i}", Mode.GENERAL, 1.0, prompt_token_ids=list(range(5, 60)),
+                              response_token_ids=list(range(5, 90))) for i in range(32)]
+    with pytest.raises(ReferenceWorkerDied, match=r"reference worker \(cluster.reference=worker\) gave no answer "
+                                                  r"within rollout.generate_timeout_s=0.001 s during a long round"):
+        service.fill(long_round, "a long round")
+    service.timeout_s = 120.0
     ray.kill(service.actor)
     with pytest.raises(ReferenceWorkerDied, match=r"reference worker \(cluster.reference=worker\) died during "
                                                   r"RL step 3's reference log-probs"):
