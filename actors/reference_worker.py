@@ -107,14 +107,14 @@ class ReferenceService:
         """``scored`` with each rollout's reference log-probs. A round that lost an engine (its
         call failed and was run again on a replacement) is scored from the final rollouts."""
         start = time.perf_counter()
+        found: list[list[float]] | None = None
         try:
             found, self.seconds = self._get_in_time(submitted, what)
         except CALL_ERRORS as error:
             self._stop_if_dead(error, what)
-            found, self.seconds = self._get(self.actor.score.remote([s.rollout for s in scored]), what)
+        if found is None or len(found) != len(scored):
+            found, self.seconds = self._score_now([s.rollout for s in scored], what)
         self.wait_s = time.perf_counter() - start
-        if len(found) != len(scored):
-            found, self.seconds = self._get(self.actor.score.remote([s.rollout for s in scored]), what)
         return [replace(item, rollout=replace(item.rollout, reference_logprobs=values))
                 if len(values) == len(item.rollout.response_token_ids) else item
                 for item, values in zip(scored, found)]
@@ -125,7 +125,7 @@ class ReferenceService:
         missing = [i for i, item in enumerate(scored) if not item.rollout.reference_logprobs]
         if not missing:
             return scored
-        found, seconds = self._get(self.actor.score.remote([scored[i].rollout for i in missing]), what)
+        found, seconds = self._score_now([scored[i].rollout for i in missing], what)
         self.seconds += seconds
         filled = list(scored)
         for i, values in zip(missing, found):
@@ -136,6 +136,10 @@ class ReferenceService:
         """The last round's: the worker's compute seconds (beside the learner's step when
         pipelined) and the driver's wait for them (on the step's critical path)."""
         return {"worker_s": self.seconds, "wait_s": self.wait_s}
+
+    def _score_now(self, rollouts: list[Rollout], what: str) -> tuple[list[list[float]], float]:
+        """The worker's log-probs of ``rollouts``, asked for and waited on now."""
+        return self._get(self.actor.score.remote(rollouts), what)
 
     def _get(self, ref: Any, what: str) -> Any:
         try:
