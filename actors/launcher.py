@@ -173,6 +173,7 @@ def launch(cfg: DictConfig, resume: Path | None, init_from: Path | None = None) 
     from actors.driver import Driver
     from actors.run_state import prepare_run_dir
     from personadual.data import DataError
+    from personadual.fault_hooks import fault_env
     from personadual.report import format_eval_table, method_label
 
     quiet_libraries()
@@ -188,7 +189,7 @@ def launch(cfg: DictConfig, resume: Path | None, init_from: Path | None = None) 
     driver = None
     try:
         joined = bool(os.environ.get("RAY_ADDRESS"))
-        address = cluster.connect(cfg.cluster.num_cpus)["address"]
+        address = cluster.connect(cfg.cluster.num_cpus, extra_env=fault_env())["address"]
         print(f"Ray: joined the cluster at {address}" if joined else f"Ray: started a local cluster at {address}",
               flush=True)
         driver = Driver(cfg, run_dir, resume=resume is not None, restore=init_from is not None)

@@ -23,6 +23,13 @@ FAULT_DIR_ENV = "PERSONADUAL_FAULT_DIR"
 HOLD_LIMIT_S = 120.0
 
 
+def fault_env() -> dict[str, str]:
+    """The setting for a run's Ray workers when it is set here: workers of a cluster the run
+    joins (RAY_ADDRESS) do not inherit the driver's environment, only its job's runtime env."""
+    folder = os.environ.get(FAULT_DIR_ENV)
+    return {FAULT_DIR_ENV: folder} if folder else {}
+
+
 @contextmanager
 def fault_window(kind: str, label: str) -> Iterator[None]:
     folder = os.environ.get(FAULT_DIR_ENV)
