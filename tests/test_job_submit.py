@@ -1,7 +1,7 @@
 """`ray job submit` of the smoke run to a Ray head this test starts (127.0.0.1, token auth
 on, as Ray 2.60 has it): the job uploads the repository as its working dir, launch.py joins
-the cluster through RAY_ADDRESS, and the run folder holds what docs/ARCHITECTURE.md lists
-under "The run folder".
+the cluster through RAY_ADDRESS, and the run folder, with the policy a next stage is handed,
+lands under ``run.out_dir``, not in Ray's temporary copy of the working directory.
 
 The head is this test's own (tests/ray_head.py), with the dashboard `ray job submit` talks to.
 """
@@ -50,15 +50,17 @@ def test_job_submit_runs_the_smoke_config_on_the_cluster(ray_head, tmp_path):
     submitted = _ray(["job", "submit", "--address", address, "--submission-id", submission,
                       "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}),
                       "--", "python", "launch.py", "--config", "configs/smoke.yaml",
-                      f"run.out_dir={out}", "run.name=job"], env, 1100)
+                      f"run.out_dir={out}", "run.name=smoke_job"], env, 1100)
     status = _ray(["job", "status", "--address", address, submission], env, 120)
     assert submitted.returncode == 0, submitted.stdout[-6000:] + submitted.stderr[-3000:]
     assert f"Job '{submission}' succeeded" in status.stdout, status.stdout + status.stderr
-    run_dir = out / "job"
-    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+    run_dir = out / "smoke_job"
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "policy/config.json", "policy/tokenizer.json"):
         assert (run_dir / name).is_file(), name
-    assert (run_dir / "policy" / "config.json").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert Path(summary["policy"]) == run_dir / "policy"  # what a next stage's model.path is handed
+    # Nothing of the run was left in the job's working-dir copy on the head.
+    assert not list(Path(ray_head["temp"]).rglob("smoke_job"))
     assert set(summary["eval"]) >= {"no_persona", "unaligned", "aligned", "personalized"}
     rl = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rl if r["stage"] == "rl"] == [1, 2]
