@@ -27,7 +27,7 @@ from actors.placement import Placement, check_fits, cluster_shape, plan_groups
 from actors.reference_worker import ReferenceWorkerDied, reference_service_for_run
 from actors.reward_pool import RewardPool
 from actors.rollout_actor import create_rollout_actors, start_rollout_actor
-from actors.run_state import CheckpointStore, DataCursor, load_stages, rng_state, set_rng_state
+from actors.run_state import CheckpointStore, DataCursor, load_stages, rng_state
 from actors.schedule import PhaseSwitch
 from actors.supervision import EngineSupervisor, FaultLog, RunStopped, one_line, stop_if_diverged
 from actors.threads import RunThreads, plan_for_run
@@ -169,19 +169,6 @@ class Driver:
     def latest_checkpoint(self) -> Path | None:
         return self.checkpoints.latest()
 
-    def _restore(self) -> tuple[str, int]:
-        checkpoint = self.checkpoints.latest()
-        if checkpoint is None:
-            return "start", 0
-        state = self.checkpoints.state(checkpoint)
-        self.learner.load_checkpoint(checkpoint)
-        self.sft_cursor.restore(state["sft_cursor"])
-        self.rl_cursor.restore(state["rl_cursor"])
-        set_rng_state(self.rng, state["driver_rng"])
-        self.checkpoints.truncate_metrics(state["stage"], state["step"])
-        print(f"resumed from {checkpoint}", flush=True)
-        return state["stage"], state["step"]
-
     # ---- the run ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         from personadual.report import write_plots
@@ -195,7 +182,9 @@ class Driver:
         print(self.tracker.describe(), flush=True)
         summary: dict[str, Any] = {"run": self.run_dir.name, "eval": {}, "eval_history": [],
                                    "data_skipped": dict(self.data.skipped)}
-        stage, done_step = self._restore() if self.restore_checkpoint else ("start", 0)
+        stage, done_step = (self.checkpoints.restore_latest(self.learner, sft_cursor=self.sft_cursor,
+                                                            rl_cursor=self.rl_cursor, rng=self.rng)
+                            if self.restore_checkpoint else ("start", 0))
         if stage != "start":
             self._last_done = (stage, done_step, self.learner.weight_version)
         sft_start = done_step if stage == "sft" else (self.sft_steps if stage == "rl" else 0)

@@ -179,6 +179,23 @@ class CheckpointStore:
         """The driver state saved with ``checkpoint``."""
         return json.loads((checkpoint / DRIVER_STATE).read_text())
 
+    def restore_latest(self, learner: Any, *, sft_cursor: DataCursor, rl_cursor: DataCursor,
+                       rng: random.Random) -> tuple[str, int]:
+        """Load the newest complete checkpoint into ``learner``, the data cursors and the
+        driver's ``rng``, and drop the metric lines written after it (so resumed steps are not
+        doubled). Its ``(stage, step)``, or ``("start", 0)`` when there is none."""
+        checkpoint = self.latest()
+        if checkpoint is None:
+            return "start", 0
+        state = self.state(checkpoint)
+        learner.load_checkpoint(checkpoint)
+        sft_cursor.restore(state["sft_cursor"])
+        rl_cursor.restore(state["rl_cursor"])
+        set_rng_state(rng, state["driver_rng"])
+        self.truncate_metrics(state["stage"], state["step"])
+        print(f"resumed from {checkpoint}", flush=True)
+        return state["stage"], state["step"]
+
     def truncate_metrics(self, stage: str, step: int) -> None:
         """Drop metric lines written after the checkpoint, so resumed steps are not doubled."""
         limit = progress_key({"stage": stage, "step": step})

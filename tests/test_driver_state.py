@@ -149,3 +149,33 @@ def test_resuming_cuts_the_metrics_back_to_the_checkpoint_in_run_order(tmp_path)
     assert kept == records[:5]
     store.truncate_metrics("sft", 1)
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == records[:1]
+
+
+class _LoadsFolders(_WritesFolders):
+    loaded = None
+
+    def load_checkpoint(self, path) -> None:
+        self.loaded = path
+
+
+def test_restoring_puts_back_the_cursors_the_rng_and_the_metrics_of_the_newest_checkpoint(tmp_path):
+    from actors.run_state import rng_state
+
+    sft_cursor, rl_cursor, rng = DataCursor(0, 5), DataCursor(1, 7), random.Random(3)
+    sft_cursor.take(3), rl_cursor.take(9), rng.random()
+    state = {"stage": "rl", "step": 2, "sft_cursor": sft_cursor.state(), "rl_cursor": rl_cursor.state(),
+             "driver_rng": rng_state(rng)}
+    store = CheckpointStore(tmp_path)
+    store.save(_WritesFolders(), "sft", 30, {**state, "stage": "sft", "step": 30})
+    store.save(_WritesFolders(), "rl", 2, state)
+    records = [{"stage": "rl", "step": s} for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    want = (sft_cursor.take(4), rl_cursor.take(4), rng.random())  # what the uninterrupted run draws next
+
+    learner, fresh = _LoadsFolders(), (DataCursor(0, 5), DataCursor(1, 7), random.Random(3))
+    assert store.restore_latest(learner, sft_cursor=fresh[0], rl_cursor=fresh[1], rng=fresh[2]) == ("rl", 2)
+    assert learner.loaded == tmp_path / "checkpoints" / "step_2"
+    assert (fresh[0].take(4), fresh[1].take(4), fresh[2].random()) == want
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == records[:2]
+    assert CheckpointStore(tmp_path / "empty").restore_latest(learner, sft_cursor=fresh[0], rl_cursor=fresh[1],
+                                                              rng=fresh[2]) == ("start", 0)
