@@ -26,7 +26,7 @@ from actors.mode_probe import ModeProbe
 from actors.placement import Placement, check_fits, cluster_shape, plan_groups
 from actors.reference_worker import ReferenceWorkerDied, reference_service_for_run
 from actors.reward_pool import RewardPool
-from actors.rollout_actor import create_rollout_actors, start_rollout_actor
+from actors.rollout_actor import engines_ready, launch_rollout_actors, start_rollout_actor
 from actors.run_state import CheckpointStore, DataCursor, load_stages, rng_state
 from actors.schedule import PhaseSwitch
 from actors.supervision import EngineSupervisor, FaultLog, RunStopped, one_line, stop_if_diverged
@@ -83,16 +83,18 @@ class Driver:
         # Each actor's threads (actors/threads.py) and the schedule's phase changes (actors/schedule.py).
         self.threads = RunThreads(plan_for_run(cfg, self.placement), cfg.cluster.schedule)
         self.phases = PhaseSwitch(cfg.cluster.schedule)
+        # The engines load vLLM (the slowest start-up on CPU) while the learner sets up.
+        self.engines = launch_rollout_actors(
+            self.model_path, section(cfg, "rollout"), threads=self.threads.plan.rollout,
+            slots=[self.placement.engine_slot(i) for i in range(cfg.rollout.num_engines)],
+            sleep_between_phases=self.phases.active)
         self.learner = LearnerGroup(section(cfg, "learner"), self.model_path,
                                     algo=section(cfg, "algo"), total_sft_steps=max(self.sft_steps, 1),
                                     total_rl_steps=max(self.rl_steps, 1),
                                     placement_group=self.placement.learner,
                                     rollout_temperature=cfg.rollout.sampling.temperature,
                                     threads=self.threads.plan.learner_sft)
-        self.engines = create_rollout_actors(
-            self.model_path, section(cfg, "rollout"), threads=self.threads.plan.rollout,
-            slots=[self.placement.engine_slot(i) for i in range(cfg.rollout.num_engines)],
-            sleep_between_phases=self.phases.active)
+        engines_ready(self.engines)
         self.reference = (reference_service_for_run(cfg, self.model_path, self.threads.plan.rollout[0],
                                                     self.placement.engine_slot(0))
                           if cfg.cluster.reference == "worker" else None)

@@ -31,7 +31,6 @@ from actors.placement import in_bundle
 from actors.supervision import dead_actors, one_line
 from actors.threads import apply_threads, read_threads, runtime_env
 from actors.waiting import CALL_ERRORS, gather_first_failure, unfinished
-from learner.reference_scorer import ReferencePlan
 from personadual.records import Rollout, Scored
 
 
@@ -168,6 +167,10 @@ def reference_service_for_run(cfg: DictConfig, model_path: str, threads: int | N
                               slot: tuple[Any, int]) -> ReferenceService:
     """The run's worker, in engine 0's bundle (``slot``) on the engines' threads, cutting
     batches as the learner does and in the learner's precision."""
+    # Here, not at the top: the scorer's module brings transformers' model classes, seconds of
+    # imports a run without the worker (cluster.reference=learner, the default) never needs.
+    from learner.reference_scorer import ReferencePlan
+
     plan = ReferencePlan(num_ranks=cfg.learner.num_ranks, mini_batches=cfg.algo.mini_batches,
                          micro_batch_tokens=cfg.learner.micro_batch_tokens,
                          shared_prefix=bool(cfg.learner.shared_prefix))

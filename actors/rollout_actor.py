@@ -151,14 +151,23 @@ def _with_threads(threads: int | None, env: dict[str, Any]) -> dict[str, Any]:
 
 def create_rollout_actors(model_path: str | Path, config: RolloutConfig,
                           placement_group: PlacementGroup | None = None, *,
+                          start_timeout_s: float = ENGINE_START_TIMEOUT_S, **placement: Any) -> list[ActorHandle]:
+    """``launch_rollout_actors`` and wait until every engine can generate."""
+    actors = launch_rollout_actors(model_path, config, placement_group, **placement)
+    engines_ready(actors, start_timeout_s)
+    return actors
+
+
+def launch_rollout_actors(model_path: str | Path, config: RolloutConfig,
+                          placement_group: PlacementGroup | None = None, *,
                           placement_groups: Sequence[PlacementGroup] | None = None,
                           slots: Sequence[tuple[PlacementGroup, int]] | None = None,
-                          threads: Sequence[int] | None = None, sleep_between_phases: bool = False,
-                          start_timeout_s: float = ENGINE_START_TIMEOUT_S) -> list[ActorHandle]:
-    """Start ``config.num_engines`` engines and wait until every one can generate; each in
-    ``placement_groups[i]`` when given (a group per engine), or at ``slots[i]`` (group, first
-    bundle), else in ``placement_group``. ``threads[i]``: engine i's torch/OpenMP threads
-    (default ``config.threads``)."""
+                          threads: Sequence[int] | None = None,
+                          sleep_between_phases: bool = False) -> list[ActorHandle]:
+    """Start ``config.num_engines`` engines without waiting for them (``engines_ready``
+    does): each in ``placement_groups[i]`` when given (a group per engine), or at
+    ``slots[i]`` (group, first bundle), else in ``placement_group``. ``threads[i]``: engine
+    i's torch/OpenMP threads (default ``config.threads``)."""
     config.validate()
     if placement_groups is not None and len(placement_groups) != config.num_engines:
         raise ValueError(f"{len(placement_groups)} placement groups for {config.num_engines} rollout engines")
@@ -172,15 +181,18 @@ def create_rollout_actors(model_path: str | Path, config: RolloutConfig,
 
     configs = [config if threads is None else dataclasses.replace(config, threads=threads[index])
                for index in range(config.num_engines)]
-    actors = [RolloutActor.options(**options(index, own)).remote(str(model_path), own, index, sleep_between_phases)
-              for index, own in enumerate(configs)]
+    return [RolloutActor.options(**options(index, own)).remote(str(model_path), own, index, sleep_between_phases)
+            for index, own in enumerate(configs)]
+
+
+def engines_ready(actors: Sequence[ActorHandle], start_timeout_s: float = ENGINE_START_TIMEOUT_S) -> None:
+    """Wait until every engine can generate; on a failure or the timeout, kill them all."""
     try:
         ray.get([actor.ready.remote() for actor in actors], timeout=start_timeout_s)
     except Exception:
         for actor in actors:
             ray.kill(actor)
         raise
-    return actors
 
 
 def start_rollout_actor(model_path: str | Path, config: RolloutConfig, engine_index: int,

@@ -15,6 +15,21 @@ from actors.local_env import apply_process_env
 apply_process_env()  # before anything imports ray: it reads the loopback setting at import
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """One Ray head for the session's launch.py runs to join (tests/ray_head.py), when the
+    collected tests include real-stack ones."""
+    if any(item.get_closest_marker("slow") for item in session.items):
+        from tests.ray_head import start_shared
+
+        start_shared()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from tests.ray_head import stop_shared
+
+    stop_shared()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from personadual.tiny import build_tiny_model

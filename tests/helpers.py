@@ -28,9 +28,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def run_launch(*args: str, env: Mapping[str, str] | None = None, timeout: float = 900,
-               cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """``python launch.py ARGS`` to completion, its output captured as text."""
-    return subprocess.run([*LAUNCH, *args], cwd=cwd, env=dict(env) if env is not None else None,
+               cwd: Path = ROOT, own_cluster: bool = False) -> subprocess.CompletedProcess:
+    """``python launch.py ARGS`` to completion, its output captured as text. The run joins the
+    session's shared Ray head when one runs (tests/ray_head.py), unless ``own_cluster``: then
+    it starts a local cluster of its own, as a plain `python launch.py` does."""
+    from tests.ray_head import launch_env
+
+    return subprocess.run([*LAUNCH, *args], cwd=cwd, env=launch_env(env, own_cluster=own_cluster),
                           capture_output=True, text=True, timeout=timeout)
 
 

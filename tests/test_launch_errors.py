@@ -14,7 +14,8 @@ from tests.helpers import ROOT, SMOKE, run_launch
 
 
 def _launch(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return run_launch(*args, cwd=cwd, timeout=120, env={**os.environ, **(env or {})})
+    # A local cluster of its own: some checks here are the ones launch.py makes before starting it.
+    return run_launch(*args, cwd=cwd, timeout=120, env={**os.environ, **(env or {})}, own_cluster=True)
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:

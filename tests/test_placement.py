@@ -97,7 +97,7 @@ def test_a_group_that_cannot_be_placed_fails_in_one_line_naming_it(ray_cluster):
 @pytest.mark.slow
 def test_launch_exits_2_naming_the_key_when_no_node_has_the_resource(tmp_path):
     result = run_launch("--config", str(SMOKE), f"run.out_dir={tmp_path}", "cluster.num_cpus=2",
-                        "rollout.resources={node_gpu_box: 1}", timeout=240)
+                        "rollout.resources={node_gpu_box: 1}", timeout=240, own_cluster=True)
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cluster: the run needs 1 node_gpu_box") and "rollout.resources" in last

@@ -24,6 +24,7 @@ import vllm  # noqa: F401  a broken vLLM install must fail here, not skip
 
 from personadual.modes import MODE_TOKENS
 from personadual.prepare.tiny_models import DOMAIN_PERSONAS
+from tests.ray_head import launch_env
 from tests.vllm_server import vllm_api_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +38,7 @@ pytestmark = [pytest.mark.slow]
 
 def _run(*command: str, timeout: int = 900) -> subprocess.CompletedProcess:
     start = time.monotonic()
-    result = subprocess.run([sys.executable, *command], cwd=ROOT, env={**os.environ, KEY_ENV: CANARY},
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, env=launch_env({**os.environ, KEY_ENV: CANARY}),
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, (command, result.stderr[-4000:])
     print(f"[{time.monotonic() - start:.1f} s] {' '.join(command[:4])}")  # the README's per-stage times (-s)

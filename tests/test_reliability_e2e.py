@@ -74,7 +74,6 @@ def judge_run(request, tmp_path_factory):
     ray_tmp = Path(tempfile.mkdtemp(prefix="pdr", dir="/tmp"))  # short: Ray's socket paths live under it
     schedule = FaultSchedule(attempts=MAX_RETRIES + 1)
     env = {**os.environ, KEY_ENV: CANARY, "RAY_TMPDIR": str(ray_tmp)}
-    env.pop("RAY_ADDRESS", None)
     try:
         with JudgeServer(faults=schedule) as server:
             result = run_launch("--config", str(SMOKE), *RUN_OVERRIDES,
@@ -83,7 +82,7 @@ def judge_run(request, tmp_path_factory):
                                 "reward.judge.model=judge-test", f"reward.judge.api_key_env={KEY_ENV}",
                                 "reward.judge.timeout_s=3", f"reward.judge.max_retries={MAX_RETRIES}",
                                 "reward.judge.backoff_initial_s=0.05", "reward.judge.backoff_max_s=0.2",
-                                f"reward.judge.failure_policy={policy}", env=env)
+                                f"reward.judge.failure_policy={policy}", env=env, own_cluster=True)
             authorizations = {r.authorization for r in server.requests}
             requests = len(server.requests)
         ray_files = [p for p in ray_tmp.rglob("*") if p.is_file() and not p.is_symlink()]
@@ -156,10 +155,9 @@ def test_consecutive_nonfinite_updates_stop_the_run_with_a_checkpoint(tmp_path):
     """NaN losses at RL steps 2, 3 and 4 (the fault-injection knob): each update is skipped
     and counted; the third in a row stops the run at step 4, exit 3, one line naming the key,
     and step 4's checkpoint holds the weights of step 1, the last good update."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     result = run_launch("--config", str(SMOKE), "sft.steps=0", "algo.steps=6",
                         "run.save_every=1", "learner.fault_nan_loss_at_rl_steps=[2,3,4]",
-                        "learner.max_consecutive_nonfinite=3", f"run.out_dir={tmp_path}", "run.name=nan", env=env)
+                        "learner.max_consecutive_nonfinite=3", f"run.out_dir={tmp_path}", "run.name=nan")
     assert result.returncode == 3, result.stderr[-4000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: run stopped: rl step 4: 3 updates in a row") and \

@@ -16,6 +16,7 @@ from personadual.evaluation import read_eval_items
 from personadual.sweep import METHOD_OVERRIDES, Sweep, _parse
 from personadual.tracking import read_metrics
 from tests.helpers import ROOT, SMOKE
+from tests.ray_head import launch_env
 
 SWEEP = [sys.executable, "-m", "personadual.sweep"]
 
@@ -59,7 +60,8 @@ def test_bad_arguments_exit_2_naming_them(argv: list[str], message: str, capsys:
 def smoke_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("sweep") / "sweep"
     result = subprocess.run([*SWEEP, "--seeds", "0", "1", "--methods", "dual", "--out", str(out),
-                             "--config", str(SMOKE)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+                             "--config", str(SMOKE)], cwd=ROOT, env=launch_env(), capture_output=True, text=True,
+                            timeout=1800)
     return out, result
 
 
@@ -121,7 +123,8 @@ def test_a_sweep_run_again_reruns_nothing_it_finished(smoke_sweep) -> None:
     out, _ = smoke_sweep
     before = json.loads((out / "sweep.json").read_text())
     result = subprocess.run([*SWEEP, "--seeds", "0", "1", "--methods", "dual", "--out", str(out),
-                             "--config", str(SMOKE)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             "--config", str(SMOKE)], cwd=ROOT, env=launch_env(), capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("finished before, kept") == 4 and ": running" not in result.stdout
     assert json.loads((out / "sweep.json").read_text()) == before
