@@ -107,9 +107,11 @@ class LearnerActor:
             master_port=master_port, world_size=world_size, bucket_bytes=bucket_bytes, timeout_s=timeout_s,
             client=self.sync_client)
 
-    def send_weights(self) -> dict[str, float]:
-        """Send the current weights; the engines take them live at this rank's weight version."""
+    def send_weights(self, checksums: bool = True) -> dict[str, float]:
+        """Send the current weights; the engines take them live at this rank's weight version
+        (after checking each bucket's hash when ``checksums``)."""
         self.sync_client.version = self.learner.weight_version
+        self.sync_client.checksums = checksums
         self.weight_sender.send_weights()
         return dict(getattr(self.weight_sender, "last_round", {}))
 
@@ -249,9 +251,10 @@ class LearnerGroup:
         host, port = ray.get(self.actors[0].address.remote())
         self._all("init_weight_sender", None, backend, host, port, world_size, bucket_bytes, timeout_s, engines)
 
-    def send_weights(self) -> dict[str, float]:
-        """Broadcast the current weights to every engine; rank 0's timing and bytes."""
-        return self._all("send_weights")[0]
+    def send_weights(self, checksums: bool = True) -> dict[str, float]:
+        """Broadcast the current weights to every engine (each bucket hashed and checked at the
+        engines when ``checksums``); rank 0's timing and bytes."""
+        return self._all("send_weights", None, checksums)[0]
 
     def save_checkpoint(self, path: str | Path, client_state: dict[str, Any],
                         reference_dir: str | Path | None = None) -> None:

@@ -28,9 +28,12 @@ class LearnerWeightSource(WeightSource):
     rank iterates in lockstep)."""
 
     def __init__(self, metadata: Callable[[], list[tuple[str, torch.dtype, tuple[int, ...]]]],
-                 tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]]) -> None:
+                 tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]], *, resident: bool = False) -> None:
         self._metadata = metadata
         self._tensors = tensors
+        # The tensors are views of host memory that stays put while they are sent (the
+        # learner's own parameters, not gathered copies): sent from there, in memory order.
+        self.resident = resident
 
     def metadata(self) -> list[ParamMeta]:
         return [ParamMeta(name, dtype, tuple(shape)) for name, dtype, shape in self._metadata()]
@@ -75,8 +78,9 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         return cls(client=client, source=source, is_sender=init_info.is_sender, pusher=pusher)
 
     def send_weights(self) -> None:
-        """One update; the version it brings is the client's ``version`` (set by the caller:
-        vLLM's no-argument ``send_weights`` has no room for it), carried by the finish."""
+        """One update; the version it brings is the client's ``version`` and whether its buckets
+        are hashed and checked the client's ``checksums`` (set by the caller: vLLM's
+        no-argument ``send_weights`` has no room for them); the finish carries both."""
         source = self.source
         assert source is not None
         if self.pusher is None:
@@ -84,7 +88,9 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                 pass
             return
         metas = tensor_metas((m.name, m.dtype, m.shape) for m in source.metadata())
-        self.last_round = self.pusher.push(metas, source, version=getattr(self.client, "version", None))
+        self.last_round = self.pusher.push(metas, source, version=getattr(self.client, "version", None),
+                                           checksums=getattr(self.client, "checksums", True),
+                                           resident=getattr(source, "resident", False))
 
     def shutdown(self) -> None:
         self.pusher = None
@@ -107,9 +113,11 @@ def make_weight_sender(learner: Any, *, rank: int, backend: str, master_address:
     """The trainer engine for ``backend`` over this rank's learner: rank 0 sends, the
     others join the gathers. "gloo" on CPU, vLLM's "nccl" on GPU; same handshake."""
     device = "cpu" if backend == GLOO else None  # gloo sends host memory; NCCL sends from the GPU
-    # copy=False: every tensor is packed into its bucket before the next one is read, so
-    # the learner's own (unpartitioned) tensors need no copy of their own on the way.
-    source = LearnerWeightSource(learner.weight_metadata, lambda: learner.full_weights(device=device, copy=False))
+    # copy=False: the learner's own (unpartitioned) tensors need no copy of their own on the
+    # way; on the host they are sent from where they lie (resident).
+    resident = backend == GLOO and _unpartitioned_on_host(learner)
+    source = LearnerWeightSource(learner.weight_metadata, lambda: learner.full_weights(device=device, copy=False),
+                                 resident=resident)
     if backend == GLOO:
         info: TrainerInitInfo = GlooTrainerInitInfo(rank=rank, master_address=master_address,
                                                     master_port=master_port, world_size=world_size,
@@ -126,3 +134,14 @@ def make_weight_sender(learner: Any, *, rank: int, backend: str, master_address:
     else:
         raise ValueError(f"rollout.weight_transfer_backend: no trainer engine for {backend!r}")
     return WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
+
+
+def _unpartitioned_on_host(learner: Any) -> bool:
+    """Whether the learner's parameters are whole tensors in host memory (no ZeRO-3 partitions,
+    no GPU): what a weight sync can send from where they lie."""
+    from learner.weights import is_partitioned
+
+    module = getattr(getattr(learner, "engine", None), "module", None)
+    if module is None:
+        return False
+    return all(p.device.type == "cpu" and not is_partitioned(p) for p in module.parameters())

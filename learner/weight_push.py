@@ -2,7 +2,7 @@
 
 An update is four calls on the engines' control plane (``EngineUpdateClient``) around the
 buckets on the wire: start, update (the engines receive, concurrently with our broadcasts),
-the buckets themselves (personadual/weight_wire.py: checksummed, each acknowledged), and
+the buckets themselves (personadual/weight_wire.py: each acknowledged, hashed when asked), and
 finish, which carries the version the update brings and the sender's checksums, so the
 engines go live at that version after checking what arrived, with no second round.
 
@@ -20,7 +20,8 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 import torch
 import torch.distributed as dist
 
-from personadual.weight_wire import BucketBroadcastError, BucketBuffers, TensorMeta, open_transfer_group, send_buckets
+from personadual.weight_wire import (BucketBroadcastError, BucketBuffers, TensorMeta, memory_order, open_transfer_group,
+                                     send_buckets)
 
 # After a bucket failed, how long (in collective timeouts, plus a margin) to wait for the
 # engines' side of the update to say which engine failed it (actors/weight_sync.py waits one
@@ -77,18 +78,31 @@ class WeightPusher:
         return cls(client, group, bucket_bytes=bucket_bytes, timeout_s=timeout_s)
 
     def push(self, metas: Sequence[TensorMeta], named: Iterable[tuple[str, torch.Tensor]],
-             version: int | None = None) -> dict[str, float]:
+             version: int | None = None, *, checksums: bool = True, resident: bool = False) -> dict[str, float]:
         """One full update: ``named`` yields every tensor of ``metas`` in order (checked as it
-        goes); the engines take it live at ``version``. Returns where the time went: the
-        engines' start (vLLM readies its reload), the buckets on the wire and loaded, and the
-        finish (the engines' post-load processing and checks)."""
+        goes); the engines take it live at ``version``, after comparing each bucket with the
+        hash the sender took (``checksums``; ~11 ms per 100 MB at each end, so a run takes
+        them on the syncs it verifies, actors/weight_sync.py). ``resident``: the tensors are
+        views of memory that stays put during the update (a ZeRO-1/2 rank's parameters): they
+        travel in memory order, each bucket straight from that memory where its tensors lie
+        back to back. Returns where the time went: the engines' start (vLLM readies its
+        reload), the buckets on the wire and loaded, and the finish (the engines' post-load
+        processing and checks), and the bytes sent without a copy."""
         start = time.perf_counter()
+        tensors: Iterator[torch.Tensor] = _checked(named, metas)
+        breaks: list[int] = []
+        if resident:
+            held = list(tensors)
+            order, breaks = memory_order(held)
+            metas, tensors = [metas[i] for i in order], iter([held[i] for i in order])
         update_info = {"names": [m.name for m in metas], "dtype_names": [m.dtype for m in metas],
-                       "shapes": [list(m.shape) for m in metas], "bucket_bytes": self.bucket_bytes}
+                       "shapes": [list(m.shape) for m in metas], "bucket_bytes": self.bucket_bytes,
+                       "checksums": checksums, "breaks": breaks}
         self.client.start_weight_update()
         started = time.perf_counter()
         pool = ThreadPoolExecutor(max_workers=1)
-        checksums: list[int | None] = []
+        sent: list[int | None] | None = [] if checksums else None
+        direct: list[int] = []
         try:
             engines_side = pool.submit(self.client.update_weights, update_info)
 
@@ -97,9 +111,9 @@ class WeightPusher:
                     engines_side.result()
 
             try:
-                sent_bytes = send_buckets(self.group, metas, _checked(named, metas), self.bucket_bytes,
-                                          before_each=surface_engine_failure, checksums=checksums,
-                                          buffers=self.buffers)
+                sent_bytes = send_buckets(self.group, metas, tensors, self.bucket_bytes,
+                                          before_each=surface_engine_failure, checksums=sent,
+                                          buffers=self.buffers, breaks=breaks, direct=direct)
             except BucketBroadcastError as error:
                 raise _blame(error, engines_side, BLAME_TIMEOUTS * self.timeout_s + BLAME_MARGIN_S) from error
             engines_side.result()
@@ -107,15 +121,16 @@ class WeightPusher:
         finally:
             # Never join an engine call stuck in a broken collective: let the error out.
             pool.shutdown(wait=False)
-        self._finish(version, checksums)
+        self._finish(version, sent)
         end = time.perf_counter()
-        return {"seconds": end - start, "bytes": float(sent_bytes), "buckets": float(len(checksums)),
+        return {"seconds": end - start, "bytes": float(sent_bytes), "buckets": float(self.buffers.buckets),
+                "direct_bytes": float(sum(direct)),
                 "start_s": started - start, "transfer_s": transferred - started, "finish_s": end - transferred}
 
-    def _finish(self, version: int | None, checksums: list[int | None]) -> None:
+    def _finish(self, version: int | None, checksums: list[int | None] | None) -> None:
         finish = self.client.finish_weight_update
         # vLLM's own clients take no checksums: those engines go without the check.
-        if "checksums" in inspect.signature(finish).parameters:
+        if checksums is not None and "checksums" in inspect.signature(finish).parameters:
             finish(version, checksums=checksums)
         else:
             finish(version)

