@@ -90,13 +90,15 @@ def memory_order(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[int]]
         order.append(index)
     order += overlapping
     breaks = [position for position in range(1, len(order))
-              if _span([tensors[order[position - 1]], tensors[order[position]]]) is None]
+              if span_bytes([tensors[order[position - 1]], tensors[order[position]]]) is None]
     return order, breaks
 
 
-def _span(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+def span_bytes(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """The bytes of ``tensors`` as one flat uint8 view of the memory they share, when they lie
-    back to back in it (host memory, each contiguous); else None."""
+    back to back in it (host memory, each contiguous); else None. The sender broadcasts such a
+    bucket from there; an engine packs a fused layer from the received tensors so
+    (rollout/cpu_reload.py)."""
     first = tensors[0]
     end = first.data_ptr()
     for tensor in tensors:
@@ -245,7 +247,7 @@ def send_buckets(group: dist.ProcessGroup, metas: Sequence[TensorMeta], tensors:
         for index, (bucket, buffer) in enumerate(plan):
             parts = [next(tensors) for _ in bucket]
             corrupt = _corrupt_asked(buffer)
-            span = None if corrupt else _span(parts)
+            span = None if corrupt else span_bytes(parts)
             if span is not None and span.numel() == buffer.numel():
                 buffer = span
             else:

@@ -38,6 +38,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from personadual.weight_wire import span_bytes
+
 _RELOADS: "weakref.WeakKeyDictionary[torch.nn.Module, StagedReload | None]" = weakref.WeakKeyDictionary()
 
 
@@ -303,16 +305,12 @@ def _sources(copies: list[_Copy], param: torch.Tensor,
 def _back_to_back(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor | None:
     """``tensors`` as one tensor shaped like ``like``, when they lie back to back in one
     storage, contiguous, in its dtype; else None."""
-    first = tensors[0]
-    end = first.data_ptr()
-    for tensor in tensors:
-        if (tensor.dtype != like.dtype or not tensor.is_contiguous() or tensor.data_ptr() != end
-                or tensor.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
-            return None
-        end += tensor.numel() * tensor.element_size()
-    if end - first.data_ptr() != like.numel() * like.element_size():
+    if any(tensor.dtype != like.dtype for tensor in tensors):
         return None
-    return torch.empty(0, dtype=like.dtype).set_(first.untyped_storage(), first.storage_offset(), like.shape)
+    span = span_bytes(tensors)
+    if span is None or span.numel() != like.numel() * like.element_size():
+        return None
+    return span.view(like.dtype).view(like.shape)
 
 
 def _dropped(staging: torch.nn.Parameter) -> torch.nn.Parameter:
