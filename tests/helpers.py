@@ -22,9 +22,19 @@ LAUNCH = [sys.executable, str(ROOT / "launch.py")]
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on now (the caller binds it soon after)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports nothing listens on now (held together while chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def run_launch(*args: str, env: Mapping[str, str] | None = None, timeout: float = 900,

@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,23 +29,10 @@ from typing import Mapping
 import psutil
 
 from actors.local_env import process_env
+from tests.helpers import free_ports
 
 VENV_BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 180
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports nothing listens on now."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        ports = [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-    assert 52365 not in ports  # the dashboard agent's default: another cluster may hold it
-    return ports
 
 
 @dataclass
@@ -65,6 +51,7 @@ class RayHead:
     def start(self) -> RayHead:
         self.temp = Path(tempfile.mkdtemp(prefix="pdray", dir="/tmp"))  # short: Ray's socket paths have a limit
         gcs_port, dashboard_port, agent_port = free_ports(3)
+        assert 52365 not in (gcs_port, dashboard_port, agent_port)  # the agent's default: another cluster may hold it
         self.gcs_address = f"127.0.0.1:{gcs_port}"
         self.dashboard_address = f"http://127.0.0.1:{dashboard_port}"
         env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_ADDRESS")}
