@@ -13,6 +13,7 @@ policy. The learner recomputes logprobs under the current policy anyway.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from pathlib import Path
@@ -104,10 +105,22 @@ class VllmEngine:
         if not requests:
             return []
         inputs = [TokensPrompt(prompt_token_ids=r.input_token_ids(self.codec.mode_ids)) for r in requests]
-        outputs = self.llm.generate(inputs, [self._sampling_params(r, greedy) for r in requests],
-                                    use_tqdm=False)
+        with self._eager():
+            outputs = self.llm.generate(inputs, [self._sampling_params(r, greedy) for r in requests],
+                                        use_tqdm=False)
         samples = [[_sample(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
         return self.codec.rollouts(requests, samples, weight_version=self.weight_version)
+
+    def _eager(self) -> contextlib.AbstractContextManager:
+        """With ``enforce_eager``, vLLM still compiles one sampler helper (the sampled token's
+        rank among the log-probs, an integer count we never read) on the first generate: 3-4 s
+        of TorchInductor work in every new engine process on CPU, most of a short run's first
+        RL step. Eager it is the same count. Only an in-process engine samples in this thread."""
+        import torch
+
+        if self.config.enforce_eager and self._in_process:
+            return torch._dynamo.config.patch(disable=True)
+        return contextlib.nullcontext()
 
     def _sampling_params(self, request: GenerationRequest, greedy: bool):
         from vllm import SamplingParams
