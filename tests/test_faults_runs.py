@@ -235,7 +235,7 @@ def test_learner_rank_death_stops_the_run_and_a_crashed_save_keeps_the_last_chec
 @pytest.mark.timeout(1200)
 def test_a_hung_engine_and_one_killed_mid_sync_are_replaced_in_place_and_the_run_finishes(tmp_path):
     run_dir = tmp_path / "runs" / "hangs"
-    generate_timeout_s = 20
+    generate_timeout_s = 10
     run = FaultRun(tmp_path / "faults", [*SMALL, f"run.out_dir={tmp_path / 'runs'}", "run.name=hangs",
                                          "algo.steps=3", "run.save_every=0", "cluster.schedule=pipelined",
                                          f"rollout.generate_timeout_s={generate_timeout_s}",

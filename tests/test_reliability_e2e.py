@@ -80,7 +80,7 @@ def judge_run(request, tmp_path_factory):
                                 f"data.train_files=[{train}]", f"data.eval_files=[{evals}]",
                                 f"run.out_dir={folder}", "run.name=run", f"reward.judge.base_url={server.base_url}",
                                 "reward.judge.model=judge-test", f"reward.judge.api_key_env={KEY_ENV}",
-                                "reward.judge.timeout_s=3", f"reward.judge.max_retries={MAX_RETRIES}",
+                                "reward.judge.timeout_s=1.5", f"reward.judge.max_retries={MAX_RETRIES}",
                                 "reward.judge.backoff_initial_s=0.05", "reward.judge.backoff_max_s=0.2",
                                 f"reward.judge.failure_policy={policy}", env=env, own_cluster=True)
             authorizations = {r.authorization for r in server.requests}
