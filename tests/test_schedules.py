@@ -124,8 +124,8 @@ def test_colocated_puts_engine_i_and_learner_rank_i_in_one_bundle():
 # Few steps, no baselines or two-turn eval: the runs exist to compare learner numbers. The
 # colocated run branches from the serial run's SFT checkpoint (`--init-from`), so both RL stages,
 # where the schedules differ, start from the same bytes. (Once, in CI, a run's first SFT step
-# came out 6 ulps off every other run of this config, not reproduced in 35 runs here; 30 SFT
-# steps grew it past 1e-6 before RL began.)
+# came out 6 ulps off every other run of this config, never reproduced since; 30 SFT steps grew
+# it past 1e-6 before RL began.)
 SHARED = ("algo.steps=2", "eval.baselines=false", "eval.two_turn_cases=0", "data.max_eval_prompts=8",
           "run.save_every=0", "run.log_samples_every=0")
 NODE_CPUS = os.cpu_count() or 1
