@@ -3,8 +3,9 @@
 A run that starts its own local cluster spends about 12 s of a smoke run's 59 s on Ray's
 start and shutdown (measured on the 2-core CI machine: 59 s alone, 45-48 s joining a running
 head). Most real-stack tests check what a run does, not how Ray comes up, so their runs join
-one head started once per session (``shared_cluster_env``); the runs that check the plain
-``python launch.py`` path start their own (``tests.helpers.run_launch(..., own_cluster=True)``).
+one head started once per session (``start_shared``; a run's environment from ``launch_env``);
+the runs that check the plain ``python launch.py`` path start their own
+(``tests.helpers.run_launch(..., own_cluster=True)``).
 
 A head is stopped through its process group and the processes that name its temp dir, never
 with `ray stop` (which would end every Ray on the machine).
