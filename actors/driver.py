@@ -67,41 +67,45 @@ class Driver:
 
     # ---- set-up -------------------------------------------------------------------------
     def _build(self) -> None:
-        from transformers import AutoTokenizer
-
         cfg = self.cfg
         # Fail at once, naming the keys, when the actors cannot all be placed (Ray would
         # otherwise wait for resources that never come); the groups are created from this plan.
         groups = plan_groups(cfg)
         check_fits(groups, *cluster_shape())
         self.model_path = resolve_model(cfg.model.path, cfg.model.tiny_preset)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.data, self.sft_steps, self.rl_steps = load_stages(cfg, self.tokenizer)
-        self.sft_cursor = DataCursor(cfg.run.seed, max(len(self.data.sft), 1))
-        self.rl_cursor = DataCursor(cfg.run.seed + 1, len(self.data.train))
         self.placement = Placement.create(groups, timeout_s=cfg.cluster.placement_timeout_s)
         # Each actor's threads (actors/threads.py) and the schedule's phase changes (actors/schedule.py).
         self.threads = RunThreads(plan_for_run(cfg, self.placement), cfg.cluster.schedule)
         self.phases = PhaseSwitch(cfg.cluster.schedule)
-        # The engines load vLLM (the slowest start-up on CPU) while the learner sets up.
+        # The engines (vLLM's import, the slowest start-up on CPU) and the learner's ranks start
+        # while this process loads the tokenizer and the data; the ranks are set up once the
+        # data has given the stages' lengths.
         self.engines = launch_rollout_actors(
             self.model_path, section(cfg, "rollout"), threads=self.threads.plan.rollout,
             slots=[self.placement.engine_slot(i) for i in range(cfg.rollout.num_engines)],
             sleep_between_phases=self.phases.active)
-        self.learner = LearnerGroup(section(cfg, "learner"), self.model_path,
-                                    algo=section(cfg, "algo"), total_sft_steps=max(self.sft_steps, 1),
-                                    total_rl_steps=max(self.rl_steps, 1),
+        self.learner = LearnerGroup(section(cfg, "learner"), self.model_path, algo=section(cfg, "algo"),
                                     placement_group=self.placement.learner,
                                     rollout_temperature=cfg.rollout.sampling.temperature,
-                                    threads=self.threads.plan.learner_sft)
+                                    threads=self.threads.plan.learner_sft, set_up=False)
+        from transformers import AutoTokenizer  # 2-3 s of imports (torch's included), beside the actors' start
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.data, self.sft_steps, self.rl_steps = load_stages(cfg, self.tokenizer)
+        self.sft_cursor = DataCursor(cfg.run.seed, max(len(self.data.sft), 1))
+        self.rl_cursor = DataCursor(cfg.run.seed + 1, len(self.data.train))
+        self.learner.set_up(total_sft_steps=max(self.sft_steps, 1), total_rl_steps=max(self.rl_steps, 1))
+        # The reward workers start (2-3 s of imports) while the engines finish their set-up,
+        # which keeps only one core busy by then.
+        self.rewards = RewardPool(section(cfg, "reward"), num_workers=cfg.reward.num_workers,
+                                  num_cpus=cfg.reward.num_cpus_per_worker, placement_group=self.placement.reward,
+                                  faults=self.faults, wait=False)
         engines_ready(self.engines)
         self.reference = (reference_service_for_run(cfg, self.model_path, self.threads.plan.rollout[0],
                                                     self.placement.engine_slot(0))
                           if cfg.cluster.reference == "worker" else None)
         print(self.threads.read_back(self.learner, self.engines, self.reference), flush=True)
-        self.rewards = RewardPool(section(cfg, "reward"), num_workers=cfg.reward.num_workers,
-                                  num_cpus=cfg.reward.num_cpus_per_worker, placement_group=self.placement.reward,
-                                  faults=self.faults)
+        self.rewards.wait_ready()
         self.weight_sync = weight_sync_for_run(cfg, self.learner, self.engines,
                                                list((self.data.eval or self.data.train)[:PROBE_PROMPTS]))
         self.supervisor = EngineSupervisor(self.engines, self.weight_sync, self._start_engine, self.faults)

@@ -149,12 +149,14 @@ class LearnerGroup:
     def __init__(self, config: LearnerConfig, model_path: str | Path, *, algo: AlgoConfig | None = None,
                  total_sft_steps: int | None = None, total_rl_steps: int | None = None,
                  placement_group: Any = None, rollout_temperature: float = 1.0,
-                 threads: Sequence[int] | None = None) -> None:
+                 threads: Sequence[int] | None = None, set_up: bool = True) -> None:
         """``config``: how to train (ranks, their resources, ...); ``algo``: the objective (its
         defaults when None); ``rollout_temperature``: what the engines sample at, so the
         learner compares its log-probs with theirs under the same tempered distribution;
         ``threads``: each rank's torch/OpenMP threads (actors/threads.py; default
-        ``learner.threads``, else Ray's reservation)."""
+        ``learner.threads``, else Ray's reservation). ``set_up=False`` returns once the ranks'
+        processes are starting; ``set_up`` then gives them the stage lengths (the driver
+        starts the ranks while it still loads the data those lengths come from)."""
         self.algo = algo if algo is not None else AlgoConfig()
         self.rollout_temperature = rollout_temperature
         self.config = configure(config, self.algo, total_sft_steps=total_sft_steps, total_rl_steps=total_rl_steps)
@@ -169,6 +171,13 @@ class LearnerGroup:
                                                     num_gpus=self.config.num_gpus_per_rank,
                                                     **in_bundle(placement_group, rank), **options,
                                                     ).remote(rank, self.num_ranks, count))
+        if set_up:
+            self.set_up()
+
+    def set_up(self, *, total_sft_steps: int | None = None, total_rl_steps: int | None = None) -> None:
+        """Each rank builds its model, optimizer and process group; returns once all have.
+        The totals, when given, set each optimizer schedule's length (``configure``)."""
+        self.config = configure(self.config, self.algo, total_sft_steps=total_sft_steps, total_rl_steps=total_rl_steps)
         try:
             self.master_address, self.master_port = ray.get(self.actors[0].address.remote())
             versions = gather_first_failure([actor.setup.remote(self.config, self.algo, self.model_path,

@@ -117,7 +117,9 @@ class PendingScores:
 class RewardPool:
     def __init__(self, config: RewardConfig, *, num_workers: int = 1, num_cpus: float = 0.1,
                  api_key: ApiKey | None = None, placement_group: PlacementGroup | None = None,
-                 faults: FaultLog | None = None) -> None:
+                 faults: FaultLog | None = None, wait: bool = True) -> None:
+        """``wait=False`` returns once the workers are created; call ``wait_ready`` before
+        scoring (the driver starts them while another actor is still setting up)."""
         if num_workers < 1:
             raise ValueError(f"reward.num_workers: must be >= 1, got {num_workers}")
         self.config = config
@@ -130,6 +132,11 @@ class RewardPool:
         self.placement_group = placement_group
         self.faults = faults if faults is not None else FaultLog(max_consecutive=3)
         self.workers = [self._start_worker(index) for index in range(num_workers)]
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Returns once every worker is up; a worker's start-up error (a missing judge key) is raised here."""
         ray.get([w.ready.remote() for w in self.workers], timeout=WORKER_START_TIMEOUT_S)
 
     def _start_worker(self, index: int) -> ActorHandle:

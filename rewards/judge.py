@@ -27,10 +27,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import openai
-from openai import AsyncOpenAI
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_exponential_jitter
 
@@ -40,6 +38,10 @@ from personadual.records import Prompt
 from rewards.config import SECTION, JudgeConfig, RewardConfigError
 from rewards.normalize import clip
 from rewards.verdict import Verdict, VerdictError, parse_verdict
+
+if TYPE_CHECKING:  # the client is imported where requests are made: the driver needs only the records here
+    import openai
+    from openai import AsyncOpenAI
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +231,8 @@ def _retry_after(error: openai.APIStatusError) -> float | None:
 def _classify(error: BaseException) -> _AttemptFailed:
     """Map a client exception to a failure kind. Order matters: a timeout is also a
     connection error to the openai client, and 429 is also a status error."""
+    import openai
+
     if isinstance(error, (TimeoutError, openai.APITimeoutError)):
         return _Retryable("timeout")
     if isinstance(error, openai.APIStatusError):
@@ -335,6 +339,8 @@ class JudgeClient:
             elif key not in todo:
                 todo[key] = item
         if todo:
+            from openai import AsyncOpenAI
+
             semaphore = asyncio.Semaphore(self.config.max_concurrency)
             async with AsyncOpenAI(api_key=self._key().reveal(), base_url=self.config.base_url,
                                    max_retries=0, timeout=self.config.timeout_s) as client:

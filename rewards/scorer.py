@@ -20,7 +20,6 @@ from rewards.config import RewardConfig
 from rewards.exact_match import ExactMatchScorer
 from rewards.format import compose, single_line_answer
 from rewards.judge import ApiKey, JudgeClient, JudgeError, Judgement
-from rewards.math_equiv import MathScorer
 from rewards.multiple_choice import MultipleChoiceScorer
 from rewards.normalize import clip, extract_answer
 
@@ -92,6 +91,10 @@ class BatchScorer:
     ``judge/error/<kind>``, and ``math/error/<kind>``."""
 
     def __init__(self, config: RewardConfig, *, api_key: ApiKey | None = None) -> None:
+        # Imported here, in the reward workers: sympy and math-verify cost the driver, which
+        # imports this module for its records and counts only, half a second of start-up.
+        from rewards.math_equiv import MathScorer
+
         self.config = config
         self.judge = JudgeScorer(config, api_key=api_key)
         self.exact_match = ExactMatchScorer(config)

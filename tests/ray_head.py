@@ -113,8 +113,8 @@ class RayHead:
         except ProcessLookupError:
             pass
         try:
-            head.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # its exit handlers stop each child in turn: don't wait on them
+            head.wait(timeout=3)
+        except subprocess.TimeoutExpired:  # its exit handlers stop each child in turn (~10 s): don't wait on them
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
         # Agents that left the process group (dashboard / runtime-env agents, job supervisors).
