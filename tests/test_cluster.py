@@ -44,7 +44,10 @@ def test_local_ray_keeps_token_auth_on_and_refuses_a_wrong_token():
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
         own = subprocess.run([sys.executable, "-c", join], env=env, capture_output=True, text=True, timeout=120)
         assert own.returncode == 0 and "joined 1.0" in own.stdout, own.stderr[-2000:]
-        wrong = subprocess.run([sys.executable, "-c", join], env={**env, "RAY_AUTH_TOKEN": "0" * 32},
+        # A refused client tries the GCS once a second, 20 times by default; two tries show
+        # the refusal (RAY_gcs_server_port_wait_time_s sets that count in ray._private.node).
+        wrong = subprocess.run([sys.executable, "-c", join],
+                               env={**env, "RAY_AUTH_TOKEN": "0" * 32, "RAY_gcs_server_port_wait_time_s": "2"},
                                capture_output=True, text=True, timeout=120)
         assert wrong.returncode != 0 and "Failed to connect" in wrong.stderr, wrong.stdout
     finally:

@@ -1,7 +1,8 @@
 """`python -m personadual.sweep`: SFT once per seed, every method branched from it, per-item
 evals paired by the report's bootstrap; resumable. The real sweep runs on configs/smoke.yaml
-(two seeds, DualGRPO only, to keep the suite short); the report's other rows are checked on
-sweep folders written here."""
+(one seed, DualGRPO only, to keep the suite short: each run is mostly its start-up); the plan
+of several seeds, each method branched from its own seed's SFT, is checked without running it,
+and the report's other rows and its spread over seeds on sweep folders written here."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from personadual.evaluation import read_eval_items
 from personadual.sweep import METHOD_OVERRIDES, Sweep, _parse
@@ -59,7 +61,7 @@ def test_bad_arguments_exit_2_naming_them(argv: list[str], message: str, capsys:
 @pytest.fixture(scope="module")
 def smoke_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("sweep") / "sweep"
-    result = subprocess.run([*SWEEP, "--seeds", "0", "1", "--methods", "dual", "--out", str(out),
+    result = subprocess.run([*SWEEP, "--seeds", "1", "--methods", "dual", "--out", str(out),
                              "--config", str(SMOKE)], cwd=ROOT, env=launch_env(), capture_output=True, text=True,
                             timeout=1800)
     return out, result
@@ -70,12 +72,15 @@ def test_smoke_sweep_shares_one_sft_per_seed_and_reports_the_paired_intervals(sm
     out, result = smoke_sweep
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     record = json.loads((out / "sweep.json").read_text())
-    assert [(r["seed"], r["run"]) for r in record] == [(0, "sft"), (0, "dual"), (1, "sft"), (1, "dual")]
-    for seed in (0, 1):
+    assert [(r["seed"], r["run"]) for r in record] == [(1, "sft"), (1, "dual")]
+    for seed in (1,):
         sft_run = out / f"seed_{seed}" / "sft"
         sft_rows = [r for r in read_metrics(sft_run) if r.get("stage") == "sft"]
         assert len(sft_rows) == 30 and not [r for r in read_metrics(sft_run) if r.get("stage") == "rl"]
         sft_state = (sft_run / "checkpoints" / "sft_step_30" / "driver_state.json").read_text()
+        # The seed the sweep gave, not smoke.yaml's run.seed (0), in every run of it.
+        assert yaml.safe_load((sft_run / "config.yaml").read_text())["run"]["seed"] == seed
+        assert yaml.safe_load((out / f"seed_{seed}" / "dual" / "config.yaml").read_text())["run"]["seed"] == seed
         for method in ("dual",):
             run = out / f"seed_{seed}" / method
             metrics = read_metrics(run)
@@ -86,7 +91,7 @@ def test_smoke_sweep_shares_one_sft_per_seed_and_reports_the_paired_intervals(sm
             assert len(rl) == 2 and all(0.0 <= r["mode/probe/unaligned/p_personalized"] <= 1.0 for r in rl)
     table = (out / "table1.md").read_text()
     assert table.strip() in result.stdout
-    for row in ("| SFT | 2 |", "| DualGRPO | 2 |", "| DualGRPO − SFT |"):
+    for row in ("| SFT | 1 |", "| DualGRPO | 1 |", "| DualGRPO − SFT |"):
         assert row in table
     assert {p.name for p in (out / "plots").iterdir()} == {
         "accuracy_per_method.png", "mode_rate_per_method.png", "mode_probe_per_method.png"}
@@ -95,7 +100,7 @@ def test_smoke_sweep_shares_one_sft_per_seed_and_reports_the_paired_intervals(sm
 @pytest.mark.slow
 def test_every_eval_writes_its_items_and_they_add_up_to_the_summary(smoke_sweep) -> None:
     out, _ = smoke_sweep
-    run = out / "seed_0" / "dual"
+    run = out / "seed_1" / "dual"
     summary = json.loads((run / "summary.json").read_text())["eval"]
     rows = read_eval_items(run / "evals" / "final_step_2.jsonl")
     free = [r for r in rows if r["forced"] is None]
@@ -115,18 +120,18 @@ def test_every_eval_writes_its_items_and_they_add_up_to_the_summary(smoke_sweep)
     decided = [r for r in free if abs(r["logit_gap"]) > 1e-3 and r["mode"] is not None]
     assert decided and all((r["logit_gap"] > 0) == (r["mode"] == "personalized") for r in decided)
     # The SFT run's one eval is its final one, at step 0.
-    assert [p.name for p in (out / "seed_0" / "sft" / "evals").iterdir()] == ["final_step_0.jsonl"]
+    assert [p.name for p in (out / "seed_1" / "sft" / "evals").iterdir()] == ["final_step_0.jsonl"]
 
 
 @pytest.mark.slow
 def test_a_sweep_run_again_reruns_nothing_it_finished(smoke_sweep) -> None:
     out, _ = smoke_sweep
     before = json.loads((out / "sweep.json").read_text())
-    result = subprocess.run([*SWEEP, "--seeds", "0", "1", "--methods", "dual", "--out", str(out),
+    result = subprocess.run([*SWEEP, "--seeds", "1", "--methods", "dual", "--out", str(out),
                              "--config", str(SMOKE)], cwd=ROOT, env=launch_env(), capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.count("finished before, kept") == 4 and ": running" not in result.stdout
+    assert result.stdout.count("finished before, kept") == 2 and ": running" not in result.stdout
     assert json.loads((out / "sweep.json").read_text()) == before
     assert "| DualGRPO − SFT |" in result.stdout
 
