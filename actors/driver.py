@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from actors.config import section, to_container
 from actors.console import StageProgress
@@ -27,12 +27,11 @@ from actors.placement import Placement, check_fits, cluster_shape, plan_groups
 from actors.reference_worker import ReferenceWorkerDied, reference_service_for_run
 from actors.reward_pool import RewardPool
 from actors.rollout_actor import engines_ready, launch_rollout_actors, start_rollout_actor
-from actors.run_state import CheckpointStore, DataCursor, load_stages, rng_state
+from actors.run_state import CheckpointStore, DataCursor, load_stages, open_tracker, rng_state
 from actors.schedule import PhaseSwitch
 from actors.supervision import EngineSupervisor, FaultLog, RunStopped, one_line, stop_if_diverged
 from actors.threads import RunThreads, plan_for_run
 from actors.weight_sync import WeightSyncError, weight_sync_for_run
-from learner.batch import SftSample
 from personadual.data import resolve_model
 from personadual.evaluation import probe_prompts
 from personadual.records import Scored
@@ -40,7 +39,7 @@ from personadual.report import method_label
 from personadual.rl_step import RLStep
 from personadual.step_metrics import (RunClock, duration, eval_line, rl_step_record, sft_step_record,
                                       training_samples)
-from personadual.tracking import RunTracker, WandbSettings, read_metrics
+from personadual.tracking import RunTracker, read_metrics
 from rewards.judge import JudgeError
 
 __all__ = ["Driver"]
@@ -95,11 +94,12 @@ class Driver:
         self.sft_cursor = DataCursor(cfg.run.seed, max(len(self.data.sft), 1))
         self.rl_cursor = DataCursor(cfg.run.seed + 1, len(self.data.train))
         self.learner.set_up(total_sft_steps=max(self.sft_steps, 1), total_rl_steps=max(self.rl_steps, 1))
-        # The reward workers start (2-3 s of imports) while the engines finish their set-up,
-        # which keeps only one core busy by then.
+        # The reward workers (2-3 s of imports) and W&B (its service process, 1-2 s) start while
+        # the engines finish their set-up, which keeps only one core busy by then.
         self.rewards = RewardPool(section(cfg, "reward"), num_workers=cfg.reward.num_workers,
                                   num_cpus=cfg.reward.num_cpus_per_worker, placement_group=self.placement.reward,
                                   faults=self.faults, wait=False)
+        self.tracker = open_tracker(cfg, self.run_dir, resume=self.resume)
         engines_ready(self.engines)
         self.reference = (reference_service_for_run(cfg, self.model_path, self.threads.plan.rollout[0],
                                                     self.placement.engine_slot(0))
@@ -120,9 +120,8 @@ class Driver:
                                       forced_prefix=bool(cfg.algo.forced_prefix), run_seed=cfg.run.seed,
                                       filter_max_rounds=cfg.algo.filter_max_rounds if cfg.algo.filter_groups else None,
                                       reference=self.reference)
-        self.rl_stepper = RLStep(self.rl_rollouts, self.phases.around(self.learner, self.engines),
-                                 self.supervisor.sync, max_staleness=cfg.algo.max_staleness,
-                                 total_steps=self.rl_steps)
+        self.rl_stepper = RLStep(self.rl_rollouts, self.phases.around(self.learner, self.engines), self.supervisor.sync,
+                                 max_staleness=cfg.algo.max_staleness, total_steps=self.rl_steps)
 
     def _start_engine(self, index: int) -> Any:
         """A replacement for rollout engine ``index``, in that engine's placement bundle."""
@@ -135,7 +134,7 @@ class Driver:
     def _sft_step(self, step: int) -> dict[str, Any]:
         batch = [self.data.sft[i] for i in self.sft_cursor.take(self.cfg.sft.batch_size)]
         start = time.perf_counter()
-        learner = self.learner.sft_step([SftSample(e.prompt_token_ids, e.response_token_ids) for e in batch])
+        learner = self.learner.sft_step(batch)
         record = sft_step_record(learner, time.perf_counter() - start)
         record["perf"].update(self.threads.metrics("sft"))
         return record
@@ -180,11 +179,13 @@ class Driver:
         from personadual.report import write_plots
 
         cfg = self.cfg
-        self._build()
+        try:
+            self._build()
+        except BaseException:
+            if self.tracker is not None:  # opened before a later part of the start-up failed
+                self.tracker.finish()
+            raise
         self.started = True
-        self.tracker = RunTracker(self.run_dir, config=to_container(cfg),
-                                  secret_env=[cfg.reward.judge.api_key_env],
-                                  wandb=WandbSettings(**OmegaConf.to_container(cfg.wandb)), resume=self.resume)
         print(self.tracker.describe(), flush=True)
         summary: dict[str, Any] = {"run": self.run_dir.name, "eval": {}, "eval_history": [],
                                    "data_skipped": dict(self.data.skipped)}

@@ -5,6 +5,10 @@ rendezvous at rank 0's node address on a free port (127.0.0.1 locally; gloo on C
 on GPU), every collective bounded by ``collective_timeout_s``. The group computes DualGRPO
 advantages over the whole scored batch, shards it by token count, runs every rank's step
 concurrently and returns rank 0's metrics (the ranks reduce them among themselves).
+
+Batches are built (``learner.batch``, torch) inside the methods that send them: the driver
+imports this module before it starts its actors, and torch's import (about 2 s of one core)
+would hold every actor's start back (docs/ARCHITECTURE.md, "The driver, by job").
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import ray
 
@@ -20,11 +24,14 @@ from actors.placement import in_bundle
 from actors.supervision import dead_actors, one_line
 from actors.threads import apply_threads, read_threads, runtime_env
 from actors.waiting import gather_first_failure
-from learner.batch import PolicyBatch, SftSample, build_policy_batch, shard
 from learner.config import LearnerConfig
 from personadual.algo_config import AlgoConfig
 from personadual.fault_hooks import fault_window
 from personadual.records import Scored
+
+if TYPE_CHECKING:
+    from learner.batch import PolicyBatch, SftSample
+    from personadual.sft_data import TokenizedExample
 
 
 @ray.remote
@@ -224,16 +231,23 @@ class LearnerGroup:
         return self._gather([actor.set_threads.remote(count) for actor, count in zip(self.actors, threads)],
                             "set_threads")
 
-    def sft_step(self, samples: Sequence[SftSample]) -> dict[str, float]:
-        results = self._all("sft_step", [shard(list(samples), r, self.num_ranks) for r in range(self.num_ranks)])
+    def sft_step(self, examples: Sequence[TokenizedExample | SftSample]) -> dict[str, float]:
+        from learner.batch import SftSample, shard  # torch: once the actors have started (module docstring)
+
+        samples = [SftSample(e.prompt_token_ids, e.response_token_ids) for e in examples]
+        results = self._all("sft_step", [shard(samples, r, self.num_ranks) for r in range(self.num_ranks)])
         self._weight_version = int(results[0]["weight_version"])
         return results[0]
 
     def build_batch(self, scored: Sequence[Scored]) -> PolicyBatch:
+        from learner.batch import build_policy_batch
+
         return build_policy_batch(scored, advantage=self.algo.advantage, scale=self.algo.scale,
                                   sampling_temperature=self.rollout_temperature)
 
     def policy_step(self, scored: Sequence[Scored]) -> dict[str, float]:
+        from learner.batch import shard
+
         batch = self.build_batch(scored)
         by_prompt = self.config.shared_prefix  # each prompt on one rank: computed once in the step
         results = self._all("policy_step", [shard(batch, r, self.num_ranks, by_prompt=by_prompt)

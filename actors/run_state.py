@@ -1,6 +1,6 @@
-"""A run's state on disk: its folder, the data cursors, and checkpoints (written whole or not
-at all, the newest found again on ``--resume``, the oldest dropped past ``run.keep_last``),
-and the metrics log cut back to a checkpoint on resume."""
+"""A run's state on disk: its folder, the data cursors, its metrics log and W&B run, and
+checkpoints (written whole or not at all, the newest found again on ``--resume``, the oldest
+dropped past ``run.keep_last``), and the metrics log cut back to a checkpoint on resume."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from actors.config import ConfigError
+from actors.config import ConfigError, to_container
 from personadual.data import RunData, load_run_data
-from personadual.tracking import read_metrics, write_json_atomic
+from personadual.tracking import RunTracker, WandbSettings, read_metrics, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,12 @@ def progress_key(record: dict[str, Any]) -> tuple[int, int]:
     if record.get("stage") == "eval" and record.get("tag") == "sft":
         return (1, 0)
     return (2, record["step"])
+
+
+def open_tracker(cfg: DictConfig, run_dir: Path, *, resume: bool) -> RunTracker:
+    """The run's metrics log and W&B run; the judge key's value is scrubbed from both."""
+    return RunTracker(run_dir, config=to_container(cfg), secret_env=[cfg.reward.judge.api_key_env],
+                      wandb=WandbSettings(**OmegaConf.to_container(cfg.wandb)), resume=resume)
 
 
 def prepare_run_dir(cfg: DictConfig) -> Path:

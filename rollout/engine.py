@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 from personadual.modes import Mode
 from personadual.records import Prompt, Rollout
-from personadual.weight_wire import ReceivedUpdate
 from rollout.config import RolloutConfig
-from rollout.weights import NamedTensors
+
+if TYPE_CHECKING:  # torch: the driver imports this module before it starts its actors
+    from personadual.weight_wire import ReceivedUpdate
+    from rollout.weights import NamedTensors
 
 
 @runtime_checkable

@@ -138,6 +138,16 @@ def test_config_checks_import_neither_torch_nor_ray_workers():
     assert "algo.steps: must be >= 0" in result.stderr
 
 
+def test_the_driver_starts_its_actors_before_it_imports_torch():
+    """Everything the driver imports before it creates its actors (the modules that define
+    them included) imports no torch: about 2 s of one core that would hold every actor's start
+    back (docs/ARCHITECTURE.md, "The driver, by job")."""
+    code = ("import sys; import actors.launcher, actors.driver, actors.rollout_actor, actors.learner_group; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["False", "False"], result.stdout + result.stderr
+
+
 def test_help_lists_the_config_sections_and_their_keys():
     result = _launch("--help")
     assert result.returncode == 0
