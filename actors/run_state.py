@@ -1,6 +1,6 @@
-"""A run's state on disk: its folder, the data cursors, its metrics log and W&B run, and
-checkpoints (written whole or not at all, the newest found again on ``--resume``, the oldest
-dropped past ``run.keep_last``), and the metrics log cut back to a checkpoint on resume."""
+"""A run's state on disk: its folder, the data cursors, its metrics log and W&B run (the log
+cut back to a checkpoint on resume), and checkpoints (written whole or not at all, the newest
+found again on ``--resume``, the oldest dropped past ``run.keep_last``)."""
 
 from __future__ import annotations
 
