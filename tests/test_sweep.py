@@ -73,22 +73,22 @@ def test_smoke_sweep_shares_one_sft_per_seed_and_reports_the_paired_intervals(sm
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     record = json.loads((out / "sweep.json").read_text())
     assert [(r["seed"], r["run"]) for r in record] == [(1, "sft"), (1, "dual")]
-    for seed in (1,):
-        sft_run = out / f"seed_{seed}" / "sft"
-        sft_rows = [r for r in read_metrics(sft_run) if r.get("stage") == "sft"]
-        assert len(sft_rows) == 30 and not [r for r in read_metrics(sft_run) if r.get("stage") == "rl"]
-        sft_state = (sft_run / "checkpoints" / "sft_step_30" / "driver_state.json").read_text()
-        # The seed the sweep gave, not smoke.yaml's run.seed (0), in every run of it.
-        assert yaml.safe_load((sft_run / "config.yaml").read_text())["run"]["seed"] == seed
-        assert yaml.safe_load((out / f"seed_{seed}" / "dual" / "config.yaml").read_text())["run"]["seed"] == seed
-        for method in ("dual",):
-            run = out / f"seed_{seed}" / method
-            metrics = read_metrics(run)
-            # No SFT of its own: RL from a copy of the seed's SFT checkpoint.
-            assert not [r for r in metrics if r.get("stage") == "sft"]
-            assert (run / "checkpoints" / "sft_step_30" / "driver_state.json").read_text() == sft_state
-            rl = [r for r in metrics if r.get("stage") == "rl"]
-            assert len(rl) == 2 and all(0.0 <= r["mode/probe/unaligned/p_personalized"] <= 1.0 for r in rl)
+    seed = 1
+    sft_run = out / f"seed_{seed}" / "sft"
+    sft_rows = [r for r in read_metrics(sft_run) if r.get("stage") == "sft"]
+    assert len(sft_rows) == 30 and not [r for r in read_metrics(sft_run) if r.get("stage") == "rl"]
+    sft_state = (sft_run / "checkpoints" / "sft_step_30" / "driver_state.json").read_text()
+    # The seed the sweep gave, not smoke.yaml's run.seed (0), in every run of it.
+    assert yaml.safe_load((sft_run / "config.yaml").read_text())["run"]["seed"] == seed
+    assert yaml.safe_load((out / f"seed_{seed}" / "dual" / "config.yaml").read_text())["run"]["seed"] == seed
+    for method in ("dual",):
+        run = out / f"seed_{seed}" / method
+        metrics = read_metrics(run)
+        # No SFT of its own: RL from a copy of the seed's SFT checkpoint.
+        assert not [r for r in metrics if r.get("stage") == "sft"]
+        assert (run / "checkpoints" / "sft_step_30" / "driver_state.json").read_text() == sft_state
+        rl = [r for r in metrics if r.get("stage") == "rl"]
+        assert len(rl) == 2 and all(0.0 <= r["mode/probe/unaligned/p_personalized"] <= 1.0 for r in rl)
     table = (out / "table1.md").read_text()
     assert table.strip() in result.stdout
     for row in ("| SFT | 1 |", "| DualGRPO | 1 |", "| DualGRPO − SFT |"):
