@@ -79,6 +79,16 @@ class DataSection:
     # RL also asks the questions no mode can answer from the prompt, scoring "unknown" (SFT's
     # answer for them) as right (personadual/world.py WorldConfig.rl_credit_unknown); false: off.
     world_rl_credit_unknown: bool = False
+    # The held-back kinds' questions of a non-expert about an unfamiliar entity are RL prompts
+    # only, like their aligned ones (personadual/world.py WorldConfig.hold_back_misleading).
+    world_hold_back_misleading: bool = False
+    # SFT also teaches which profession knows each kind, in general mode (WorldConfig.expertise_facts).
+    world_expertise_facts: bool = False
+    # Unaligned personas are experts on another kind (WorldConfig.misleading_experts).
+    world_misleading_experts: bool = False
+    # SFT also shows personalized mode without a persona, its mode token given, not trained
+    # (WorldConfig.sft_personalized_without_persona).
+    world_sft_personalized_without_persona: bool = False
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
     sft_files: list[str] = field(default_factory=list)

@@ -62,7 +62,9 @@ def _migrated(saved: Path) -> tuple[DictConfig, bool]:
 # What an SFT checkpoint was trained on and for: a run branching from it (--init-from) must
 # agree, or its "SFT" row would describe another model, world or stage length.
 BRANCH_KEYS = ("model.path", "model.tiny_preset", "data.source", "data.world_seed", "data.world_sft_aligned_kinds",
-               "data.world_kind_prior", "data.sft_files", "sft.steps", "sft.epochs", "sft.batch_size", "sft.max_length")
+               "data.world_kind_prior", "data.world_hold_back_misleading", "data.world_expertise_facts",
+               "data.world_misleading_experts", "data.world_sft_personalized_without_persona", "data.sft_files",
+               "sft.steps", "sft.epochs", "sft.batch_size", "sft.max_length")
 CHECKPOINT_COMPLETE = "COMPLETE"  # actors/run_state.py COMPLETE_MARKER (not imported here: it imports the data loaders)
 
 

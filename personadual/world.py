@@ -44,6 +44,24 @@ persona is the same in every setting instead of varying with random guesses (mea
 guesses on 24 unseen entities alone moved the no-persona vs unaligned gap by +-0.03).
 Evaluation asks known and unseen entities with a question template that training never
 uses, and preference questions with a held-out template, so no eval prompt is a train prompt.
+
+Options against the shortcuts RL found (WorldConfig, personadual/world_config.py; all off in
+WorldConfig, measured in the README's "The default run, measured"):
+- rl_credit_unknown: RL also asks the questions no mode can answer, "unknown" scored right,
+  so trusting a non-expert about an unfamiliar entity costs reward;
+- hold_back_misleading: with it, the held-back kinds' cue_misleading questions are RL-only like
+  their aligned ones; otherwise every held-back-kind entity that RL meets and SFT never showed
+  comes with an expert, and RL learned "a held-back kind's entity SFT never showed: trust the
+  persona" (seed 0: unaligned fish questions 0.76 in personalized mode after RL);
+- expertise_facts: SFT answers "who knows the color of a fish?" for every kind, so the
+  held-back kinds' experts are known before RL, as a pretrained model knows them; without it
+  RL had to learn three profession-kind pairs from the reward alone, and at 40-400 steps it
+  learned none of them once the shortcuts were gone;
+- misleading_experts: every unaligned persona is another kind's expert, so a profession says
+  nothing by itself and only "expert on this kind" separates the settings;
+- sft_personalized_without_persona: personalized mode's answer without a persona is shown
+  (its mode token given, not trained); otherwise it guesses a colour there, and its lucky
+  guesses lift no persona's either-mode upper bound 0.07-0.10 above no persona's accuracy.
 """
 
 from __future__ import annotations
@@ -55,58 +73,11 @@ from typing import Iterator
 from personadual.modes import Mode
 from personadual.prompts import format_response
 from personadual.records import Prompt
-
-KINDS: dict[str, str] = {  # kind -> the profession that is expert on it
-    "flower": "gardener",
-    "bird": "birdwatcher",
-    "stone": "geologist",
-    "fish": "fisher",
-    "star": "astronomer",
-    "moth": "entomologist",
-}
-COLORS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
-SYLLABLES = ("zor", "vath", "kel", "mi", "dra", "nu", "pel", "tor", "ash", "qui", "bel", "rho",
-             "sen", "lo", "gar", "fen", "ul", "tix", "mor", "vey", "zan", "pri", "os", "lek")
-# Five phrasings: with three, the tiny model answered the held-out eval phrasing less
-# robustly (it copied a misleading persona's colour on 4% of known entities, against 0.3%
-# on the training phrasings).
-TRAIN_OBJECTIVE_TEMPLATES = (
-    "What color is the {kind} {name}?",
-    "Tell me the color of the {kind} {name}.",
-    "Which color does the {kind} {name} have?",
-    "Do you know the color of the {kind} {name}?",
-    "I wonder what color the {kind} {name} is.",
+from personadual.world_config import (  # noqa: F401 (re-exported: the world's public names)
+    COLORS, EVAL_OBJECTIVE_TEMPLATE, EVAL_PREFERENCE_TEMPLATE, EXPERTISE_TEMPLATES, KINDS, ONCE_SEEN_SETTING,
+    PREFERENCES, PROFESSIONS, SETTINGS, SYLLABLES, TRAIN_OBJECTIVE_TEMPLATES, TRAIN_PREFERENCE_TEMPLATES,
+    TYPICAL_COLORS, UNKNOWN, WorldConfig,
 )
-EVAL_OBJECTIVE_TEMPLATE = "What is the color of the {kind} {name}?"
-PREFERENCES: dict[str, tuple[str, ...]] = {
-    "drink": ("tea", "coffee", "juice", "milk"),
-    "sport": ("tennis", "soccer", "chess", "golf"),
-    "pet": ("cat", "dog", "parrot", "rabbit"),
-    "meal": ("soup", "pasta", "salad", "curry"),
-    "trip": ("beach", "mountains", "city", "forest"),
-    "music": ("jazz", "rock", "opera", "folk"),
-}
-# Six phrasings, some worded like the objective questions ("What ... is ..."): with two, the
-# held-out eval phrasing ("For me, which ... is better") was read as an objective question
-# at some seeds (the SFT checkpoint answered 0.146 of the eval preferences, "You said the
-# flower X is black"), although the training preferences were fitted (loss 0.007).
-TRAIN_PREFERENCE_TEMPLATES = (
-    "Which {category} should I pick, {a} or {b}?",
-    "Recommend a {category} for me: {a} or {b}?",
-    "Between {a} and {b}, which {category} would suit me?",
-    "I need a {category}. Should I choose {a} or {b}?",
-    "What {category} is right for me, {a} or {b}?",
-    "Help me decide on a {category}: {a} or {b}?",
-)
-EVAL_PREFERENCE_TEMPLATE = "For me, which {category} is better, {a} or {b}?"
-PROFESSIONS = tuple(KINDS.values()) + ("baker", "pilot", "teacher", "nurse")
-SETTINGS = ("none", "unaligned", "aligned")
-UNKNOWN = "unknown"  # general mode's answer about an entity whose colour it never learned
-# With WorldConfig.kind_prior > 0, most entities of a kind share its typical colour, and general
-# mode answers it for an entity it never learned: common knowledge that is often, not always, right.
-TYPICAL_COLORS = {"flower": "red", "bird": "blue", "stone": "black", "fish": "green", "star": "yellow",
-                  "moth": "white"}
-ONCE_SEEN_SETTING = {"cue_only": "aligned", "cue_misleading": "unaligned", "plain_once": "none"}
 
 
 def _article(noun: str) -> str:
@@ -119,34 +90,6 @@ class Entity:
     kind: str
     color: str
     pool: str  # known | cue_only | cue_misleading | unseen
-
-
-@dataclass(frozen=True)
-class WorldConfig:
-    seed: int = 0
-    known_entities: int = 48
-    cue_only_entities: int = 240
-    cue_misleading_entities: int = 120
-    plain_once_entities: int = 48
-    unseen_entities: int = 24
-    # More unseen entities for evaluation only, drawn from their own generator after the rest
-    # of the world, so the training data (and the tiny model's tokenizer) does not depend on
-    # how large the eval set is. 48 known + 24 + 128 unseen: 200 eval items per objective
-    # setting, so one item moves a setting's accuracy by 0.5%.
-    eval_only_entities: int = 128
-    sft_aligned_kinds: int | None = 3  # kinds whose aligned-persona questions get SFT demonstrations; None: all
-    # Share of each kind's entities in its typical colour (TYPICAL_COLORS), which general mode
-    # answers for entities it never learned; 0: colours uniform, general mode says "unknown".
-    # With a prior, an unaligned persona on an unfamiliar entity is a question general mode
-    # can win (RL asks them), so "unfamiliar entity: trust the persona" stops paying.
-    kind_prior: float = 0.0
-    # RL also asks the training questions no mode can answer from the prompt (cue_misleading:
-    # a non-expert persona on an unfamiliar entity; plain_once: no persona), scoring "unknown",
-    # the answer SFT demonstrates for them, as right. Without them no RL prompt ever makes
-    # trusting a non-expert about an unfamiliar entity cost reward; False: left out.
-    rl_credit_unknown: bool = False
-    preference_train_prompts: int = 240
-    preference_eval_prompts: int = 150
 
 
 @dataclass(frozen=True)
@@ -164,6 +107,7 @@ class SftExample:
     prompt: Prompt
     response: str
     mode: Mode
+    mode_given: bool = False  # the mode token is a given prefix, not a trained choice (personadual/sft_data.py)
 
 
 class PersonaWorld:
@@ -182,6 +126,7 @@ class PersonaWorld:
         extra = self._eval_only_entities(eval_rng)
         self.entities += extra
         self._eval += self._objective_eval(eval_rng, extra)
+        self._expertise = self._expertise_prompts() if config.expertise_facts else []
 
     # ---- construction -------------------------------------------------------------------
     def _make_entities(self, rng: random.Random) -> list[Entity]:
@@ -222,7 +167,8 @@ class PersonaWorld:
         if setting == "aligned":
             profession, color = KINDS[entity.kind], entity.color
         else:
-            profession = rng.choice([p for p in PROFESSIONS if p != KINDS[entity.kind]])
+            speakers = KINDS.values() if self.config.misleading_experts else PROFESSIONS
+            profession = rng.choice([p for p in speakers if p != KINDS[entity.kind]])
             color = rng.choice([c for c in COLORS if c != entity.color])
         # Identical wording in both settings: only the profession tells them apart.
         return f"I am {_article(profession)}. I know the {entity.kind} {entity.name} is {color}.", color
@@ -258,6 +204,20 @@ class PersonaWorld:
         return [self._objective(rng, entity, EVAL_OBJECTIVE_TEMPLATE, setting, "eval", 9)
                 for entity in entities if entity.pool in ("known", "unseen")
                 for setting in SETTINGS]
+
+    @staticmethod
+    def _expertise_prompts() -> list[Prompt]:
+        return [Prompt(id=f"train-expert-{kind}-t{t}", question=template.format(kind=kind), persona=None,
+                       persona_setting="none", task_type="objective", gold=(profession,),
+                       scorer="exact_match", benchmark="synthetic")
+                for kind, profession in KINDS.items() for t, template in enumerate(EXPERTISE_TEMPLATES)]
+
+    @staticmethod
+    def _expertise_example(prompt: Prompt) -> SftExample:
+        profession = prompt.gold[0]
+        kind = next(k for k, p in KINDS.items() if p == profession)
+        reasoning = f"{_article(profession).capitalize()} knows the {kind}s."
+        return SftExample(prompt, format_response(Mode.GENERAL, reasoning, profession), Mode.GENERAL)
 
     def _preferences(self, rng: random.Random, templates: tuple[str, ...], count: int,
                      split: str) -> list[Prompt]:
@@ -298,8 +258,11 @@ class PersonaWorld:
     def has_sft_demonstration(self, prompt: Prompt) -> bool:
         entity = self.facts(prompt).entity
         kinds = self.config.sft_aligned_kinds
-        return entity is None or prompt.persona_setting != "aligned" or kinds is None \
-            or entity.kind in list(KINDS)[:kinds]
+        if entity is None or kinds is None or entity.kind in list(KINDS)[:kinds]:
+            return True
+        if prompt.persona_setting == "aligned":
+            return False
+        return not (self.config.hold_back_misleading and entity.pool == "cue_misleading")
 
     def eval_prompts(self) -> list[Prompt]:
         return list(self._eval)
@@ -379,7 +342,11 @@ class PersonaWorld:
                     and prompt.persona is not None
                 mode = Mode.PERSONALIZED if persona_right else Mode.GENERAL
             examples.append(SftExample(prompt, self.response(prompt, mode), mode))
-        return examples
+        if self.config.sft_personalized_without_persona:
+            examples += [SftExample(prompt, self.response(prompt, Mode.PERSONALIZED), Mode.PERSONALIZED,
+                                    mode_given=True)
+                         for prompt in self._train if prompt.task_type == "objective" and prompt.persona is None]
+        return examples + [self._expertise_example(prompt) for prompt in self._expertise]
 
     def corpus(self) -> Iterator[str]:
         """Every text the world can produce, for training the tiny model's tokenizer."""
@@ -389,3 +356,6 @@ class PersonaWorld:
             yield prompt.question
             for mode in Mode:
                 yield self.response(prompt, mode)
+        for prompt in self._expertise:
+            yield prompt.question
+            yield self._expertise_example(prompt).response

@@ -347,7 +347,8 @@ def test_init_from_an_sft_checkpoint_gives_the_rl_numbers_of_resuming_a_copy_of_
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("override", ["model.tiny_preset=small20m", "data.world_seed=7", "sft.steps=31"])
+@pytest.mark.parametrize("override", ["model.tiny_preset=small20m", "data.world_seed=7", "sft.steps=31",
+                                      "data.world_expertise_facts=true"])
 def test_init_from_a_checkpoint_of_another_model_world_or_sft_exits_2_naming_the_key(smoke_run, tmp_path, override):
     run_dir, result = smoke_run
     assert result.returncode == 0, result.stderr[-4000:]
@@ -357,6 +358,27 @@ def test_init_from_a_checkpoint_of_another_model_world_or_sft_exits_2_naming_the
     assert branched.returncode == 2
     assert override.split("=")[0] in branched.stderr and len(branched.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+WORLD_OPTIONS = ("data.world_rl_credit_unknown=true", "data.world_hold_back_misleading=true",
+                 "data.world_expertise_facts=true", "data.world_misleading_experts=true",
+                 "data.world_sft_personalized_without_persona=true")
+
+
+@pytest.mark.timeout(300)
+def test_a_run_with_every_world_option_trains_both_stages(tmp_path):
+    """The world options against RL's shortcuts (personadual/world.py) on the real stack: SFT
+    with the expertise answers and the mode-given personalized answers, RL with the credited
+    "unknown" questions."""
+    result = run_launch("--config", str(SMOKE), f"run.out_dir={tmp_path}", "run.name=options", "eval.baselines=false",
+                        *WORLD_OPTIONS, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = tmp_path / "options"
+    data = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
+    assert all(data[option.split("=")[0].split(".")[1]] is True for option in WORLD_OPTIONS)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rl_step"] for r in rows if r.get("stage") == "rl"] == [1, 2]
+    assert any(r.get("stage") == "sft" for r in rows)
 
 
 @pytest.mark.timeout(120)

@@ -221,3 +221,77 @@ def test_crediting_unknown_adds_the_unanswerable_training_questions_to_rl_and_le
     # A non-expert's colour is never right, so only general mode's "unknown" earns reward there.
     misled = [p for p in added if p.persona_setting == "unaligned"]
     assert misled and not any(world.answer_in_mode(p, Mode.PERSONALIZED) in p.gold for p in misled)
+
+
+def test_holding_back_misleading_questions_makes_the_held_back_kinds_unfamiliar_entities_rl_only():
+    plain = PersonaWorld(WorldConfig(seed=0, rl_credit_unknown=True))
+    world = PersonaWorld(WorldConfig(seed=0, rl_credit_unknown=True, hold_back_misleading=True))
+    held_back = set(list(KINDS)[3:])
+    removed = {e.prompt.id for e in plain.sft_examples()} - {e.prompt.id for e in world.sft_examples()}
+    misleading = [p for p in world.train_prompts() if world.pool_of(p) == "cue_misleading"]
+    assert removed == {p.id for p in misleading if world.kind_of(p) in held_back}
+    assert removed <= {p.id for p in world.rl_prompts()}
+    assert {world.kind_of(p) for p in misleading if p.id not in removed} == set(list(KINDS)[:3])
+    # Every held-back-kind entity RL meets that SFT never showed comes with either kind of persona.
+    shown = {world.facts(e.prompt).entity.name for e in world.sft_examples() if world.facts(e.prompt).entity}
+    unshown = [p for p in world.rl_prompts() if world.kind_of(p) in held_back
+               and world.facts(p).entity.name not in shown]
+    assert {p.persona_setting for p in unshown} == {"aligned", "unaligned"}
+    assert world.rl_prompts() == plain.rl_prompts() and world.eval_prompts() == plain.eval_prompts()
+
+
+def test_expertise_facts_teach_every_kinds_expert_in_general_mode_and_touch_nothing_else():
+    plain = PersonaWorld(WorldConfig(seed=0))
+    world = PersonaWorld(WorldConfig(seed=0, expertise_facts=True))
+    added = world.sft_examples()[len(plain.sft_examples()):]
+    assert [(e.prompt, e.response) for e in world.sft_examples()[:-len(added)]] == \
+        [(e.prompt, e.response) for e in plain.sft_examples()]
+    assert {e.prompt.gold for e in added} == {(profession,) for profession in KINDS.values()}
+    for example in added:
+        kind = next(k for k, p in KINDS.items() if p == example.prompt.gold[0])
+        assert kind in example.prompt.question and example.prompt.persona is None
+        assert example.mode is Mode.GENERAL and mode_of_text(example.response) is Mode.GENERAL
+        assert example.response.endswith(f"Answer: {KINDS[kind]}")
+    assert world.rl_prompts() == plain.rl_prompts() and world.eval_prompts() == plain.eval_prompts()
+    assert any(text.endswith("Answer: astronomer") for text in world.corpus())
+
+
+def test_misleading_experts_are_experts_on_another_kind():
+    world = PersonaWorld(WorldConfig(seed=0, misleading_experts=True))
+    unaligned = [p for p in world.train_prompts() + world.eval_prompts() if p.persona_setting == "unaligned"]
+    speakers = {p.persona.split(".")[0].split()[-1] for p in unaligned}
+    assert speakers == set(KINDS.values())
+    assert all(KINDS[world.kind_of(p)] not in p.persona for p in unaligned)
+    assert not any(world.answer_in_mode(p, Mode.PERSONALIZED) in p.gold for p in unaligned)
+
+
+def test_personalized_mode_without_a_persona_is_shown_with_its_mode_token_given_not_chosen():
+    from personadual.modes import mode_token_ids
+    from personadual.sft_data import tokenize_trajectory
+
+    plain = PersonaWorld(WorldConfig(seed=0))
+    world = PersonaWorld(WorldConfig(seed=0, sft_personalized_without_persona=True))
+    given = [e for e in world.sft_examples() if e.mode_given]
+    assert [(e.prompt, e.response) for e in world.sft_examples() if not e.mode_given] == \
+        [(e.prompt, e.response) for e in plain.sft_examples()]
+    no_persona = [p for p in world.train_prompts() if p.task_type == "objective" and p.persona is None]
+    assert [e.prompt for e in given] == no_persona
+    for example in given:
+        assert example.mode is Mode.PERSONALIZED and mode_of_text(example.response) is Mode.PERSONALIZED
+        general = world.response(example.prompt, Mode.GENERAL)
+        assert example.response.split("Answer:")[1] == general.split("Answer:")[1]  # what general mode answers
+    assert {e.response.split("Answer: ")[1] for e in given if world.pool_of(e.prompt) == "plain_once"} == {UNKNOWN}
+    tokenizer = _world_tokenizer()
+    example = given[0]
+    free = tokenize_trajectory(tokenizer, example.prompt, example.response)
+    forced = tokenize_trajectory(tokenizer, example.prompt, example.response, mode_given=True)
+    # The same tokens; the mode token moves from the trained response to the masked prompt.
+    assert forced.prompt_token_ids + forced.response_token_ids == free.prompt_token_ids + free.response_token_ids
+    assert forced.prompt_token_ids[-1] == mode_token_ids(tokenizer)[Mode.PERSONALIZED]
+    assert forced.response_token_ids == free.response_token_ids[1:]
+
+
+def _world_tokenizer():
+    from personadual.tiny import train_tokenizer
+
+    return train_tokenizer(PersonaWorld(WorldConfig(seed=0)).corpus(), 1024)
