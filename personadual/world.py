@@ -55,13 +55,13 @@ WorldConfig, measured in the README's "The default run, measured"):
   persona" (seed 0: unaligned fish questions 0.76 in personalized mode after RL);
 - expertise_facts: SFT answers "who knows the color of a fish?" for every kind, so the
   held-back kinds' experts are known before RL, as a pretrained model knows them; without it
-  RL had to learn three profession-kind pairs from the reward alone, and at 40-400 steps it
+  RL had to learn three profession-kind pairs from the reward alone, and in 40-200 steps it
   learned none of them once the shortcuts were gone;
 - misleading_experts: every unaligned persona is another kind's expert, so a profession says
   nothing by itself and only "expert on this kind" separates the settings;
 - sft_personalized_without_persona: personalized mode's answer without a persona is shown
   (its mode token given, not trained); otherwise it guesses a colour there, and its lucky
-  guesses lift no persona's either-mode upper bound 0.07-0.10 above no persona's accuracy.
+  guesses lifted no persona's either-mode upper bound 0.02-0.10 above its accuracy.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ class WorldConfig:
     # rather than trained (so the mode choice stays the gain-based one): with no persona to
     # read, personalized mode answers from knowledge ("unknown" for an unfamiliar entity).
     # Without them personalized mode never met a question without a persona, guessed a colour
-    # there, and its lucky guesses put no persona's either-mode upper bound 0.07-0.10 above it.
+    # there, and its lucky guesses put no persona's either-mode upper bound 0.02-0.10 above it.
     sft_personalized_without_persona: bool = False
     preference_train_prompts: int = 240
     preference_eval_prompts: int = 150
