@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from actors.config import ConfigError, to_container
 from personadual.data import RunData, load_run_data
 from personadual.tracking import RunTracker, WandbSettings, read_metrics, write_json_atomic
+from personadual.world_config import WorldConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,12 @@ def load_stages(cfg: DictConfig, tokenizer: Any) -> tuple[RunData, int, int]:
     """The run's data, and the SFT and RL stages' step counts; a stage with steps and no data
     is a ConfigError naming its key."""
     data = load_run_data(
-        cfg.data.source, tokenizer, world_seed=cfg.data.world_seed,
-        world_sft_aligned_kinds=cfg.data.world_sft_aligned_kinds, world_kind_prior=cfg.data.world_kind_prior,
-        world_rl_credit_unknown=cfg.data.world_rl_credit_unknown,
-        world_hold_back_misleading=cfg.data.world_hold_back_misleading,
-        world_expertise_facts=cfg.data.world_expertise_facts,
-        world_misleading_experts=cfg.data.world_misleading_experts,
-        world_sft_personalized_without_persona=cfg.data.world_sft_personalized_without_persona,
+        cfg.data.source, tokenizer, world=WorldConfig(
+            seed=cfg.data.world_seed, sft_aligned_kinds=cfg.data.world_sft_aligned_kinds,
+            kind_prior=cfg.data.world_kind_prior, rl_credit_unknown=cfg.data.world_rl_credit_unknown,
+            hold_back_misleading=cfg.data.world_hold_back_misleading,
+            expertise_facts=cfg.data.world_expertise_facts, misleading_experts=cfg.data.world_misleading_experts,
+            sft_personalized_without_persona=cfg.data.world_sft_personalized_without_persona),
         train_files=list(cfg.data.train_files), eval_files=list(cfg.data.eval_files),
         sft_files=list(cfg.data.sft_files), skip_invalid=cfg.data.skip_invalid,
         max_eval_prompts=cfg.data.max_eval_prompts, max_prompt_tokens=cfg.data.max_prompt_tokens,

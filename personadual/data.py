@@ -139,14 +139,7 @@ def check_data_files(train_files: Sequence[str], eval_files: Sequence[str], sft_
     return skipped
 
 
-def load_run_data(source: str, tokenizer: Any, *, world_seed: int = 0,
-                  world_sft_aligned_kinds: int | None = WorldConfig.sft_aligned_kinds,
-                  world_kind_prior: float = WorldConfig.kind_prior,
-                  world_rl_credit_unknown: bool = WorldConfig.rl_credit_unknown,
-                  world_hold_back_misleading: bool = WorldConfig.hold_back_misleading,
-                  world_expertise_facts: bool = WorldConfig.expertise_facts,
-                  world_misleading_experts: bool = WorldConfig.misleading_experts,
-                  world_sft_personalized_without_persona: bool = WorldConfig.sft_personalized_without_persona,
+def load_run_data(source: str, tokenizer: Any, *, world: WorldConfig = WorldConfig(),
                   train_files: Sequence[str] = (), eval_files: Sequence[str] = (),
                   sft_files: Sequence[str] = (), skip_invalid: bool = False,
                   max_eval_prompts: int = 0, max_prompt_tokens: int = 0, max_sft_tokens: int = 0,
@@ -155,16 +148,11 @@ def load_run_data(source: str, tokenizer: Any, *, world_seed: int = 0,
     examples longer than ``max_sft_tokens`` (0: no limit) are dropped and counted in
     ``skipped``."""
     if source == "world":
-        world = PersonaWorld(WorldConfig(seed=world_seed, sft_aligned_kinds=world_sft_aligned_kinds,
-                                         kind_prior=world_kind_prior, rl_credit_unknown=world_rl_credit_unknown,
-                                         hold_back_misleading=world_hold_back_misleading,
-                                         expertise_facts=world_expertise_facts,
-                                         misleading_experts=world_misleading_experts,
-                                         sft_personalized_without_persona=world_sft_personalized_without_persona))
+        persona_world = PersonaWorld(world)
         sft = [tokenize_trajectory(tokenizer, e.prompt, e.response, mode_given=e.mode_given)
-               for e in world.sft_examples()]
-        evals = world.eval_prompts()
-        data = RunData(world.rl_prompts(), evals, sft, world=world)
+               for e in persona_world.sft_examples()]
+        evals = persona_world.eval_prompts()
+        data = RunData(persona_world.rl_prompts(), evals, sft, world=persona_world)
     else:
         skipped: dict[str, int] = {}
         train = [p for f in train_files for p in load_prompts(Path(f), skip_invalid=skip_invalid, skipped=skipped)]
