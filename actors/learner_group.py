@@ -46,6 +46,7 @@ class LearnerActor:
         os.dup2(2, 1)
         self.rank, self.world_size = rank, world_size
         self.learner = None
+        self.weight_sender = None
 
     def address(self) -> tuple[str, int]:
         from learner.distributed import free_port
@@ -108,6 +109,7 @@ class LearnerActor:
         from actors.weight_sync import EngineSyncClient
         from learner.transfer_sender import make_weight_sender
 
+        self._close_weight_sender()
         self.sync_client = EngineSyncClient(engines, timeout_s)
         self.weight_sender = make_weight_sender(
             self.learner, rank=self.rank, backend=backend, master_address=master_address,
@@ -122,9 +124,15 @@ class LearnerActor:
         self.weight_sender.send_weights()
         return dict(getattr(self.weight_sender, "last_round", {}))
 
+    def _close_weight_sender(self) -> None:
+        if self.weight_sender is not None:
+            self.weight_sender.shutdown()  # removes its shared bucket file
+            self.weight_sender = None
+
     def close(self) -> None:
         import torch.distributed as dist
 
+        self._close_weight_sender()
         if self.learner is not None:
             self.learner.close()
             self.learner = None

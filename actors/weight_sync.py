@@ -177,7 +177,8 @@ class WeightSync:
         self.syncs += 1
         result = {"seconds": time.perf_counter() - start, "bytes": float(stats.get("bytes", 0.0)),
                   "version": float(version),
-                  **{key: float(stats[key]) for key in ("start_s", "transfer_s", "finish_s", "direct_bytes")
+                  **{key: float(stats[key]) for key in ("start_s", "transfer_s", "finish_s", "direct_bytes",
+                                                                     "shared_memory")
                      if key in stats}}
         if verified and self.verification.prompts:
             probe_start = time.perf_counter()

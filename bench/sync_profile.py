@@ -8,7 +8,7 @@ Timers are wrapped around the functions each process runs (in the actors, throug
 sync (median over the timed syncs), and the wall clock of each process (one machine) lines
 the two ends up.
 
-    .venv/bin/python bench/sync_profile.py [--preset small26m] [--syncs 5] [--warmup 1]
+    .venv/bin/python bench/sync_profile.py [--preset small26m] [--syncs 5] [--warmup 1] [--socket]
 """
 
 from __future__ import annotations
@@ -139,6 +139,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bucket-bytes", type=int, default=None)
     parser.add_argument("--verify-every", type=int, default=0)
+    parser.add_argument("--socket", action="store_true",
+                        help="learner.sync_shared_memory=false: the buckets through gloo's socket")
     args = parser.parse_args()
 
     from actors import cluster  # first: it sets the environment Ray reads at its import
@@ -158,7 +160,8 @@ def main() -> None:
 
     model_dir = build_tiny_model(args.preset)
     cluster.connect(num_cpus=2)
-    learner_config = LearnerConfig(num_cpus_per_rank=1.0, threads=args.threads, precision="fp32")
+    learner_config = LearnerConfig(num_cpus_per_rank=1.0, threads=args.threads, precision="fp32",
+                                   sync_shared_memory=not args.socket)
     bucket_bytes = args.bucket_bytes or learner_config.bucket_bytes
     learner = LearnerGroup(learner_config, model_dir, algo=AlgoConfig(kl_coef=0.0))
     engines = create_rollout_actors(model_dir, RolloutConfig(num_cpus_per_engine=1.0, threads=args.threads,
@@ -189,6 +192,7 @@ def main() -> None:
         driver.append({**stats, "driver_wall_s": end - start})
     print(json.dumps({
         "preset": args.preset, "bucket_bytes": bucket_bytes, "threads": args.threads, "syncs": args.syncs,
+        "shared_memory": not args.socket,
         "driver": {k: round(statistics.median(float(d[k]) for d in driver), 4) for k in driver[0]},
         "learner": summarise(learner_side), "engine": summarise(engine_side),
         "engine_per_call_last": {k: [round(v, 4) for v in vals] for k, vals in engine_side[-1].items()

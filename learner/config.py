@@ -80,6 +80,9 @@ class LearnerConfig:
     seed: Optional[int] = None  # torch's seed on every rank; None: run.seed (0 outside a run)
     # Weight export / sync.
     bucket_bytes: int = 64 << 20
+    # On CPU (gloo), engines on the learner's host read the buckets where rank 0 wrote them,
+    # a file in /dev/shm, instead of receiving them through a socket; false: always the socket.
+    sync_shared_memory: bool = True
     collective_timeout_s: float = 300.0
     optim: OptimConfig = field(default_factory=OptimConfig)
     sft_optim: OptimConfig = field(default_factory=OptimConfig)  # the SFT stage's own rate and schedule

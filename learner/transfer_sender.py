@@ -51,6 +51,7 @@ class GlooTrainerInitInfo(TrainerInitInfo):
     world_size: int  # 1 sender + every engine worker
     bucket_bytes: int = 64 << 20
     timeout_s: float = 300.0
+    shared_memory: bool = True  # engines on this host read the buckets from /dev/shm (learner.sync_shared_memory)
 
 
 class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
@@ -74,7 +75,8 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         if init_info.is_sender:
             pusher = WeightPusher.connect(client, master_address=init_info.master_address,
                                           master_port=init_info.master_port, world_size=init_info.world_size,
-                                          bucket_bytes=init_info.bucket_bytes, timeout_s=init_info.timeout_s)
+                                          bucket_bytes=init_info.bucket_bytes, timeout_s=init_info.timeout_s,
+                                          shared_memory=init_info.shared_memory)
         return cls(client=client, source=source, is_sender=init_info.is_sender, pusher=pusher)
 
     def send_weights(self) -> None:
@@ -93,6 +95,8 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                                            resident=getattr(source, "resident", False))
 
     def shutdown(self) -> None:
+        if self.pusher is not None:
+            self.pusher.close()
         self.pusher = None
 
 
@@ -121,7 +125,8 @@ def make_weight_sender(learner: Any, *, rank: int, backend: str, master_address:
     if backend == GLOO:
         info: TrainerInitInfo = GlooTrainerInitInfo(rank=rank, master_address=master_address,
                                                     master_port=master_port, world_size=world_size,
-                                                    bucket_bytes=bucket_bytes, timeout_s=timeout_s)
+                                                    bucket_bytes=bucket_bytes, timeout_s=timeout_s,
+                                                    shared_memory=learner.config.sync_shared_memory)
     elif backend == "nccl":
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 

@@ -20,8 +20,8 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 import torch
 import torch.distributed as dist
 
-from personadual.weight_wire import (BucketBroadcastError, BucketBuffers, TensorMeta, memory_order, open_transfer_group,
-                                     send_buckets)
+from personadual.weight_buckets import BucketBuffers, SharedBuckets, TensorMeta
+from personadual.weight_wire import BucketBroadcastError, memory_order, open_transfer_group, send_buckets
 
 # After a bucket failed, how long (in collective timeouts, plus a margin) to wait for the
 # engines' side of the update to say which engine failed it (actors/weight_sync.py waits one
@@ -58,14 +58,16 @@ class WeightPusher:
     (ranks 1..world_size-1); keeps its bucket buffers from one update to the next."""
 
     def __init__(self, client: EngineUpdateClient, group: dist.ProcessGroup, *, bucket_bytes: int,
-                 timeout_s: float) -> None:
+                 timeout_s: float, shared_memory: bool = True) -> None:
         self.client, self.group = client, group
         self.bucket_bytes, self.timeout_s = bucket_bytes, timeout_s
         self.buffers = BucketBuffers()  # the flat buckets, allocated at the first update only
+        # The buckets in /dev/shm for engines on this host (personadual/weight_wire.py)
+        self.shared = SharedBuckets() if shared_memory else None
 
     @classmethod
     def connect(cls, client: EngineUpdateClient, *, master_address: str, master_port: int, world_size: int,
-                bucket_bytes: int, timeout_s: float) -> "WeightPusher":
+                bucket_bytes: int, timeout_s: float, shared_memory: bool = True) -> "WeightPusher":
         """Open the group with every engine worker: they join at ranks from 1 on."""
         worker_info = {"master_address": master_address, "master_port": master_port, "rank_offset": 1,
                        "world_size": world_size, "timeout_s": timeout_s}
@@ -75,7 +77,7 @@ class WeightPusher:
             future = pool.submit(client.init_weight_transfer_engine, worker_info)
             group = open_transfer_group(master_address, master_port, 0, world_size, timeout_s)
             future.result()
-        return cls(client, group, bucket_bytes=bucket_bytes, timeout_s=timeout_s)
+        return cls(client, group, bucket_bytes=bucket_bytes, timeout_s=timeout_s, shared_memory=shared_memory)
 
     def push(self, metas: Sequence[TensorMeta], named: Iterable[tuple[str, torch.Tensor]],
              version: int | None = None, *, checksums: bool = True, resident: bool = False) -> dict[str, float]:
@@ -95,9 +97,11 @@ class WeightPusher:
             held = list(tensors)
             order, breaks = memory_order(held)
             metas, tensors = [metas[i] for i in order], iter([held[i] for i in order])
+        offered = self.shared is not None and self.shared.plan_shared(metas, self.bucket_bytes, breaks) is not None
         update_info = {"names": [m.name for m in metas], "dtype_names": [m.dtype for m in metas],
                        "shapes": [list(m.shape) for m in metas], "bucket_bytes": self.bucket_bytes,
-                       "checksums": checksums, "breaks": breaks}
+                       "checksums": checksums, "breaks": breaks,
+                       "shared_path": str(self.shared.path) if offered else None}
         self.client.start_weight_update()
         started = time.perf_counter()
         pool = ThreadPoolExecutor(max_workers=1)
@@ -111,9 +115,10 @@ class WeightPusher:
                     engines_side.result()
 
             try:
-                sent_bytes = send_buckets(self.group, metas, tensors, self.bucket_bytes,
-                                          before_each=surface_engine_failure, checksums=sent,
-                                          buffers=self.buffers, breaks=breaks, direct=direct)
+                sent_bytes, via_memory = send_buckets(
+                    self.group, metas, tensors, self.bucket_bytes, before_each=surface_engine_failure,
+                    checksums=sent, buffers=self.buffers, breaks=breaks, direct=direct,
+                    shared=self.shared if offered else None)
             except BucketBroadcastError as error:
                 raise _blame(error, engines_side, BLAME_TIMEOUTS * self.timeout_s + BLAME_MARGIN_S) from error
             engines_side.result()
@@ -123,9 +128,14 @@ class WeightPusher:
             pool.shutdown(wait=False)
         self._finish(version, sent)
         end = time.perf_counter()
-        return {"seconds": end - start, "bytes": float(sent_bytes), "buckets": float(self.buffers.buckets),
-                "direct_bytes": float(sum(direct)),
+        return {"seconds": end - start, "bytes": float(sent_bytes), "buckets": float(len(direct)),
+                "direct_bytes": float(sum(direct)), "shared_memory": float(via_memory),
                 "start_s": started - start, "transfer_s": transferred - started, "finish_s": end - transferred}
+
+    def close(self) -> None:
+        """Remove the shared bucket file, if one was made."""
+        if self.shared is not None:
+            self.shared.close()
 
     def _finish(self, version: int | None, checksums: list[int | None] | None) -> None:
         finish = self.client.finish_weight_update

@@ -17,7 +17,7 @@ import deepspeed
 import torch
 from torch import nn
 
-from personadual.weight_wire import TensorMeta, plan_buckets
+from personadual.weight_buckets import TensorMeta, plan_buckets
 
 
 def is_partitioned(tensor: torch.Tensor) -> bool:

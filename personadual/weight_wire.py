@@ -5,20 +5,24 @@ shapes and the bucket size), so one broadcast per bucket carries many parameters
 per-bucket header travels. Per-parameter broadcasts are a known bottleneck of older
 trainers (docs/ARCHITECTURE.md, "Loss and weight-sync rules").
 
-Each side keeps its flat bucket buffers from one update to the next (``BucketBuffers``):
-the sender copies every tensor once, straight into its slice, and the receiver hands on
-views of the buffer it received into. Allocating and first touching ~100 MB of fresh pages
-per update cost more than the broadcast itself on a 2-core CPU. A bucket whose tensors
+Each side keeps its flat bucket buffers from one update to the next (``BucketBuffers``,
+personadual/weight_buckets.py): the sender copies every tensor once, straight into its
+slice, and the receiver hands on views of the buffer it received into. A bucket whose tensors
 already lie back to back in the sender's memory (a DeepSpeed ZeRO-1/2 rank keeps its
 parameters as views of one flat buffer per parameter group) is broadcast from that memory
 with no copy at all; ``memory_order`` puts the tensors in that order and says where the
 buckets must break so that as many as possible do.
+
+Engines on the sender's host can skip the wire (``SharedBuckets``): the buckets live in one
+file under /dev/shm that both ends map, the sender writes each bucket there once and the
+engines load it from where it was written, so no socket copies the bytes at either end. The
+process group then only carries the per-bucket acknowledgements. Every member must map the
+file for an update to go this way; otherwise it goes over gloo as above.
 """
 
 from __future__ import annotations
 
 import datetime
-import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterable, Iterator, Sequence
@@ -28,48 +32,7 @@ import torch.distributed as dist
 import xxhash
 
 from personadual.fault_hooks import fault_point, fault_text
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    name: str
-    dtype: str  # torch dtype name without the "torch." prefix, e.g. "float32"
-    shape: tuple[int, ...]
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        dtype = getattr(torch, self.dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"weight update: {self.name}: unknown dtype {self.dtype!r}")
-        return dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.torch_dtype).element_size()
-
-    @classmethod
-    def of(cls, name: str, tensor: torch.Tensor) -> "TensorMeta":
-        return cls(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
-
-
-def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int, breaks: Collection[int] = ()) -> list[list[int]]:
-    """Consecutive runs of tensor indices whose bytes fit ``bucket_bytes``; a tensor larger
-    than a bucket travels alone; a bucket also ends before every index in ``breaks``."""
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes: must be > 0, got {bucket_bytes}")
-    breaks = set(breaks)
-    buckets: list[list[int]] = []
-    current: list[int] = []
-    size = 0
-    for index, meta in enumerate(metas):
-        if current and (size + meta.nbytes > bucket_bytes or index in breaks):
-            buckets.append(current)
-            current, size = [], 0
-        current.append(index)
-        size += meta.nbytes
-    if current:
-        buckets.append(current)
-    return buckets
+from personadual.weight_buckets import BucketBuffers, SharedBuckets, TensorMeta, plan_buckets
 
 
 def memory_order(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[int]]:
@@ -128,38 +91,13 @@ def unpack(buffer: torch.Tensor, metas: Sequence[TensorMeta]) -> Iterator[tuple[
         raise ValueError(f"weight update: bucket has {buffer.numel() - offset} unexpected trailing bytes")
 
 
-def bucket_nbytes(metas: Sequence[TensorMeta], bucket: Sequence[int]) -> int:
-    return sum(metas[i].nbytes for i in bucket)
-
-
-class BucketBuffers:
-    """One flat uint8 host buffer per bucket of a plan, allocated at the first update and
-    reused while the plan (metadata and bucket size) stays the same. A receiver's loader may
-    hold views of a bucket until the update finishes: every bucket has its own buffer, and
-    the next update is the first to overwrite it."""
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._plan: list[list[int]] = []
-        self._buffers: list[torch.Tensor] = []
-
-    def plan(self, metas: Sequence[TensorMeta], bucket_bytes: int,
-             breaks: Collection[int] = ()) -> list[tuple[list[int], torch.Tensor]]:
-        key = (tuple(metas), bucket_bytes, tuple(sorted(breaks)))
-        if key != self._key:
-            self._plan = plan_buckets(metas, bucket_bytes, breaks)
-            self._buffers = [torch.empty(bucket_nbytes(metas, bucket), dtype=torch.uint8) for bucket in self._plan]
-            self._key = key
-        return list(zip(self._plan, self._buffers))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(buffer.numel() for buffer in self._buffers)
-
-    @property
-    def buckets(self) -> int:
-        """Buckets of the current plan."""
-        return len(self._plan)
+def agree(group: dist.ProcessGroup, able: bool) -> bool:
+    """Whether every member of ``group`` is ``able`` (a MIN all-reduce of one flag)."""
+    flag = torch.tensor([int(able)], dtype=torch.int32)
+    options = dist.AllreduceOptions()
+    options.reduceOp = dist.ReduceOp.MIN
+    group.allreduce([flag], options).wait()
+    return bool(flag.item())
 
 
 def pack_into(buffer: torch.Tensor, tensors: Iterable[torch.Tensor]) -> None:
@@ -220,25 +158,36 @@ def _corrupt_asked(buffer: torch.Tensor) -> bool:
 def send_buckets(group: dist.ProcessGroup, metas: Sequence[TensorMeta], tensors: Iterator[torch.Tensor],
                  bucket_bytes: int, *, before_each: Callable[[], None] | None = None,
                  checksums: list[int | None] | None = None, buffers: BucketBuffers | None = None,
-                 breaks: Collection[int] = (), direct: list[int] | None = None) -> int:
+                 breaks: Collection[int] = (), direct: list[int] | None = None,
+                 shared: SharedBuckets | None = None) -> tuple[int, bool]:
     """Broadcast ``tensors`` (in ``metas`` order) from rank 0, one collective per bucket
     (``plan_buckets`` with ``breaks``); ``before_each`` runs before every broadcast (a chance
     to surface a receiver's failure instead of blocking on it); each bucket's
     ``bucket_checksum`` is appended to ``checksums``. ``buffers``, kept by the caller, saves
     allocating the buckets again at every update. A bucket whose tensors lie back to back in
     memory goes from there, uncopied (the caller leaves them untouched until this returns);
-    the bytes each bucket sent so are appended to ``direct``. Returns the bytes sent; a failed
-    broadcast raises ``BucketBroadcastError``.
+    the bytes each bucket sent so are appended to ``direct``. Returns the bytes sent and
+    whether they went through ``shared``; a failed broadcast raises ``BucketBroadcastError``.
 
     Pipelined: bucket k+1 is packed (and its checksum taken, in a thread) while bucket k is
-    on the wire; every bucket has its own buffer, so nothing in flight is overwritten."""
-    plan = (buffers or BucketBuffers()).plan(metas, bucket_bytes, breaks)
-    pending: list[Future] = []
-    in_flight: tuple[int, dist.Work] | None = None
+    on the wire; every bucket has its own buffer, so nothing in flight is overwritten.
 
-    def complete(index: int, work: dist.Work) -> None:
+    ``shared``: the buckets' file, offered to the receivers (its path went with the update);
+    when every receiver mapped it, each bucket is written there and only acknowledged on the
+    group, so the receivers load bucket k while bucket k+1 is being written."""
+    try:
+        via_memory = shared is not None and agree(group, True)
+    except RuntimeError as error:  # a receiver froze or died before the first bucket
+        plan = plan_buckets(metas, bucket_bytes, breaks)
+        raise BucketBroadcastError(0, len(plan), [metas[i].name for i in plan[0]], error) from error
+    plan = (shared if via_memory else buffers or BucketBuffers()).plan(metas, bucket_bytes, breaks)
+    pending: list[Future] = []
+    in_flight: tuple[int, dist.Work | None] | None = None
+
+    def complete(index: int, work: dist.Work | None) -> None:
         try:
-            work.wait()
+            if work is not None:
+                work.wait()
             _acknowledge(group)
         except RuntimeError as error:  # gloo: a timeout, or a peer's connection closed
             raise BucketBroadcastError(index, len(plan), [metas[i].name for i in plan[index][0]], error) from error
@@ -249,7 +198,10 @@ def send_buckets(group: dist.ProcessGroup, metas: Sequence[TensorMeta], tensors:
             corrupt = _corrupt_asked(buffer)
             span = None if corrupt else span_bytes(parts)
             if span is not None and span.numel() == buffer.numel():
-                buffer = span
+                if via_memory:
+                    buffer.copy_(span)
+                else:
+                    buffer = span
             else:
                 pack_into(buffer, parts)
             if direct is not None:
@@ -264,12 +216,15 @@ def send_buckets(group: dist.ProcessGroup, metas: Sequence[TensorMeta], tensors:
                 complete(*in_flight)
             if before_each is not None:
                 before_each()
-            in_flight = (index, group.broadcast(buffer, 0))
+            in_flight = (index, None if via_memory else group.broadcast(buffer, 0))
+            if via_memory:  # the receivers may read it now: nothing to overlap on our side
+                complete(*in_flight)
+                in_flight = None
         if in_flight is not None:
             complete(*in_flight)
         if checksums is not None:
             checksums.extend(future.result() for future in pending)
-    return sum(buffer.numel() for _, buffer in plan)
+    return sum(buffer.numel() for _, buffer in plan), via_memory
 
 
 @dataclass
@@ -295,7 +250,8 @@ class ReceivedUpdate:
 
 def receive_buckets(group: dist.ProcessGroup, metas: Sequence[TensorMeta], bucket_bytes: int,
                     record: ReceivedUpdate | None = None, buffers: BucketBuffers | None = None, *,
-                    checksums: bool = True, breaks: Collection[int] = ()) -> Iterator[list[tuple[str, torch.Tensor]]]:
+                    checksums: bool = True, breaks: Collection[int] = (), shared_path: str | None = None,
+                    shared: SharedBuckets | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """The receiving side of ``send_buckets``: each bucket's (name, tensor) pairs, as views
     of the buffer it was received into (``buffers``, kept by the caller, reuses them from
     one update to the next; the views are valid until the next update); ``record`` (reset
@@ -303,21 +259,30 @@ def receive_buckets(group: dist.ProcessGroup, metas: Sequence[TensorMeta], bucke
     the sender takes them too) and the tensors handed on.
 
     Pipelined: bucket k+1 is already on its way in (and bucket k's checksum being taken, in a
-    thread) while the caller loads bucket k."""
+    thread) while the caller loads bucket k.
+
+    ``shared_path``: the sender's bucket file, when it offered one; mapped through ``shared``
+    (kept by the caller), and used when every receiver could map it: the tensors are then
+    views of where the sender wrote them."""
     if record is not None:
         record.checksums.clear(), record.loaded.clear(), record.buckets.clear()
     skip = fault_text("skip_tensor")  # FAULT INJECTION (tests only): a tensor silently not loaded
-    plan = (buffers or BucketBuffers()).plan(metas, bucket_bytes, breaks)
+    via_memory = False
+    if shared_path is not None:
+        mapped = shared is not None and shared.attach(shared_path, metas, bucket_bytes, breaks) is not None
+        via_memory = agree(group, mapped)
+    plan = (shared if via_memory else buffers or BucketBuffers()).plan(metas, bucket_bytes, breaks)
     pending: list[Future] = []
 
-    def post(number: int) -> dist.Work:
+    def post(number: int) -> dist.Work | None:
         fault_point("bucket", str(number))  # tests freeze or kill a receiver before bucket N
-        return group.broadcast(plan[number - 1][1], 0)
+        return None if via_memory else group.broadcast(plan[number - 1][1], 0)
 
     with ThreadPoolExecutor(max_workers=1) as hasher:
         incoming = post(1) if plan else None
         for number, (bucket, buffer) in enumerate(plan, start=1):
-            incoming.wait()
+            if incoming is not None:
+                incoming.wait()
             _acknowledge(group)
             if number < len(plan):
                 incoming = post(number + 1)

