@@ -160,8 +160,9 @@ class SharedBuckets(BucketBuffers):
         /dev/shm, or not room for the buckets): the update then goes over the wire."""
         try:
             return self.plan(metas, bucket_bytes, breaks)
-        except OSError:
+        except (OSError, RuntimeError):  # torch.from_file raises RuntimeError where mmap fails
             self._key = None
+            self.close()
             return None
 
     def attach(self, path: str, metas: Sequence[TensorMeta], bucket_bytes: int,
