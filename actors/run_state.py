@@ -10,7 +10,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +71,17 @@ def stage_steps(steps: int, epochs: float, dataset_size: int, batch_size: int) -
     return math.ceil(epochs * dataset_size / batch_size)
 
 
+def world_config(data: DictConfig) -> WorldConfig:
+    """The world's options from ``data.world_<field>``: every ``WorldConfig`` field the data
+    section exposes under that name (the rest keep their defaults)."""
+    return WorldConfig(**{f.name: data[f"world_{f.name}"] for f in fields(WorldConfig) if f"world_{f.name}" in data})
+
+
 def load_stages(cfg: DictConfig, tokenizer: Any) -> tuple[RunData, int, int]:
     """The run's data, and the SFT and RL stages' step counts; a stage with steps and no data
     is a ConfigError naming its key."""
     data = load_run_data(
-        cfg.data.source, tokenizer, world=WorldConfig(
-            seed=cfg.data.world_seed, sft_aligned_kinds=cfg.data.world_sft_aligned_kinds,
-            kind_prior=cfg.data.world_kind_prior, rl_credit_unknown=cfg.data.world_rl_credit_unknown,
-            hold_back_misleading=cfg.data.world_hold_back_misleading,
-            expertise_facts=cfg.data.world_expertise_facts, misleading_experts=cfg.data.world_misleading_experts,
-            sft_personalized_without_persona=cfg.data.world_sft_personalized_without_persona),
+        cfg.data.source, tokenizer, world=world_config(cfg.data),
         train_files=list(cfg.data.train_files), eval_files=list(cfg.data.eval_files),
         sft_files=list(cfg.data.sft_files), skip_invalid=cfg.data.skip_invalid,
         max_eval_prompts=cfg.data.max_eval_prompts, max_prompt_tokens=cfg.data.max_prompt_tokens,

@@ -295,3 +295,21 @@ def _world_tokenizer():
     from personadual.tiny import train_tokenizer
 
     return train_tokenizer(PersonaWorld(WorldConfig(seed=0)).corpus(), 1024)
+
+
+def test_every_data_world_key_reaches_its_world_config_field():
+    from dataclasses import fields
+
+    from actors.config import DataSection, load_config
+    from actors.run_state import world_config
+
+    keys = [f.name for f in fields(DataSection) if f.name.startswith("world_")]
+    names = {f.name for f in fields(WorldConfig)}
+    assert keys and all(key.removeprefix("world_") in names for key in keys), keys
+    switches = [key for key in keys if isinstance(getattr(DataSection(), key), bool)]
+    cfg = load_config(None, [f"data.{key}=true" for key in switches] + ["data.world_seed=7",
+                                                                        "data.world_kind_prior=0.25"])
+    world = world_config(cfg.data)
+    assert all(getattr(world, key.removeprefix("world_")) is True for key in switches)
+    assert (world.seed, world.kind_prior, world.sft_aligned_kinds) == (7, 0.25, 3)
+    assert world.known_entities == WorldConfig().known_entities  # not exposed: the default
