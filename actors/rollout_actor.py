@@ -15,6 +15,7 @@ actors/supervision.py replaces a dead one with ``start_rollout_actor`` and resen
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -41,6 +42,7 @@ ENGINE_START_TIMEOUT_S = 1800.0  # a first start compiles kernels; 8B weights lo
 class RolloutActor:
     def __init__(self, model_path: str, config: RolloutConfig, engine_index: int = 0,
                  sleep_between_phases: bool = False) -> None:
+        os.dup2(2, 1)  # diagnostics to stderr: the driver's stdout may carry a benchmark's JSON
         self.engine_index = engine_index
         # Before the engine: vLLM's CPU worker makes torch.set_num_threads a no-op once it starts.
         apply_threads(config.threads)
