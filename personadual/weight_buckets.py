@@ -61,10 +61,10 @@ def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int, breaks: Collect
     for index, meta in enumerate(metas):
         if current and (size + meta.nbytes > bucket_bytes or index in breaks):
             splits_a_layer = index not in breaks and layer_of(meta.name) == layer_of(metas[current[-1]].name)
-            layer_start = _last_layer_start(metas, current) if splits_a_layer else 0
-            carried = current[layer_start:] if layer_start else []
-            buckets.append(current[:layer_start] if layer_start else current)
-            current, size = carried, sum(metas[i].nbytes for i in carried)
+            cut = (_last_layer_start(metas, current) if splits_a_layer else 0) or len(current)
+            buckets.append(current[:cut])
+            current = current[cut:]  # the started layer's tensors, carried to the next bucket
+            size = bucket_nbytes(metas, current)
             if current and size + meta.nbytes > bucket_bytes:  # the layer alone outgrows a bucket
                 buckets.append(current)
                 current, size = [], 0
@@ -125,15 +125,6 @@ class BucketBuffers:
 
     def _allocate(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(buffer.numel() for buffer in self._buffers)
-
-    @property
-    def buckets(self) -> int:
-        """Buckets of the current plan."""
-        return len(self._plan)
 
 
 SHARED_DIRECTORY = Path("/dev/shm")
