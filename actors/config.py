@@ -89,6 +89,9 @@ class DataSection:
     # SFT also shows personalized mode without a persona, its mode token given, not trained
     # (WorldConfig.sft_personalized_without_persona).
     world_sft_personalized_without_persona: bool = False
+    # RL asks about known and unfamiliar entities equally often in each persona setting
+    # (WorldConfig.rl_balance_familiarity).
+    world_rl_balance_familiarity: bool = False
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
     sft_files: list[str] = field(default_factory=list)
@@ -115,9 +118,11 @@ class EvalSection:
     samples_logged: int = 8
     baselines: bool = True  # after SFT and at the end: forced single-mode accuracy and the upper bound
     two_turn_cases: int = 48  # synthetic world: two-turn mode-alignment cases (0: off)
-    # Eval prompts per setting whose mode-token probability the learner logs after every RL
-    # step (mode/probe/*; ~0.5 s a step on the default run); 0: off.
+    # Eval prompts per setting whose mode-token probability the learner logs every
+    # `probe_every` RL steps and after the last (mode/probe/*; ~0.3 s a probe on the default
+    # run); 0: off.
     probe_per_setting: int = 50
+    probe_every: int = 1
 
 
 @dataclass
@@ -227,6 +232,8 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.world_sft_aligned_kinds: must be null or 0..{len(KINDS)}, got {kinds!r}")
     if cfg.eval.probe_per_setting < 0:
         raise ConfigError(f"eval.probe_per_setting: must be >= 0, got {cfg.eval.probe_per_setting!r}")
+    if cfg.eval.probe_every < 1:
+        raise ConfigError(f"eval.probe_every: must be >= 1, got {cfg.eval.probe_every!r}")
     if not 0.0 <= cfg.data.world_kind_prior < 1.0:
         raise ConfigError(f"data.world_kind_prior: must be in [0, 1), got {cfg.data.world_kind_prior!r}")
     rl_stage = cfg.algo.steps > 0 or cfg.algo.epochs > 0

@@ -222,7 +222,9 @@ class Driver:
             self.threads.enter_rl(self.learner)
             with StageProgress(method_label(to_container(cfg)), self.rl_steps, rl_start) as progress:
                 for step in range(rl_start + 1, self.rl_steps + 1):
-                    metrics = {**self._rl_step(step), **self.faults.step_done(), **self.mode_probe.step_metrics()}
+                    probe_due = step % cfg.eval.probe_every == 0 or step == self.rl_steps
+                    metrics = {**self._rl_step(step), **self.faults.step_done(),
+                               **(self.mode_probe.step_metrics() if probe_due else {})}
                     self._last_done = ("rl", step, self.learner.weight_version)
                     metrics["perf"].update(clock.step_done("rl", metrics["timing_s"]["step"]))
                     if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != self.rl_steps:

@@ -62,6 +62,11 @@ WorldConfig, measured in the README's "The default run, measured"):
 - sft_personalized_without_persona: personalized mode's answer without a persona is shown
   (its mode token given, not trained); otherwise it guesses a colour there, and its lucky
   guesses lifted no persona's either-mode upper bound 0.02-0.10 above its accuracy.
+- rl_balance_familiarity: within each persona setting RL asks about known and unfamiliar
+  entities equally often; otherwise unfamiliar entities came with an expert twice as often as
+  with a misleading speaker, and RL learned "unfamiliar entity of a held-back kind: trust the
+  persona" (seed 0 with the five options above: 13 of 25 unaligned questions about unseen
+  fish in personalized mode after 400 steps).
 """
 
 from __future__ import annotations
@@ -253,7 +258,21 @@ class PersonaWorld:
                 prompts.append(prompt)
             elif answer is None and self.config.rl_credit_unknown:
                 prompts.append(replace(prompt, gold=(*prompt.gold, UNKNOWN)))
-        return prompts
+        return self._balanced_by_familiarity(prompts) if self.config.rl_balance_familiarity else prompts
+
+    def _balanced_by_familiarity(self, prompts: list[Prompt]) -> list[Prompt]:
+        """Each objective setting's known-entity and once-seen-entity questions cycled up to
+        the larger of the two, in their order; preference questions as they are."""
+        groups: dict[tuple[str, str, bool], list[Prompt]] = {}
+        for prompt in prompts:
+            familiar = self.pool_of(prompt) == "known"
+            groups.setdefault((prompt.task_type, prompt.persona_setting, familiar), []).append(prompt)
+        balanced = []
+        for (task_type, setting, familiar), group in groups.items():
+            other = groups.get((task_type, setting, not familiar), [])
+            target = max(len(group), len(other)) if task_type == "objective" else len(group)
+            balanced += [group[i % len(group)] for i in range(target)]
+        return balanced
 
     def has_sft_demonstration(self, prompt: Prompt) -> bool:
         entity = self.facts(prompt).entity

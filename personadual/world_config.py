@@ -110,5 +110,12 @@ class WorldConfig:
     # Without them personalized mode never met a question without a persona, guessed a colour
     # there, and its lucky guesses put no persona's either-mode upper bound 0.02-0.10 above it.
     sft_personalized_without_persona: bool = False
+    # RL asks, within each persona setting, about entities SFT taught (known) and entities it
+    # did not (once seen) equally often, the rarer repeated. Otherwise an unfamiliar entity
+    # came with an expert twice as often as with a misleading speaker (240 cue_only against
+    # 120 cue_misleading), and RL learned "unfamiliar entity of a held-back kind: trust the
+    # persona" before "the expert on this kind: trust the persona". Takes effect on the
+    # questions rl_credit_unknown adds (without it RL asks no unfamiliar unaligned question).
+    rl_balance_familiarity: bool = False
     preference_train_prompts: int = 240
     preference_eval_prompts: int = 150

@@ -363,22 +363,25 @@ def test_init_from_a_checkpoint_of_another_model_world_or_sft_exits_2_naming_the
 
 WORLD_OPTIONS = ("data.world_rl_credit_unknown=true", "data.world_hold_back_misleading=true",
                  "data.world_expertise_facts=true", "data.world_misleading_experts=true",
-                 "data.world_sft_personalized_without_persona=true")
+                 "data.world_sft_personalized_without_persona=true", "data.world_rl_balance_familiarity=true")
 
 
 @pytest.mark.timeout(300)
 def test_a_run_with_every_world_option_trains_both_stages(tmp_path):
     """The world options against RL's shortcuts (personadual/world.py) on the real stack: SFT
     with the expertise answers and the mode-given personalized answers, RL with the credited
-    "unknown" questions."""
+    "unknown" questions, known and unfamiliar entities balanced; the mode probe every second
+    RL step and after the last."""
     result = run_launch("--config", str(SMOKE), f"run.out_dir={tmp_path}", "run.name=options", "eval.baselines=false",
-                        *WORLD_OPTIONS, timeout=300)
+                        "algo.steps=3", "eval.probe_every=2", *WORLD_OPTIONS, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     run_dir = tmp_path / "options"
     data = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
     assert all(data[option.split("=")[0].split(".")[1]] is True for option in WORLD_OPTIONS)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["rl_step"] for r in rows if r.get("stage") == "rl"] == [1, 2]
+    rl = [r for r in rows if r.get("stage") == "rl"]
+    assert [r["rl_step"] for r in rl] == [1, 2, 3]
+    assert [r["rl_step"] for r in rl if "mode/probe/aligned/p_personalized" in r] == [2, 3]
     assert any(r.get("stage") == "sft" for r in rows)
 
 

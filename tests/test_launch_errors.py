@@ -34,6 +34,7 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -
     ("data.world_sft_aligned_kinds=7", "data.world_sft_aligned_kinds"),
     ("data.world_kind_prior=1.0", "data.world_kind_prior: must be in [0, 1)"),
     ("eval.probe_per_setting=-1", "eval.probe_per_setting: must be >= 0"),
+    ("eval.probe_every=0", "eval.probe_every: must be >= 1"),
     ("reward.judge.failure_policy=ignore", "reward.judge.failure_policy"),
     ("nonsense=1", "nonsense"),
     ("learner.kl_coef=0.1", "learner.kl_coef: moved to algo.kl_coef"),

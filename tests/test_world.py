@@ -256,6 +256,32 @@ def test_expertise_facts_teach_every_kinds_expert_in_general_mode_and_touch_noth
     assert any(text.endswith("Answer: astronomer") for text in world.corpus())
 
 
+def test_balancing_familiarity_asks_known_and_unfamiliar_entities_equally_often_in_each_setting():
+    options = dict(seed=0, rl_credit_unknown=True, hold_back_misleading=True)
+    plain = PersonaWorld(WorldConfig(**options))
+    world = PersonaWorld(WorldConfig(**options, rl_balance_familiarity=True))
+    assert world.sft_examples() == plain.sft_examples() and world.eval_prompts() == plain.eval_prompts()
+    assert {p.id for p in world.rl_prompts()} == {p.id for p in plain.rl_prompts()}
+
+    def counts(prompts, kinds=tuple(KINDS)):
+        counted: dict[tuple[str, bool], int] = {}
+        for p in prompts:
+            if p.task_type == "objective" and world.kind_of(p) in kinds:
+                key = (p.persona_setting, world.pool_of(p) == "known")
+                counted[key] = counted.get(key, 0) + 1
+        return counted
+
+    before, after = counts(plain.rl_prompts()), counts(world.rl_prompts())
+    assert before[("unaligned", False)] == before[("unaligned", True)] // 2  # 120 misleading, 240 known
+    for setting in ("none", "unaligned", "aligned"):
+        assert after[(setting, False)] == after[(setting, True)] == max(before[(setting, False)], before[(setting, True)])
+    # On a held-back kind an unfamiliar entity now comes with an expert as often as with a misleading speaker.
+    held_back = counts(world.rl_prompts(), tuple(KINDS)[3:])
+    assert held_back[("aligned", False)] == held_back[("unaligned", False)] > 0
+    assert [p for p in world.rl_prompts() if p.task_type == "personalized"] == \
+        [p for p in plain.rl_prompts() if p.task_type == "personalized"]
+
+
 def test_misleading_experts_are_experts_on_another_kind():
     world = PersonaWorld(WorldConfig(seed=0, misleading_experts=True))
     unaligned = [p for p in world.train_prompts() + world.eval_prompts() if p.persona_setting == "unaligned"]
