@@ -92,6 +92,9 @@ class DataSection:
     # RL asks about known and unfamiliar entities equally often in each persona setting
     # (WorldConfig.rl_balance_familiarity).
     world_rl_balance_familiarity: bool = False
+    # SFT also shows the other mode's answer to each demonstrated question with a persona, its
+    # mode token given (WorldConfig.sft_other_mode_given).
+    world_sft_other_mode_given: bool = False
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
     sft_files: list[str] = field(default_factory=list)

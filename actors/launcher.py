@@ -63,7 +63,8 @@ def _migrated(saved: Path) -> tuple[DictConfig, bool]:
 # agree, or its "SFT" row would describe another model, world or stage length.
 BRANCH_KEYS = ("model.path", "model.tiny_preset", "data.source", "data.world_seed", "data.world_sft_aligned_kinds",
                "data.world_kind_prior", "data.world_hold_back_misleading", "data.world_expertise_facts",
-               "data.world_misleading_experts", "data.world_sft_personalized_without_persona", "data.sft_files",
+               "data.world_misleading_experts", "data.world_sft_personalized_without_persona",
+               "data.world_sft_other_mode_given", "data.sft_files",
                "sft.steps", "sft.epochs", "sft.batch_size", "sft.max_length")
 CHECKPOINT_COMPLETE = "COMPLETE"  # actors/run_state.py COMPLETE_MARKER (not imported here: it imports the data loaders)
 

@@ -62,6 +62,11 @@ WorldConfig, measured in the README's "The default run, measured"):
 - sft_personalized_without_persona: personalized mode's answer without a persona is shown
   (its mode token given, not trained); otherwise it guesses a colour there, and its lucky
   guesses lifted no persona's either-mode upper bound 0.02-0.10 above its accuracy.
+- sft_other_mode_given: SFT shows the other mode's answer to each demonstrated question with
+  a persona, its mode token given, so both modes' content is taught next to either kind of
+  persona; otherwise RL let the unshown mode drift towards the shown one's answers (seed 2:
+  general mode copying the expert), and with both modes earning the same reward the mode
+  token learned nothing;
 - rl_balance_familiarity: within each persona setting RL asks about known and unfamiliar
   entities equally often; otherwise unfamiliar entities came with an expert twice as often as
   with a misleading speaker, and RL learned "unfamiliar entity of a held-back kind: trust the
@@ -361,6 +366,9 @@ class PersonaWorld:
                     and prompt.persona is not None
                 mode = Mode.PERSONALIZED if persona_right else Mode.GENERAL
             examples.append(SftExample(prompt, self.response(prompt, mode), mode))
+        if self.config.sft_other_mode_given:
+            examples += [SftExample(e.prompt, self.response(e.prompt, e.mode.other), e.mode.other, mode_given=True)
+                         for e in list(examples) if e.prompt.persona is not None]
         if self.config.sft_personalized_without_persona:
             examples += [SftExample(prompt, self.response(prompt, Mode.PERSONALIZED), Mode.PERSONALIZED,
                                     mode_given=True)

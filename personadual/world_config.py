@@ -117,5 +117,15 @@ class WorldConfig:
     # persona" before "the expert on this kind: trust the persona". Takes effect on the
     # questions rl_credit_unknown adds (without it RL asks no unfamiliar unaligned question).
     rl_balance_familiarity: bool = False
+    # SFT also shows the other mode's answer to every demonstrated question with a persona
+    # (general mode's "unknown" next to an expert on an unfamiliar entity, its guess on a
+    # preference; personalized mode's copy of a misleading speaker), its mode token given, not
+    # trained, so each mode's content is taught on both kinds of persona and only the choice is
+    # left to RL. Without them the forced samples of the mode SFT never showed after a persona
+    # were free to drift: at seed 2 general mode came to copy the expert (aligned questions
+    # about unseen entities 0.16 after SFT, 0.47 after RL) and to read preferences (0.45, 0.99),
+    # both modes then earned the same reward, and the mode token got no advantage (0.94 of
+    # the groups without a reward spread at RL steps 100-200).
+    sft_other_mode_given: bool = False
     preference_train_prompts: int = 240
     preference_eval_prompts: int = 150

@@ -363,7 +363,8 @@ def test_init_from_a_checkpoint_of_another_model_world_or_sft_exits_2_naming_the
 
 WORLD_OPTIONS = ("data.world_rl_credit_unknown=true", "data.world_hold_back_misleading=true",
                  "data.world_expertise_facts=true", "data.world_misleading_experts=true",
-                 "data.world_sft_personalized_without_persona=true", "data.world_rl_balance_familiarity=true")
+                 "data.world_sft_personalized_without_persona=true", "data.world_rl_balance_familiarity=true",
+                 "data.world_sft_other_mode_given=true")
 
 
 @pytest.mark.timeout(300)

@@ -317,6 +317,34 @@ def test_personalized_mode_without_a_persona_is_shown_with_its_mode_token_given_
     assert forced.response_token_ids == free.response_token_ids[1:]
 
 
+def test_other_mode_given_shows_both_modes_next_to_every_demonstrated_persona_and_trains_no_new_choice():
+    options = dict(seed=0, rl_credit_unknown=True, hold_back_misleading=True, misleading_experts=True)
+    plain = PersonaWorld(WorldConfig(**options))
+    world = PersonaWorld(WorldConfig(**options, sft_other_mode_given=True))
+    chosen = [e for e in world.sft_examples() if not e.mode_given]
+    given = [e for e in world.sft_examples() if e.mode_given]
+    assert [(e.prompt, e.response, e.mode) for e in chosen] == [(e.prompt, e.response, e.mode) for e in plain.sft_examples()]
+    assert [(e.prompt, e.mode) for e in given] == [(e.prompt, e.mode.other) for e in chosen if e.prompt.persona]
+    assert world.rl_prompts() == plain.rl_prompts() and world.eval_prompts() == plain.eval_prompts()
+    for example in given:
+        assert mode_of_text(example.response) is example.mode
+        answer = example.response.split("Answer: ")[1]
+        expected = world.answer_in_mode(example.prompt, example.mode)
+        if example.prompt.task_type == "personalized":  # general mode guesses one of the two options
+            assert example.mode is Mode.GENERAL and answer in world.facts(example.prompt).options
+        else:
+            assert answer == (expected if expected is not None else UNKNOWN)
+    # Near misses the option exists for: a misleading speaker copied in personalized mode (wrong
+    # by design), an expert on an unfamiliar entity answered "unknown" in general mode.
+    misled = [e for e in given if e.prompt.persona_setting == "unaligned"]
+    assert misled and all(e.response.split("Answer: ")[1] not in e.prompt.gold for e in misled)
+    unfamiliar = [e for e in given if e.prompt.persona_setting == "aligned" and world.pool_of(e.prompt) == "cue_only"]
+    assert unfamiliar and {e.response.split("Answer: ")[1] for e in unfamiliar} == {UNKNOWN}
+    # The held-back kinds' aligned questions stay RL-only: neither mode is shown there.
+    held_back = set(list(KINDS)[3:])
+    assert not [e for e in given if e.prompt.persona_setting == "aligned" and world.kind_of(e.prompt) in held_back]
+
+
 def _world_tokenizer():
     from personadual.tiny import train_tokenizer
 
