@@ -124,8 +124,7 @@ class WorldConfig:
     # left to RL. Without them the forced samples of the mode SFT never showed after a persona
     # were free to drift: at seed 2 general mode came to copy the expert (aligned questions
     # about unseen entities 0.16 after SFT, 0.47 after RL) and to read preferences (0.45, 0.99),
-    # both modes then earned the same reward, and the mode token got no advantage (0.94 of
-    # the groups without a reward spread at RL steps 100-200).
+    # and where both modes earn the same reward the mode token gets no advantage.
     sft_other_mode_given: bool = False
     preference_train_prompts: int = 240
     preference_eval_prompts: int = 150
