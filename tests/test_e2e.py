@@ -370,9 +370,9 @@ WORLD_OPTIONS = ("data.world_rl_credit_unknown=true", "data.world_hold_back_misl
 @pytest.mark.timeout(300)
 def test_a_run_with_every_world_option_trains_both_stages(tmp_path):
     """The world options against RL's shortcuts (personadual/world.py) on the real stack: SFT
-    with the expertise answers and the mode-given personalized answers, RL with the credited
-    "unknown" questions, known and unfamiliar entities balanced; the mode probe every second
-    RL step and after the last."""
+    with the expertise answers and the mode-given answers (personalized mode without a
+    persona, the other mode beside one), RL with the credited "unknown" questions, known and
+    unfamiliar entities balanced; the mode probe every second RL step and after the last."""
     result = run_launch("--config", str(SMOKE), f"run.out_dir={tmp_path}", "run.name=options", "eval.baselines=false",
                         "algo.steps=3", "eval.probe_every=2", *WORLD_OPTIONS, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
