@@ -366,14 +366,17 @@ class PersonaWorld:
                     and prompt.persona is not None
                 mode = Mode.PERSONALIZED if persona_right else Mode.GENERAL
             examples.append(SftExample(prompt, self.response(prompt, mode), mode))
-        if self.config.sft_other_mode_given:
-            examples += [SftExample(e.prompt, self.response(e.prompt, e.mode.other), e.mode.other, mode_given=True)
-                         for e in list(examples) if e.prompt.persona is not None]
-        if self.config.sft_personalized_without_persona:
-            examples += [SftExample(prompt, self.response(prompt, Mode.PERSONALIZED), Mode.PERSONALIZED,
-                                    mode_given=True)
-                         for prompt in self._train if prompt.task_type == "objective" and prompt.persona is None]
-        return examples + [self._expertise_example(prompt) for prompt in self._expertise]
+        # Every question without a persona is demonstrated in general mode, so its other mode
+        # is sft_personalized_without_persona's personalized answer.
+        given = ([e for e in examples if e.prompt.persona is not None] if self.config.sft_other_mode_given else []) \
+            + ([e for e in examples if e.prompt.persona is None] if self.config.sft_personalized_without_persona else [])
+        return examples + [self._other_mode_given(e) for e in given] \
+            + [self._expertise_example(prompt) for prompt in self._expertise]
+
+    def _other_mode_given(self, example: SftExample) -> SftExample:
+        """The other mode's answer to ``example``'s question, its mode token given, not trained."""
+        mode = example.mode.other
+        return SftExample(example.prompt, self.response(example.prompt, mode), mode, mode_given=True)
 
     def corpus(self) -> Iterator[str]:
         """Every text the world can produce, for training the tiny model's tokenizer."""
