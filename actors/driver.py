@@ -39,7 +39,7 @@ from personadual.report import method_label
 from personadual.rl_step import RLStep
 from personadual.step_metrics import (RunClock, duration, eval_line, rl_step_record, sft_step_record,
                                       training_samples)
-from personadual.tracking import RunTracker, read_metrics
+from personadual.tracking import RunTracker, last_eval, read_metrics
 from rewards.judge import JudgeError
 
 __all__ = ["Driver"]
@@ -247,6 +247,8 @@ class Driver:
             self.learner.save_hf(self.run_dir / "policy")
             summary["policy"] = str(self.run_dir / "policy")
             summary["eval_history"] = [r for r in read_metrics(self.run_dir) if r.get("stage") == "eval"]
+            if "eval_sft" not in summary and (earlier := last_eval(summary["eval_history"], "sft")) is not None:
+                summary["eval_sft"] = earlier  # resumed after the SFT eval: the metrics kept it
             summary["faults"] = self.faults.totals()
             self.tracker.write_summary(summary)
             write_plots(self.run_dir)

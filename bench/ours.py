@@ -27,6 +27,9 @@ SAMPLED_TOKENS = 16
 TEMPERATURE = 0.6
 KL_COEF = 0.04
 PRESET_SIZES = {"small26m": "26.2M", "tiny": "0.85M"}
+# The world and the probe cadence the README's step figures were measured on: the default
+# config's world options change which prompts RL draws, and its probe runs every 20 steps.
+BENCH_CONFIG = ROOT / "configs" / "plain_world.yaml"
 
 
 def work_overrides(preset: str, steps: int, run_name: str, out_dir: Path) -> list[str]:
@@ -39,6 +42,11 @@ def work_overrides(preset: str, steps: int, run_name: str, out_dir: Path) -> lis
             "rollout.num_engines=1", "learner.num_ranks=1", "learner.precision=fp32",
             "eval.at_start=false", "run.eval_every=0", "run.save_every=0", "run.log_samples_every=0",
             "wandb.mode=disabled", f"run.out_dir={out_dir}", f"run.name={run_name}"]
+
+
+def launch_arguments(preset: str, steps: int, run_name: str, out_dir: Path) -> list[str]:
+    """launch.py's arguments for the shared work: the bench config, then the work's overrides."""
+    return ["--config", str(BENCH_CONFIG), *work_overrides(preset, steps, run_name, out_dir)]
 
 
 @dataclass
@@ -61,7 +69,7 @@ def run_ours(preset: str, *, steps: int, warmup: int, out_dir: Path, extra: list
     """``warmup + steps`` RL steps through launch.py in a fresh process; raises with the log's
     tail when the run fails."""
     name = f"bench-{preset}-{time.strftime('%H%M%S')}-{os.getpid()}"
-    command = [sys.executable, str(ROOT / "launch.py"), *work_overrides(preset, warmup + steps, name, out_dir),
+    command = [sys.executable, str(ROOT / "launch.py"), *launch_arguments(preset, warmup + steps, name, out_dir),
                *(extra or [])]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()

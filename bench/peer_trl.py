@@ -5,7 +5,7 @@ parameters, and "tiny", 0.85M) on the same work: 8 prompts x 8 completions per s
 sampled tokens, temperature 0.6, KL 0.04 (a reference model on both sides), fp32, one learner
 process, one generator, lr 1e-4, one optimizer step per generation.
 
-- Ours: `launch.py` with the default config and the work's overrides (bench/ours.py): Ray
+- Ours: `launch.py` with `configs/plain_world.yaml` and the work's overrides (bench/ours.py): Ray
   actors, the vLLM engine, forced-prefix DualGRPO (4 completions per mode).
 - TRL: `GRPOTrainer` in an environment of its own (bench/.venv-trl: torch's CPU wheel and
   TRL with the versions it resolves; `--setup` creates it, pip must find `torch==2.13.0+cpu`:
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TRL_VENV = ROOT / "bench" / ".venv-trl"
 TRL_REQUIREMENTS = ("torch==2.13.0+cpu", "trl==1.16.0")
 TARGETS = {"small26m": 1.5, "tiny": 1.2}
-LEARNING_RATE = 1e-4  # configs/default.yaml's algo-stage lr
+LEARNING_RATE = 1e-4  # configs/plain_world.yaml's (and default.yaml's) algo-stage lr
 
 
 def trl_python() -> Path:

@@ -84,7 +84,8 @@ class CpuSampler:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True)
-    parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    # The README's schedule figures ran the plain world's 40 RL steps (the default config then).
+    parser.add_argument("--config", default=str(ROOT / "configs" / "plain_world.yaml"))
     parser.add_argument("--out", default="/tmp/personadual-bench-schedules")
     parser.add_argument("--interval", type=float, default=0.5)
     parser.add_argument("overrides", nargs="*")

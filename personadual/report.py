@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError  # omegaconf's parser
 
 from personadual.evaluation import EVAL_SETTINGS
+from personadual.run_targets import check_targets, format_targets
 from personadual.sweep_report import is_sweep_folder, report_sweep
 from personadual.tracking import read_metrics
 
@@ -307,6 +308,11 @@ def format_table1(runs: list[RunReport]) -> str:
         notes.append("")
         notes += [f"two-turn mode alignment, {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items())
                   for label, values in alignment]
+    targets = [format_targets(f"{run.method} ({run.run_dir.name})", found) for run in runs
+               if (found := check_targets(run.summary["eval"], None if run.method in ("SFT", "checkpoint eval")
+                                           else run.summary.get("eval_sft")))]
+    if targets:
+        notes += ["", *targets]
     return "\n".join(lines + notes)
 
 

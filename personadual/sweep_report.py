@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from personadual.evaluation import EVAL_SETTINGS, EVALS_DIR, free_outcomes, read_eval_items
+from personadual.run_targets import check_targets
+from personadual.sweep import SFT as SFT_RUN
 
 LABELS = {"sft": "SFT", "dual": "DualGRPO", "grpo": "w/o DualAdv (GRPO)", "no_prefix": "w/o PfxSmp",
           "dual_released": "DualGRPO, released-code advantage"}
@@ -149,17 +151,22 @@ def format_sweep(runs: dict[tuple[int, str], SweepRun], seeds: list[int], names:
 
     lines += ["", "Each run alone (accuracy None / Unaligned / Aligned / Personalized; personalized-mode rate "
               "U / A / P; items per setting):", "",
-              "| method | seed | accuracy N / U / A / P | mean | pers. rate U / A / P | items |", "|---|---|---|---|---|---|"]
+              "| method | seed | accuracy N / U / A / P | mean | pers. rate U / A / P | items | targets missed |",
+              "|---|---|---|---|---|---|---|"]
     for name in names:
         for seed in seeds:
             run = runs.get((seed, name))
             if run is None:
                 continue
             r = run.result
+            sft = runs.get((seed, SFT_RUN))
+            targets = check_targets(r, sft.result if sft is not None and name != SFT_RUN else None)
+            missed = "; ".join(f"{t.name} ({t.value})" for t in targets if not t.met) if targets else "-"
             lines.append(f"| {label(name)} | {seed} | " + " / ".join(f"{_accuracy(r, s):.3f}" for s in HEADERS)
                          + f" | {float(r.get('mean_accuracy', float('nan'))):.3f} | "
                          + " / ".join(f"{_rate(r, s):.2f}" for s in ("unaligned", "aligned", "personalized"))
-                         + " | " + "/".join(str(r.get(s, {}).get("count", 0)) for s in HEADERS) + " |")
+                         + " | " + "/".join(str(r.get(s, {}).get("count", 0)) for s in HEADERS)
+                         + f" | {missed or 'none'} |")
 
     if REFERENCE in names:
         lines += ["", f"Paired bootstrap, {label(REFERENCE)} minus each row: mean difference [95% interval], "

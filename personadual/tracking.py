@@ -178,3 +178,10 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def last_eval(records: list[dict[str, Any]], tag: str) -> dict[str, Any] | None:
+    """The result of the last eval ``records`` (``read_metrics``'s) logged with ``tag``
+    ("sft", "final"), or None."""
+    found = [r["eval"] for r in records if r.get("stage") == "eval" and r.get("tag") == tag and "eval" in r]
+    return found[-1] if found else None

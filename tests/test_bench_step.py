@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.ours import work_overrides
+from bench.ours import launch_arguments
 from tests.ray_head import launch_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_the_benchmarks_work_is_a_valid_config_with_every_value_where_it_belongs(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--print-config",
-                           *work_overrides("tiny", 3, "bench-x", tmp_path)],
+                           *launch_arguments("tiny", 3, "bench-x", tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     config = yaml.safe_load(done.stdout)
@@ -32,6 +32,9 @@ def test_the_benchmarks_work_is_a_valid_config_with_every_value_where_it_belongs
     assert config["rollout"]["sampling"]["max_response_tokens"] == 17  # 16 sampled after the mode token
     assert (config["rollout"]["sampling"]["temperature"], config["algo"]["kl_coef"]) == (0.6, 0.04)
     assert (config["sft"]["steps"], config["algo"]["steps"], config["learner"]["precision"]) == (0, 3, "fp32")
+    # The plain world and a probe every step, as the README's step figures were measured.
+    assert not any(value for key, value in config["data"].items() if key.startswith("world_") and value is True)
+    assert config["eval"]["probe_every"] == 1
 
 
 def test_the_peer_benchmark_parses_its_arguments_without_trls_environment():

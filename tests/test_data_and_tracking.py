@@ -134,3 +134,14 @@ def test_wandb_project_group_tags_and_name_come_from_the_config(tmp_path):
     run = next(r.run for r in records(wandb_file(tmp_path / "run")) if r.WhichOneof("record_type") == "run")
     assert (run.project, run.run_group, list(run.tags), run.display_name) == (
         "pd-tests", "ablations", ["grpo", "seed0"], "grpo-seed0")
+
+
+def test_last_eval_finds_the_newest_result_of_a_tag():
+    from personadual.tracking import last_eval
+
+    records = [{"stage": "sft", "step": 1}, {"stage": "eval", "tag": "sft", "step": 0, "eval": {"mean_accuracy": 0.5}},
+               {"stage": "eval", "tag": "final", "step": 2, "eval": {"mean_accuracy": 0.6}},
+               {"stage": "eval", "tag": "final", "step": 4, "eval": {"mean_accuracy": 0.7}}]
+    assert last_eval(records, "sft") == {"mean_accuracy": 0.5}
+    assert last_eval(records, "final") == {"mean_accuracy": 0.7}
+    assert last_eval(records[:1], "sft") is None

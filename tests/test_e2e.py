@@ -203,6 +203,10 @@ def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path):
     assert [r["step"] for r in rl] == [1, 2, 3, 4]
     assert rl[3]["weight_version"] == rl[2]["weight_version"] + 1
     assert [r["step"] for r in records if r["stage"] == "sft"] == list(range(1, 31))  # SFT was not redone
+    # The SFT checkpoint's eval ran before the stop: the resumed run's summary still has it.
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["eval_sft"] == json.loads((run_dir / "summary.json").read_text())["eval_sft"]
+    assert summary["eval"]["aligned"]["count"] > 0 and [r["tag"] for r in summary["eval_history"]] == ["sft", "final", "final"]
     assert (copy / "checkpoints" / "step_4" / "COMPLETE").exists()
     assert "steps: 4" in (copy / "config.yaml").read_text()
     state = json.loads((copy / "checkpoints" / "step_4" / "driver_state.json").read_text())

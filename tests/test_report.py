@@ -189,3 +189,58 @@ def test_probe_series_starts_after_sft_and_follows_every_rl_step() -> None:
                {"stage": "eval", "tag": "final", "step": 2, "eval": {"probe": {"unaligned": {"p_personalized": 0.11}}}}]
     assert probe_series(records, "unaligned") == ([0, 1, 2], [0.02, 0.05, 0.11])
     assert probe_series(records, "aligned") == ([], [])
+
+
+def world_eval(none: int, unaligned: int, aligned: int, rate_unaligned: int, *, none_bound: int | None = None,
+               aligned_bound: int = 190, personalized: int = 150) -> dict:
+    """An eval of the persona world's size (200 items per objective setting, 150 personalized),
+    accuracies and rates given as item counts."""
+    counts = {"no_persona": 200, "unaligned": 200, "aligned": 200, "personalized": 150}
+    right = {"no_persona": none, "unaligned": unaligned, "aligned": aligned, "personalized": personalized}
+    result = {s: {"accuracy": right[s] / n, "personalized_mode_rate": 1.0 if s == "personalized" else 0.5,
+                  "count": n} for s, n in counts.items()}
+    result["unaligned"]["personalized_mode_rate"] = rate_unaligned / 200
+    result["mean_accuracy"] = sum(r["accuracy"] for r in result.values()) / 4
+    result["baselines"] = {"upper_bound": {"no_persona": (none if none_bound is None else none_bound) / 200,
+                                           "unaligned": unaligned / 200, "aligned": aligned_bound / 200,
+                                           "personalized": 1.0}}
+    return result
+
+
+def missed(final: dict, sft: dict | None) -> set[str]:
+    """The targets missed, each named by its first and last word ("RL bound")."""
+    from personadual.run_targets import check_targets
+
+    return {t.name.split(" ")[0] + " " + t.name.split(" ")[-1] for t in check_targets(final, sft) if not t.met}
+
+
+def test_run_targets_tell_one_item_over_from_one_item_under_each_limit() -> None:
+    from personadual.run_targets import check_targets
+
+    sft = world_eval(50, 50, 127, 0, aligned_bound=176)  # aligned 0.635, its bound 0.880: half the gap is 0.7575
+    met = world_eval(50, 46, 152, 10, none_bound=60)  # unaligned -0.020, bound +0.050, rate U 0.050, 0.51 closed
+    assert len(check_targets(met, sft)) == 8 and missed(met, sft) == set()
+    assert missed(world_eval(50, 46, 151, 10, none_bound=60), sft) == {"RL bound"}  # 0.49 of the gap
+    assert missed(world_eval(50, 45, 152, 10, none_bound=60), sft) == {"unaligned persona"}  # -0.025
+    assert missed(world_eval(50, 46, 152, 11, none_bound=60), sft) == {"personalized-mode 0.05"}  # 0.055
+    assert missed(world_eval(50, 46, 152, 10, none_bound=61), sft) == {"no bound"}  # 0.055 under its bound
+    assert missed(world_eval(50, 46, 152, 10, none_bound=60, personalized=142), sft) == {"personalized 0.95"}
+    assert missed(world_eval(50, 46, 69, 10, none_bound=60), None) == {"aligned 0.10"}  # +0.095; no SFT: 6 targets
+    assert len(check_targets(world_eval(50, 46, 152, 10), None)) == 6
+
+
+def test_run_targets_skip_an_eval_without_the_worlds_settings_or_baselines() -> None:
+    from personadual.run_targets import check_targets
+
+    assert check_targets(eval_result(0.5, 0.5, 0.8, 1.0, (0, 0, 1, 1)), None) == []  # no forced-mode baselines
+    assert check_targets({"aligned": setting(1.0, 1.0), "baselines": {}, "mean_accuracy": 1.0}, None) == []
+
+
+def test_table_lists_each_runs_targets_against_its_own_sft(tmp_path: Path) -> None:
+    sft = world_eval(50, 50, 127, 0, aligned_bound=176)
+    dual = write_run(tmp_path, "dual", "algo:\n  advantage: dual\n", world_eval(50, 46, 151, 10, none_bound=60), sft=sft)
+    sft_only = write_run(tmp_path, "sft", "algo:\n  steps: 0\nsft:\n  steps: 400\n", sft, sft=sft)
+    lines = format_table1([load_run(dual), load_run(sft_only)]).splitlines()
+    assert "targets, DualGRPO (dual): 7 of 8 met; missed: RL closes half of SFT's aligned gap to its upper bound " \
+           "(0.49 (0.635 -> 0.755, bound 0.880))" in lines
+    assert "targets, SFT (sft): 6 of 6 met" in lines  # an SFT run is not held to RL's targets

@@ -93,6 +93,17 @@ def test_smoke_sweep_shares_one_sft_per_seed_and_reports_the_paired_intervals(sm
     assert table.strip() in result.stdout
     for row in ("| SFT | 1 |", "| DualGRPO | 1 |", "| DualGRPO − SFT |"):
         assert row in table
+    # Each run's targets: the smoke eval is too small for the item target (24 per setting), and
+    # the RL run is also held to its seed's SFT run (the gap and the mean).
+    dual_row = [line for line in table.splitlines() if line.startswith("| DualGRPO | 1 |")][-1]  # the run's own row
+    assert "eval items >= 200 per objective setting" in dual_row
+    from personadual.run_targets import check_targets
+    from personadual.sweep_report import load_sweep_run
+
+    dual_targets = check_targets(load_sweep_run(out / "seed_1" / "dual", 1, "dual").result,
+                                 load_sweep_run(sft_run, 1, "sft").result)
+    assert len(dual_targets) == 8
+    assert all((t.name in dual_row) == (not t.met) for t in dual_targets)
     assert {p.name for p in (out / "plots").iterdir()} == {
         "accuracy_per_method.png", "mode_rate_per_method.png", "mode_probe_per_method.png"}
 
