@@ -2,8 +2,8 @@
 either mode? Each a check on the final eval against the run's SFT eval, so the README's
 "each seed meets the targets" is a printed fact, not arithmetic done by hand.
 
-The thresholds are those the README's "The default run, measured" states; at 200 eval items
-a setting one item moves by 0.5%, so a margin of 0.02 is four items.
+The README lists them under "Comparing runs"; at 200 eval items per setting one item moves
+a setting by 0.5%, so a margin of 0.02 is four items.
 """
 
 from __future__ import annotations
