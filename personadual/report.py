@@ -202,6 +202,7 @@ def format_eval_table(summary: dict[str, Any], run_dir: Path | str = "", method:
 
 # ---- comparing runs (the paper's Table 1) -------------------------------------------------
 OBJECTIVE_COLUMNS = (("no_persona", "None"), ("unaligned", "Unaligned"), ("aligned", "Aligned"))
+SFT_METHODS = ("SFT", "checkpoint eval")  # method_label's names for runs without an RL stage
 COLLAPSE_RATE = 0.9  # one mode in over 90% of responses in every setting: the paper's collapse
 
 
@@ -274,7 +275,8 @@ def comparison_rows(runs: list[RunReport]) -> list[tuple[str, dict[str, Any]]]:
     """(label, eval result): the first run's SFT checkpoint (when it was evaluated), then
     every run's final policy."""
     rows = []
-    if runs and runs[0].summary.get("eval_sft"):
+    # An SFT-only run's final eval is its SFT eval: one row, not two.
+    if runs and runs[0].summary.get("eval_sft") and runs[0].method not in SFT_METHODS:
         rows.append((f"SFT ({runs[0].run_dir.name})", runs[0].summary["eval_sft"]))
     rows += [(f"{run.method} ({run.run_dir.name})", run.summary["eval"]) for run in runs]
     return rows
@@ -308,9 +310,14 @@ def format_table1(runs: list[RunReport]) -> str:
         notes.append("")
         notes += [f"two-turn mode alignment, {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items())
                   for label, values in alignment]
-    targets = [format_targets(f"{run.method} ({run.run_dir.name})", found) for run in runs
-               if (found := check_targets(run.summary["eval"], None if run.method in ("SFT", "checkpoint eval")
-                                           else run.summary.get("eval_sft")))]
+    targets = []
+    for run in runs:
+        sft = None if run.method in SFT_METHODS else run.summary.get("eval_sft")
+        if found := check_targets(run.summary["eval"], sft):
+            unchecked = run.method not in SFT_METHODS and sft is None
+            targets.append(format_targets(f"{run.method} ({run.run_dir.name})", found)
+                           + (" (no SFT eval in this run, so the targets against SFT are not checked: "
+                              "a sweep's report checks them against the seed's SFT run)" if unchecked else ""))
     if targets:
         notes += ["", *targets]
     return "\n".join(lines + notes)

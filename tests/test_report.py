@@ -244,3 +244,14 @@ def test_table_lists_each_runs_targets_against_its_own_sft(tmp_path: Path) -> No
     assert "targets, DualGRPO (dual): 7 of 8 met; missed: RL closes half of SFT's aligned gap to its upper bound " \
            "(0.49 (0.635 -> 0.755, bound 0.880))" in lines
     assert "targets, SFT (sft): 6 of 6 met" in lines  # an SFT run is not held to RL's targets
+
+
+def test_an_sft_run_first_is_one_row_and_a_branch_without_sft_eval_says_what_is_unchecked(tmp_path: Path) -> None:
+    sft = world_eval(50, 50, 127, 0, aligned_bound=176)
+    sft_only = write_run(tmp_path, "sft", "algo:\n  steps: 0\nsft:\n  steps: 400\n", sft, sft=sft)
+    branch = write_run(tmp_path, "grpo", "algo:\n  advantage: grpo\n", world_eval(50, 46, 151, 10, none_bound=60))
+    lines = format_table1([load_run(sft_only), load_run(branch)]).splitlines()
+    assert [line.split(" |")[0] for line in lines[2:4]] == ["| SFT (sft)", "| w/o DualAdv (GRPO) (grpo)"]
+    assert lines[4] == ""
+    assert "targets, w/o DualAdv (GRPO) (grpo): 6 of 6 met (no SFT eval in this run, so the targets against SFT " \
+           "are not checked: a sweep's report checks them against the seed's SFT run)" in lines
