@@ -272,10 +272,10 @@ def collapse(result: dict[str, Any]) -> str | None:
 
 
 def comparison_rows(runs: list[RunReport]) -> list[tuple[str, dict[str, Any]]]:
-    """(label, eval result): the first run's SFT checkpoint (when it was evaluated), then
-    every run's final policy."""
+    """(label, eval result): the first run's SFT checkpoint (when it was evaluated and the
+    run went on to RL: an SFT-only run's final eval is that same eval), then every run's
+    final policy."""
     rows = []
-    # An SFT-only run's final eval is its SFT eval: one row, not two.
     if runs and runs[0].summary.get("eval_sft") and runs[0].method not in SFT_METHODS:
         rows.append((f"SFT ({runs[0].run_dir.name})", runs[0].summary["eval_sft"]))
     rows += [(f"{run.method} ({run.run_dir.name})", run.summary["eval"]) for run in runs]
