@@ -312,9 +312,10 @@ def format_table1(runs: list[RunReport]) -> str:
                   for label, values in alignment]
     targets = []
     for run in runs:
-        sft = None if run.method in SFT_METHODS else run.summary.get("eval_sft")
+        trained_rl = run.method not in SFT_METHODS
+        sft = run.summary.get("eval_sft") if trained_rl else None
         if found := check_targets(run.summary["eval"], sft):
-            unchecked = run.method not in SFT_METHODS and sft is None
+            unchecked = trained_rl and sft is None
             targets.append(format_targets(f"{run.method} ({run.run_dir.name})", found)
                            + (" (no SFT eval in this run, so the targets against SFT are not checked: "
                               "a sweep's report checks them against the seed's SFT run)" if unchecked else ""))

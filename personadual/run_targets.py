@@ -67,7 +67,12 @@ def check_targets(final: dict[str, Any], sft: dict[str, Any] | None) -> list[Tar
     return targets
 
 
+def format_missed(targets: list[Target]) -> str:
+    """The missed targets, each with its figure ("NAME (VALUE); ..."); empty when none was."""
+    return "; ".join(f"{t.name} ({t.value})" for t in targets if not t.met)
+
+
 def format_targets(label: str, targets: list[Target]) -> str:
-    missed = [t for t in targets if not t.met]
-    head = f"targets, {label}: {len(targets) - len(missed)} of {len(targets)} met"
-    return head + ("" if not missed else "; missed: " + "; ".join(f"{t.name} ({t.value})" for t in missed))
+    met = sum(t.met for t in targets)
+    missed = format_missed(targets)
+    return f"targets, {label}: {met} of {len(targets)} met" + (f"; missed: {missed}" if missed else "")

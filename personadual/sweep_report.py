@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from personadual.evaluation import EVAL_SETTINGS, EVALS_DIR, free_outcomes, read_eval_items
-from personadual.run_targets import check_targets
+from personadual.run_targets import check_targets, format_missed
 from personadual.sweep import SFT as SFT_RUN
 
 LABELS = {"sft": "SFT", "dual": "DualGRPO", "grpo": "w/o DualAdv (GRPO)", "no_prefix": "w/o PfxSmp",
@@ -161,7 +161,7 @@ def format_sweep(runs: dict[tuple[int, str], SweepRun], seeds: list[int], names:
             r = run.result
             sft = runs.get((seed, SFT_RUN))
             targets = check_targets(r, sft.result if sft is not None and name != SFT_RUN else None)
-            missed = "; ".join(f"{t.name} ({t.value})" for t in targets if not t.met) if targets else "-"
+            missed = format_missed(targets) if targets else "-"
             lines.append(f"| {label(name)} | {seed} | " + " / ".join(f"{_accuracy(r, s):.3f}" for s in HEADERS)
                          + f" | {float(r.get('mean_accuracy', float('nan'))):.3f} | "
                          + " / ".join(f"{_rate(r, s):.2f}" for s in ("unaligned", "aligned", "personalized"))
