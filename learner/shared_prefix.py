@@ -144,5 +144,18 @@ def forward_packed(model: Any, input_ids: torch.Tensor, layout: PackedLayout, dt
     """(B, K, V) logits in the unshared frame from one forward over the packed rows."""
     out = model(input_ids=input_ids, attention_mask=layout.attention_mask(dtype), position_ids=layout.position_ids,
                 logits_to_keep=layout.keep, use_cache=False)
-    logits = out.logits
-    return logits.reshape(-1, logits.shape[-1])[layout.source]
+    return to_unshared_frame(out.logits, layout)
+
+
+def to_unshared_frame(packed_logits: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """The packed rows' kept logits (P, keep, V) as (B, K, V) in the unshared frame.
+
+    The prompt's last position predicts the first token of every response in its row, so
+    ``source`` names it several times and the backward sums several gradients into it.
+    Advanced indexing's backward (``index_put_`` with accumulate) does that sum on CPU with
+    atomic adds from every thread, in whatever order the threads arrive: the same batch gave
+    gradients different in their last bits from run to run, and a whole run parted from its
+    repeat (docs/ARCHITECTURE.md, "Reproducible runs"). ``index_select``'s backward
+    (``index_add_``) adds in index order."""
+    flat = packed_logits.reshape(-1, packed_logits.shape[-1])
+    return flat.index_select(0, layout.source.reshape(-1)).view(*layout.source.shape, flat.shape[-1])

@@ -15,6 +15,7 @@ from learner.config import LearnerConfig, OptimConfig
 from learner.engine import Learner
 from learner.forward import forward_logits
 from learner.losses import token_logprobs
+from learner.shared_prefix import to_unshared_frame
 from personadual.algo_config import AlgoConfig
 from personadual.modes import Mode
 from tests.helpers import make_prompt, make_scored
@@ -137,6 +138,33 @@ def test_a_response_never_sees_another_response_of_its_group(model):
                                               weights=[torch.zeros(len(s.response_token_ids)) for s in changed])
     for a, b in zip(before[1:], after[1:]):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+
+
+def test_the_packed_logits_gradient_is_the_same_bits_every_time_on_two_threads():
+    """The prompt's last position feeds the first token of each of the row's responses; their
+    gradients must be summed in the same order every time. Advanced indexing summed them with
+    unordered atomic adds across threads (index_put_ with accumulate): with one prompt and 32
+    responses in the row, the repeats differed in their last bits (this test failed), which is
+    how a whole run parted from its repeat at one RL update."""
+    samples = random_groups(3, groups=1, per_group=32, vocab=500)
+    (mb,) = micro_batches(samples, 4096, shared_prefix=True)
+    rows, keep, vocab = mb.input_ids.shape[0], mb.layout.keep, 256
+    assert mb.targets.numel() * vocab >= 32768  # the size from which torch's CPU kernels go parallel
+    gen = torch.Generator().manual_seed(0)
+    packed = torch.randn(rows, keep, vocab, generator=gen, requires_grad=True)
+    weights = torch.randn(*mb.targets.shape, vocab, generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(30):
+            packed.grad = None
+            (to_unshared_frame(packed, mb.layout) * weights).sum().backward()
+            grads.append(packed.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert to_unshared_frame(packed, mb.layout).shape == (*mb.targets.shape, vocab)
+    assert all(torch.equal(grad, grads[0]) for grad in grads[1:])
 
 
 def scored_groups(vocab: int, seed: int) -> list:
