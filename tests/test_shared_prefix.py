@@ -1,7 +1,8 @@
 """Each prompt computed once (learner.shared_prefix): the packed forward gives the unshared
 forward's log-probs and gradients (fp32, 1e-5), on random groups of unequal prompt and
 response lengths, whole, split by the token budget, and with a prompt repeated across
-groups; the DeepSpeed learner's policy step is the same with the switch on and off."""
+groups; the DeepSpeed learner's policy step is the same with the switch on and off; and the
+packed backward, alone and in the learner's step, repeats bit for bit on two threads."""
 
 from __future__ import annotations
 
@@ -180,6 +181,41 @@ def scored_groups(vocab: int, seed: int) -> list:
             scored.append(make_scored(prompt, mode, float((sample + group) % 3 == 0), prompt_token_ids=ids,
                                       response_token_ids=tokens(2 + (5 * sample + group) % 11), sample_index=sample))
     return scored
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_deepspeed_policy_step_on_two_threads_repeats_bit_for_bit(tiny_model_dir, model):
+    """The same DualGRPO step from the same weights, twice, on two threads: the same weights
+    after it to the last bit (docs/ARCHITECTURE.md, "Reproducible runs"). One prompt with 32
+    responses packs into one row whose last prompt position every response reads, where the
+    old gather's atomic adds made this differ."""
+    gen = torch.Generator().manual_seed(11)
+    vocab = model.config.vocab_size
+    prompt, ids = make_prompt("one"), torch.randint(3, vocab, (24,), generator=gen).tolist()
+    scored = [make_scored(prompt, mode, float(sample % 3 == 0), prompt_token_ids=ids, sample_index=sample,
+                          response_token_ids=torch.randint(3, vocab, (12,), generator=gen).tolist())
+              for sample, mode in enumerate([Mode.GENERAL, Mode.PERSONALIZED] * 16)]
+    batch = build_policy_batch(scored)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    states = []
+    try:
+        for _ in range(2):
+            learner = Learner(LearnerConfig(zero_stage=2, micro_batch_tokens=4096, shared_prefix=True,
+                                            optim=OptimConfig(lr=1e-3, schedule="constant")),
+                              tiny_model_dir, algo=AlgoConfig(kl_coef=0.04))
+            try:
+                for _ in range(3):
+                    learner.policy_step(batch)
+                states.append({name: tensor.clone() for name, tensor in learner.full_weights(device="cpu")})
+            finally:
+                learner.close()
+    finally:
+        torch.set_num_threads(threads)
+    first, second = states
+    assert first.keys() == second.keys() and first
+    assert [name for name in first if not torch.equal(first[name], second[name])] == []
 
 
 @pytest.mark.slow
