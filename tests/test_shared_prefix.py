@@ -6,6 +6,9 @@ packed backward, alone and in the learner's step, repeats bit for bit on two thr
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import deepspeed  # noqa: F401  (a broken install fails here rather than skipping)
 import pytest
 import torch
@@ -141,6 +144,17 @@ def test_a_response_never_sees_another_response_of_its_group(model):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
 
 
+@contextmanager
+def two_threads() -> Iterator[None]:
+    """torch on two threads, where parallel kernels could sum in thread-arrival order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_the_packed_logits_gradient_is_the_same_bits_every_time_on_two_threads():
     """The prompt's last position feeds the first token of each of the row's responses; their
     gradients must be summed in the same order every time. Advanced indexing summed them with
@@ -154,16 +168,12 @@ def test_the_packed_logits_gradient_is_the_same_bits_every_time_on_two_threads()
     gen = torch.Generator().manual_seed(0)
     packed = torch.randn(rows, keep, vocab, generator=gen, requires_grad=True)
     weights = torch.randn(*mb.targets.shape, vocab, generator=gen)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        grads = []
+    grads = []
+    with two_threads():
         for _ in range(30):
             packed.grad = None
             (to_unshared_frame(packed, mb.layout) * weights).sum().backward()
             grads.append(packed.grad.clone())
-    finally:
-        torch.set_num_threads(threads)
     assert to_unshared_frame(packed, mb.layout).shape == (*mb.targets.shape, vocab)
     assert all(torch.equal(grad, grads[0]) for grad in grads[1:])
 
@@ -197,10 +207,8 @@ def test_a_deepspeed_policy_step_on_two_threads_repeats_bit_for_bit(tiny_model_d
                           response_token_ids=torch.randint(3, vocab, (12,), generator=gen).tolist())
               for sample, mode in enumerate([Mode.GENERAL, Mode.PERSONALIZED] * 16)]
     batch = build_policy_batch(scored)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
     states = []
-    try:
+    with two_threads():
         for _ in range(2):
             learner = Learner(LearnerConfig(zero_stage=2, micro_batch_tokens=4096, shared_prefix=True,
                                             optim=OptimConfig(lr=1e-3, schedule="constant")),
@@ -211,8 +219,6 @@ def test_a_deepspeed_policy_step_on_two_threads_repeats_bit_for_bit(tiny_model_d
                 states.append({name: tensor.clone() for name, tensor in learner.full_weights(device="cpu")})
             finally:
                 learner.close()
-    finally:
-        torch.set_num_threads(threads)
     first, second = states
     assert first.keys() == second.keys() and first
     assert [name for name in first if not torch.equal(first[name], second[name])] == []
