@@ -172,22 +172,23 @@ def test_the_packed_logits_gradient_is_the_same_bits_every_time_on_two_threads()
     with two_threads():
         for _ in range(30):
             packed.grad = None
-            (to_unshared_frame(packed, mb.layout) * weights).sum().backward()
+            frame = to_unshared_frame(packed, mb.layout)
+            assert frame.shape == (*mb.targets.shape, vocab)
+            (frame * weights).sum().backward()
             grads.append(packed.grad.clone())
-    assert to_unshared_frame(packed, mb.layout).shape == (*mb.targets.shape, vocab)
     assert all(torch.equal(grad, grads[0]) for grad in grads[1:])
 
 
-def scored_groups(vocab: int, seed: int) -> list:
+def scored_groups(vocab: int, seed: int, *, groups: int = 3, per_group: int = 6) -> list:
     gen = torch.Generator().manual_seed(seed)
 
     def tokens(count: int) -> list[int]:
         return torch.randint(3, vocab, (count,), generator=gen).tolist()
 
     scored = []
-    for group in range(3):
+    for group in range(groups):
         prompt, ids = make_prompt(f"g{group}"), tokens(10 + 7 * group)
-        for sample, mode in enumerate([Mode.GENERAL, Mode.PERSONALIZED] * 3):
+        for sample, mode in enumerate([Mode.GENERAL, Mode.PERSONALIZED] * (per_group // 2)):
             scored.append(make_scored(prompt, mode, float((sample + group) % 3 == 0), prompt_token_ids=ids,
                                       response_token_ids=tokens(2 + (5 * sample + group) % 11), sample_index=sample))
     return scored
@@ -200,13 +201,7 @@ def test_a_deepspeed_policy_step_on_two_threads_repeats_bit_for_bit(tiny_model_d
     after it to the last bit (docs/ARCHITECTURE.md, "Reproducible runs"). One prompt with 32
     responses packs into one row whose last prompt position every response reads, where the
     old gather's atomic adds made this differ."""
-    gen = torch.Generator().manual_seed(11)
-    vocab = model.config.vocab_size
-    prompt, ids = make_prompt("one"), torch.randint(3, vocab, (24,), generator=gen).tolist()
-    scored = [make_scored(prompt, mode, float(sample % 3 == 0), prompt_token_ids=ids, sample_index=sample,
-                          response_token_ids=torch.randint(3, vocab, (12,), generator=gen).tolist())
-              for sample, mode in enumerate([Mode.GENERAL, Mode.PERSONALIZED] * 16)]
-    batch = build_policy_batch(scored)
+    batch = build_policy_batch(scored_groups(model.config.vocab_size, 11, groups=1, per_group=32))
     states = []
     with two_threads():
         for _ in range(2):
