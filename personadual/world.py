@@ -46,8 +46,9 @@ Evaluation asks known and unseen entities with a question template that training
 uses, and preference questions with a held-out template, so no eval prompt is a train prompt.
 
 Options against the shortcuts RL found (WorldConfig, personadual/world_config.py; all off in
-WorldConfig, all but sft_other_mode_given on in configs/default.yaml; measured in the README's
-"World options against the shortcuts" and "The default run, measured"):
+WorldConfig, all but sft_other_mode_given on in configs/default.yaml; measured in
+docs/EXPERIMENTS.md, "World options against the shortcuts", and the README's "The default
+run, measured"):
 - rl_credit_unknown: RL also asks the questions no mode can answer, "unknown" scored right,
   so trusting a non-expert about an unfamiliar entity costs reward;
 - hold_back_misleading: with it, the held-back kinds' cue_misleading questions are RL-only like
