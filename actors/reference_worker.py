@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from actors.config import section
 from actors.placement import in_bundle
+from actors.rollout_actor import ENGINE_START_TIMEOUT_S
 from actors.supervision import dead_actors, one_line
 from actors.threads import apply_threads, read_threads, runtime_env
 from actors.waiting import CALL_ERRORS, gather_first_failure, unfinished
@@ -88,7 +89,9 @@ class ReferenceService:
         self.wait_s = 0.0  # how long the driver waited for it
 
     def threads(self) -> dict[str, Any]:
-        return self._get(self.actor.threads.remote(), "start-up")
+        # The first call waits for the worker's constructor (it loads the model), so it gets the
+        # engines' start-up budget, not the per-round limit.
+        return self._get(self.actor.threads.remote(), "start-up", ENGINE_START_TIMEOUT_S)
 
     def load_from(self, learner: Any) -> None:
         """The learner's frozen reference, rank 0's tensors straight into the worker."""
@@ -140,17 +143,19 @@ class ReferenceService:
         """The worker's log-probs of ``rollouts``, asked for and waited on now."""
         return self._get(self.actor.score.remote(rollouts), what)
 
-    def _get(self, ref: Any, what: str) -> Any:
+    def _get(self, ref: Any, what: str, timeout_s: float | None = None) -> Any:
         try:
-            return self._get_in_time(ref, what)
+            return self._get_in_time(ref, what, timeout_s)
         except CALL_ERRORS as error:
             self._stop_if_dead(error, what)
             raise
 
-    def _get_in_time(self, ref: Any, what: str) -> Any:
-        if unfinished({ref: "reference worker"}, self.timeout_s):
+    def _get_in_time(self, ref: Any, what: str, timeout_s: float | None = None) -> Any:
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        if unfinished({ref: "reference worker"}, limit):
+            named = f"rollout.generate_timeout_s={limit:g} s" if timeout_s is None else f"{limit:g} s"
             raise ReferenceWorkerDied(f"the reference worker (cluster.reference=worker) gave no answer within "
-                                      f"rollout.generate_timeout_s={self.timeout_s:g} s during {what}")
+                                      f"{named} during {what}")
         return ray.get(ref)
 
     def _stop_if_dead(self, error: BaseException, what: str) -> None:
